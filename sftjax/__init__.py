@@ -1,0 +1,30 @@
+"""sftjax: supervised fine-tuning of decoder-only LLMs in JAX/Flax NNX.
+
+The top-level names are imported lazily so that ``import sftjax`` stays cheap (no jax/transformers import
+until a function is used).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_model": "sftjax.models.loading",
+    "save_model": "sftjax.models.loading",
+    "load_tokenizer": "sftjax.models.loading",
+    "generate": "sftjax.generate",
+    "load_config": "sftjax.config",
+    "Trainer": "sftjax.train.trainer",
+    "SftjaxError": "sftjax.errors",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sftjax' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
