@@ -1,0 +1,385 @@
+"""Tests of sftjax.checkpoint: round trip, triggers, retention, crash safety, full disk, mesh changes, bad input.
+
+The reference for every restored value is the array the test itself built (or rebuilt from the same formula in
+another process), never a value produced by the checkpoint code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sftjax import checkpoint as ckpt
+from sftjax.errors import CheckpointError
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+CONFIG = {"model": {"path": "/models/tiny", "dtype": "float32"}, "lora": {"r": 8, "alpha": 16}, "optim": {"lr": 1e-3}}
+
+
+def _state(seed: int = 0):
+    key = jax.random.key(seed)
+    params = {
+        "layers": {"0": {"q_proj": {"lora_a": jax.random.normal(key, (32, 8)), "lora_b": jnp.zeros((8, 32))}}},
+        "norm": jnp.arange(32, dtype=jnp.bfloat16),
+    }
+    opt_state = {"mu": jax.tree.map(lambda x: x + 1, params), "count": jnp.array(7, jnp.int32)}
+    return {"params": params, "opt_state": opt_state}
+
+
+def _assert_trees_equal(a, b):
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _run_python(code: str, devices: int, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+# ------------------------------------------------------------------------------------------------ round trip
+
+
+def test_round_trip_restores_state_rng_data_state_and_meta(tmp_path):
+    state = _state()
+    rng = jax.random.key(42)
+    raw_rng = jax.random.PRNGKey(3)
+    with ckpt.CheckpointManager(tmp_path / "ck", CONFIG, base_model={"path": "/models/tiny", "fingerprint": "ab"}) as m:
+        assert m.restore_latest(ckpt.abstract_like(state)) is None
+        assert m.save(5, state, data_state={"epoch": 1, "index": 17}, rng={"dropout": rng, "raw": raw_rng},
+                      metrics={"loss": 1.5})
+        m.wait()
+        restored = m.restore_latest(ckpt.abstract_like(state))
+    assert restored.step == 5
+    _assert_trees_equal(restored.state, state)
+    assert restored.data_state == {"epoch": 1, "index": 17}
+    np.testing.assert_array_equal(jax.random.key_data(restored.rng["dropout"]), jax.random.key_data(rng))
+    assert jax.random.key_impl(restored.rng["dropout"]) == jax.random.key_impl(rng)
+    np.testing.assert_array_equal(restored.rng["raw"], raw_rng)
+    # the restored key draws the same numbers as the original
+    np.testing.assert_array_equal(jax.random.normal(restored.rng["dropout"], (4,)), jax.random.normal(rng, (4,)))
+    assert restored.meta["config"] == CONFIG
+    assert restored.meta["base_model"] == {"path": "/models/tiny", "fingerprint": "ab"}
+    assert restored.meta["metrics"] == {"loss": 1.5}
+
+
+def test_partial_restore_reads_only_requested_items(tmp_path):
+    state = _state()
+    with ckpt.CheckpointManager(tmp_path, CONFIG) as m:
+        m.save(1, state)
+        m.wait()
+        restored = m.restore(1, {"params": ckpt.abstract_like(state["params"])})
+    assert set(restored.state) == {"params"}
+    _assert_trees_equal(restored.state["params"], state["params"])
+
+
+def test_save_is_asynchronous_and_does_not_touch_state(tmp_path):
+    state = _state()
+    before = jax.tree.map(np.asarray, state)
+    with ckpt.CheckpointManager(tmp_path, CONFIG, async_save=True) as m:
+        m.save(1, state)
+        # the caller may keep computing (and even drop its arrays) while orbax writes in the background
+        state = jax.tree.map(lambda x: x * 2, state)
+        m.wait()
+        restored = m.restore(1, ckpt.abstract_like(before))
+    _assert_trees_equal(jax.tree.map(np.asarray, restored.state), before)
+
+
+def test_step_and_time_triggers(tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(ckpt.time, "monotonic", lambda: clock[0])
+    state = _state()
+    with ckpt.CheckpointManager(tmp_path / "a", CONFIG, save_every_steps=3, keep=None) as m:
+        saved = [s for s in range(1, 10) if m.maybe_save(s, state)]
+        m.wait()
+        assert saved == [3, 6, 9] and m.all_steps == [3, 6, 9]
+        assert not m.maybe_save(9, state, force=True)  # already written: the final save is a no-op
+    with ckpt.CheckpointManager(tmp_path / "b", CONFIG, save_every_minutes=2, keep=None) as m:
+        saved = []
+        for step in range(1, 8):
+            clock[0] += 50.0  # 50 s per step: 2 minutes pass every 2.4 steps
+            if m.maybe_save(step, state):
+                saved.append(step)
+        m.wait()
+        assert saved == [3, 6]
+
+
+def test_keep_last_k_and_best_by_eval_loss(tmp_path):
+    state = _state()
+    losses = {1: 3.0, 2: 0.5, 3: 2.0, 4: 1.0, 5: 4.0, 6: 5.0}
+    with ckpt.CheckpointManager(tmp_path, CONFIG, keep=2, keep_best=1) as m:
+        for step, loss in losses.items():
+            m.save(step, state, metrics={"eval_loss": loss})
+        m.wait()
+        assert m.all_steps == [2, 5, 6]  # the newest two plus the lowest eval loss
+    with ckpt.CheckpointManager(tmp_path / "plain", CONFIG, keep=2) as m:
+        for step in losses:
+            m.save(step, state)
+        m.wait()
+        assert m.all_steps == [5, 6]
+
+
+# ------------------------------------------------------------------------------------------------ crash safety
+
+KILL_MID_SAVE = """
+import os, pathlib, signal, sys
+import jax, jax.numpy as jnp
+from sftjax.checkpoint import CheckpointManager
+root = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else pathlib.Path({root!r})
+m = CheckpointManager(root, {{"model": {{"path": "m"}}}}, keep=5)
+m.save(1, {{"params": {{"w": jnp.arange(64, dtype=jnp.float32)}}}}, data_state={{"index": 1}})
+m.wait()
+big = jax.random.normal(jax.random.key(0), (16 * 1024 * 1024,))  # 64 MiB: the write takes a while
+big.block_until_ready()
+m.save(2, {{"params": {{"w": big}}}}, data_state={{"index": 2}})
+while True:  # wait until array bytes of step 2 are on disk, then die without any cleanup
+    written = [p for p in root.glob("2.orbax-checkpoint-tmp*/params*/**/d/*") if p.is_file() and p.stat().st_size]
+    if written or (root / "2").exists():
+        break
+print("committed" if (root / "2").exists() else "partial", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
+    root = tmp_path / "ck"
+    proc = _run_python(KILL_MID_SAVE.format(root=str(root)), devices=1)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "partial", "the save finished before the kill; the test did not test anything"
+    partial = list(root.glob("2.orbax-checkpoint-tmp*"))
+    assert partial and not (root / "2").exists()
+    with ckpt.CheckpointManager(root, {"model": {"path": "m"}}) as m:
+        assert m.all_steps == [1]
+        restored = m.restore_latest({"params": {"w": jax.ShapeDtypeStruct((64,), jnp.float32)}})
+        assert restored.step == 1 and restored.data_state == {"index": 1}
+        np.testing.assert_array_equal(restored.state["params"]["w"], np.arange(64, dtype=np.float32))
+        # the next save at that step works and the partial directory is gone
+        m.save(2, {"params": {"w": jnp.ones(64)}})
+        m.wait()
+        assert m.all_steps == [1, 2]
+    assert not list(root.glob("2.orbax-checkpoint-tmp*"))
+
+
+def _mount_tiny_tmpfs(path: pathlib.Path) -> bool:
+    path.mkdir()
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+def test_full_disk_fails_save_with_one_line_error_and_keeps_state(tmp_path):
+    disk = tmp_path / "tiny"
+    if not _mount_tiny_tmpfs(disk):
+        pytest.skip("cannot mount a 1 MiB tmpfs here (needs root); the monkeypatched ENOSPC test covers the path")
+    try:
+        small = {"params": {"w": jnp.arange(16, dtype=jnp.float32)}}
+        big = {"params": {"w": jax.random.normal(jax.random.key(0), (1024 * 1024,))}}  # 4 MiB of noise
+        big_copy = np.asarray(big["params"]["w"]).copy()
+        m = ckpt.CheckpointManager(disk / "ck", CONFIG)
+        m.save(1, small)
+        m.wait()
+        with pytest.raises(CheckpointError) as info:
+            m.save(2, big)
+            m.wait()
+        message = str(info.value)
+        assert "\n" not in message and "no space left on device" in message and "step 2" in message
+        np.testing.assert_array_equal(np.asarray(big["params"]["w"]), big_copy)
+        assert m.all_steps == [1] and not list((disk / "ck").glob("2.*"))  # the partial write was removed
+        restored = m.restore_latest(ckpt.abstract_like(small))
+        np.testing.assert_array_equal(restored.state["params"]["w"], np.arange(16, dtype=np.float32))
+        m.save(3, small)  # a later save that fits works again
+        m.close()
+        assert m.all_steps == [1, 3]
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_write_error_reported_as_one_line(tmp_path, monkeypatch):
+    """Same path as the full disk without a tmpfs: the JSON writer raises ENOSPC."""
+    import errno
+
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+    m = ckpt.CheckpointManager(tmp_path, CONFIG, async_save=True)
+    state = {"params": {"w": jnp.arange(4.0)}}
+
+    async def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", no_space, raising=True)
+    with pytest.raises(CheckpointError, match=r"step 7 .*no space left on device"):
+        m.save(7, state)
+        m.wait()
+    monkeypatch.undo()
+    assert m.all_steps == []
+    m.save(8, state)
+    m.close()
+    assert m.all_steps == [8]
+
+
+# ------------------------------------------------------------------------------------------------ mesh changes
+
+WRITE_SHARDED = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from sftjax.checkpoint import CheckpointManager
+mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
+w = jax.device_put(jnp.arange(16 * 8, dtype=jnp.float32).reshape(16, 8) * 0.375 - 5, NamedSharding(mesh, P("fsdp", "data")))
+b = jax.device_put(jnp.arange(8, dtype=jnp.bfloat16), NamedSharding(mesh, P("data")))
+assert len(w.sharding.device_set) == 8
+with CheckpointManager({root!r}, {{"model": {{"path": "m"}}}}) as m:
+    m.save(3, {{"params": {{"w": w, "b": b}}, "opt_state": {{"count": jnp.array(3)}}}}, data_state={{"index": 9}})
+print("ok")
+"""
+
+READ_SHARDED = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from sftjax.checkpoint import CheckpointManager
+n = jax.device_count()
+mesh = Mesh(np.array(jax.devices()), ("fsdp",))
+sd = lambda shape, dtype, spec: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+abstract = {{"params": {{"w": sd((16, 8), jnp.float32, P("fsdp")), "b": sd((8,), jnp.bfloat16, P())}},
+            "opt_state": {{"count": sd((), jnp.int32, P())}}}}
+with CheckpointManager({root!r}, {{"model": {{"path": "m"}}}}) as m:
+    r = m.restore_latest(abstract)
+w = r.state["params"]["w"]
+assert len(w.sharding.device_set) == n and w.sharding.spec == P("fsdp"), w.sharding
+np.testing.assert_array_equal(np.asarray(w), np.arange(16 * 8, dtype=np.float32).reshape(16, 8) * np.float32(0.375) - 5)
+np.testing.assert_array_equal(np.asarray(r.state["params"]["b"]), np.arange(8).astype(jnp.bfloat16))
+assert int(r.state["opt_state"]["count"]) == 3 and r.step == 3 and r.data_state == {{"index": 9}}
+print("ok", n)
+"""
+
+
+def test_checkpoint_from_8_devices_restores_on_4_and_1(tmp_path):
+    root = str(tmp_path / "ck")
+    written = _run_python(WRITE_SHARDED.format(root=root), devices=8)
+    assert written.returncode == 0 and written.stdout.strip() == "ok", written.stderr[-3000:]
+    sharding_meta = json.loads((tmp_path / "ck" / "3" / "params" / "_sharding").read_text())
+    assert any("data" in json.dumps(v) and "fsdp" in json.dumps(v) for v in sharding_meta.values())
+    for devices in (4, 1):
+        read = _run_python(READ_SHARDED.format(root=root), devices=devices)
+        assert read.returncode == 0 and read.stdout.strip() == f"ok {devices}", read.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_incompatible_config_names_the_differing_fields(tmp_path):
+    state = _state()
+    with ckpt.CheckpointManager(tmp_path, CONFIG) as m:
+        m.save(1, state)
+    other = json.loads(json.dumps(CONFIG))
+    other["lora"]["r"] = 16
+    other["model"]["path"] = "/models/other"
+    other["optim"]["lr"] = 5.0  # not a compatibility field: allowed
+    with ckpt.CheckpointManager(tmp_path, other) as m:
+        with pytest.raises(CheckpointError) as info:
+            m.restore_latest(ckpt.abstract_like(state))
+    message = str(info.value)
+    assert "\n" not in message and "lora.r: 8 -> 16" in message and "model.path" in message
+    assert "optim.lr" not in message
+    lr_only = json.loads(json.dumps(CONFIG))
+    lr_only["optim"]["lr"] = 5.0
+    with ckpt.CheckpointManager(tmp_path, lr_only) as m:
+        assert m.restore_latest(ckpt.abstract_like(state)).step == 1
+
+
+def test_state_shape_mismatch_names_the_leaf(tmp_path):
+    state = _state()
+    with ckpt.CheckpointManager(tmp_path, CONFIG) as m:
+        m.save(1, state)
+        m.wait()
+        wrong = ckpt.abstract_like(state)
+        wrong["params"]["layers"]["0"]["q_proj"]["lora_a"] = jax.ShapeDtypeStruct((32, 16), jnp.float32)
+        with pytest.raises(CheckpointError, match=r"\['lora_a'\] shape \(32, 8\) -> \(32, 16\)"):
+            m.restore(1, wrong)
+        with pytest.raises(CheckpointError, match=r"no item\(s\) \['ema'\]"):
+            m.restore(1, {"ema": ckpt.abstract_like(state["params"])})
+
+
+def test_foreign_and_corrupt_directories(tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "model.safetensors").write_bytes(b"not a checkpoint")
+    (foreign / "12").mkdir()
+    with pytest.raises(CheckpointError, match="no sftjax checkpoint found in .*foreign"):
+        ckpt.resolve_checkpoint(foreign)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        ckpt.resolve_checkpoint(tmp_path / "missing")
+
+    state = _state()
+    root = tmp_path / "ck"
+    with ckpt.CheckpointManager(root, CONFIG) as m:
+        m.save(1, state)
+        m.save(2, state)
+    # corrupt step 2: its array data files are gone; its meta is garbage JSON in step 1
+    for data_file in (root / "2" / "params").rglob("d/*"):
+        data_file.unlink()
+    (root / "1" / "meta" / "metadata").write_text("{not json")
+    with ckpt.CheckpointManager(root, CONFIG) as m:
+        with pytest.raises(CheckpointError) as info:
+            m.restore(2, ckpt.abstract_like(state))
+        assert "\n" not in str(info.value) and str(root / "2") in str(info.value)
+        with pytest.raises(CheckpointError, match=r"checkpoint .*/1 is corrupt"):
+            m.restore(1, ckpt.abstract_like(state))
+
+
+def test_resume_modes(tmp_path):
+    state = _state()
+    run = tmp_path / "run"
+    with ckpt.CheckpointManager(run / "checkpoints", CONFIG, keep=None) as m:
+        m.save(1, state, data_state={"i": 1})
+        m.save(2, state, data_state={"i": 2})
+    abstract = ckpt.abstract_like(state)
+    fresh = ckpt.CheckpointManager(tmp_path / "new_run" / "checkpoints", CONFIG)
+    assert ckpt.restore_for_resume("never", fresh, abstract) is None
+    assert ckpt.restore_for_resume("auto", fresh, abstract) is None  # nothing there yet: start fresh
+    assert ckpt.restore_for_resume(str(run), fresh, abstract).data_state == {"i": 2}
+    assert ckpt.restore_for_resume(str(run / "checkpoints" / "1"), fresh, abstract).data_state == {"i": 1}
+    fresh.close()
+    with ckpt.CheckpointManager(run / "checkpoints", CONFIG) as same:
+        assert ckpt.restore_for_resume("auto", same, abstract).step == 2
+    with pytest.raises(CheckpointError):
+        ckpt.restore_for_resume(str(tmp_path / "nope"), same, abstract)
+
+
+def test_fingerprint_changes_with_content(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"a": 1}')
+    (model / "model.safetensors").write_bytes(b"x" * 3000)
+    first = ckpt.fingerprint_model(model)
+    assert first == ckpt.fingerprint_model(model)
+    (model / "model.safetensors").write_bytes(b"x" * 2999 + b"y")
+    assert ckpt.fingerprint_model(model) != first
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(CheckpointError, match="save_every_steps"):
+        ckpt.CheckpointManager(tmp_path, save_every_steps=0)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        ckpt.CheckpointManager(tmp_path / "file")
+    with ckpt.CheckpointManager(tmp_path / uuid.uuid4().hex) as m:
+        with pytest.raises(ValueError, match="reserved"):
+            m.save(1, {"meta": {"w": jnp.ones(2)}})
