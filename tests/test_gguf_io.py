@@ -1,0 +1,327 @@
+"""GGUF reading/writing against independent references.
+
+* names, layout and the q/k RoPE permutation: transformers' own GGUF loader on the real SmolLM2 file;
+* dequantization: gguf's quantizer (Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, error bounds) and, for the k-quants (not in the
+  SmolLM2 file, and gguf has no quantizer for them), a scalar decoder written here from llama.cpp's C reference;
+* tokenizer: the same tokenizer saved as HF files in the shared assets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+torch = pytest.importorskip("torch")
+
+from sftjax.errors import CheckpointError  # noqa: E402
+from sftjax.models import gguf_io  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _write_raw_gguf(path, tensors, *, arch="llama", metadata=True):
+    """A GGUF file holding `tensors` ({name: (array, raw_type or None)}) and minimal llama metadata."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    if metadata:
+        writer.add_block_count(1)
+        writer.add_embedding_length(32)
+        writer.add_feed_forward_length(64)
+        writer.add_head_count(2)
+        writer.add_head_count_kv(1)
+        writer.add_context_length(64)
+        writer.add_layer_norm_rms_eps(1e-5)
+        writer.add_vocab_size(64)
+    for name, (array, raw_type) in tensors.items():
+        writer.add_tensor(name, array, raw_dtype=raw_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _decoded(path):
+    reader = gguf.GGUFReader(str(path))
+    return {t.name: gguf_io._dequantize(t, path) for t in reader.tensors}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real SmolLM2 file
+
+
+@pytest.fixture(scope="module")
+def smollm2_read(smollm2_gguf):
+    config, tensors = gguf_io.read_gguf_checkpoint(smollm2_gguf)
+    return config, dict(tensors)
+
+
+@pytest.fixture(scope="module")
+def transformers_gguf_model(smollm2_gguf):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32)
+    return model.eval()
+
+
+def test_smollm2_config(smollm2_read):
+    config, tensors = smollm2_read
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
+            config["num_key_value_heads"], config["intermediate_size"], config["vocab_size"]) == (
+        576, 30, 9, 3, 1536, 49152)
+    assert config["tie_word_embeddings"] and "lm_head.weight" not in tensors
+    assert config["rope_theta"] == 100000.0 and config["eos_token_id"] == 2
+    assert tensors["model.layers.0.self_attn.k_proj.weight"].shape == (192, 576)
+    assert tensors["model.layers.0.mlp.down_proj.weight"].shape == (576, 1536)
+    assert all(a.dtype == np.float32 for a in tensors.values())
+
+
+def test_smollm2_tensors_match_transformers_gguf_loader(smollm2_read, transformers_gguf_model):
+    """transformers' loader is an independent implementation of the names, layout and q/k un-permutation."""
+    _, ours = smollm2_read
+    reference = {k: v for k, v in transformers_gguf_model.state_dict().items() if k != "lm_head.weight"}
+    assert set(reference) == set(ours)
+    for name, value in reference.items():
+        np.testing.assert_array_equal(ours[name], value.numpy(), err_msg=name)
+
+
+def test_smollm2_logits_match_transformers(smollm2_read, transformers_gguf_model):
+    """A LlamaForCausalLM built from our config + tensors gives the logits of transformers' own GGUF model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config, tensors = smollm2_read
+    model = LlamaForCausalLM(LlamaConfig(**config)).eval()
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected
+    tokens = torch.tensor([[1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2]])
+    with torch.no_grad():
+        ours = model(tokens, use_cache=False).logits
+        reference = transformers_gguf_model(tokens, use_cache=False).logits
+    assert float((ours - reference).abs().max()) <= 1e-5
+
+
+def test_rope_permutation_roundtrip():
+    rows = np.arange(4 * 8 * 3, dtype=np.float32).reshape(4 * 8, 3)
+    permuted = gguf_io._rope_rows_to_ggml(rows, 4)
+    assert not np.array_equal(permuted, rows)
+    np.testing.assert_array_equal(gguf_io._rope_rows_from_ggml(permuted, 4), rows)
+    # within a head, GGML's rows interleave the two halves HF keeps apart
+    np.testing.assert_array_equal(permuted[:8:2], rows[:4])
+    np.testing.assert_array_equal(permuted[1:8:2], rows[4:8])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dequantization
+
+
+@pytest.mark.parametrize(
+    "kind, bound_per_block",
+    [
+        (Q.Q8_0, lambda b: np.abs(b).max() / 127 * 0.5),
+        (Q.Q4_0, lambda b: np.abs(b).max() / 8),
+        (Q.Q4_1, lambda b: (b.max() - b.min()) / 15 * 0.5),
+        (Q.Q5_0, lambda b: np.abs(b).max() / 16),
+        (Q.Q5_1, lambda b: (b.max() - b.min()) / 31 * 0.5),
+    ],
+)
+def test_block_quants_against_gguf_quantizer(tmp_path, kind, bound_per_block):
+    rng = np.random.default_rng(int(kind))
+    original = rng.normal(size=(8, 64)).astype(np.float32)
+    quantized = gguf.quants.quantize(original, kind)
+    decoded = _decoded(_write_raw_gguf(tmp_path / "q.gguf", {"w.weight": (quantized, kind)}))["w.weight"]
+    assert decoded.shape == original.shape and decoded.dtype == np.float32
+    blocks = original.reshape(-1, 32)
+    error = np.abs(decoded.reshape(-1, 32) - blocks).max(axis=1)
+    bounds = np.array([bound_per_block(b) for b in blocks]) * 1.01 + 1e-3
+    assert np.all(error <= bounds)
+    assert np.abs(decoded - original).mean() < np.abs(original).mean() / 4
+
+
+def test_float_types(tmp_path):
+    rng = np.random.default_rng(0)
+    original = rng.normal(size=(4, 32)).astype(np.float32)
+    bf16_bits = (original.view(np.uint32) >> 16).astype(np.uint16)  # truncation: exact for bf16 values
+    decoded = _decoded(_write_raw_gguf(tmp_path / "f.gguf", {
+        "a.weight": (original, None),
+        "b.weight": (original.astype(np.float16), None),
+        "c.weight": (bf16_bits.view(np.uint8).reshape(4, 64), Q.BF16),
+    }))
+    np.testing.assert_array_equal(decoded["a.weight"], original)
+    np.testing.assert_array_equal(decoded["b.weight"], original.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(decoded["c.weight"], (bf16_bits.astype(np.uint32) << 16).view(np.float32))
+
+
+def _f16(raw: bytes) -> float:
+    return float(np.frombuffer(raw, dtype=np.float16)[0])
+
+
+def _scale_min_k4(j, scales):
+    """llama.cpp get_scale_min_k4: 6-bit scale and min number j of a Q4_K/Q5_K block."""
+    if j < 4:
+        return scales[j] & 63, scales[j + 4] & 63
+    return ((scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4),
+            (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4))
+
+
+def _reference_q4_k(block: bytes) -> list[float]:
+    d, dmin, scales, qs = _f16(block[0:2]), _f16(block[2:4]), block[4:16], block[16:144]
+    out = []
+    for chunk in range(4):
+        sc1, m1 = _scale_min_k4(2 * chunk, scales)
+        sc2, m2 = _scale_min_k4(2 * chunk + 1, scales)
+        q = qs[32 * chunk: 32 * chunk + 32]
+        out += [d * sc1 * (v & 0xF) - dmin * m1 for v in q]
+        out += [d * sc2 * (v >> 4) - dmin * m2 for v in q]
+    return out
+
+
+def _reference_q5_k(block: bytes) -> list[float]:
+    d, dmin, scales, qh, qs = _f16(block[0:2]), _f16(block[2:4]), block[4:16], block[16:48], block[48:176]
+    out = []
+    for chunk in range(4):
+        sc1, m1 = _scale_min_k4(2 * chunk, scales)
+        sc2, m2 = _scale_min_k4(2 * chunk + 1, scales)
+        q = qs[32 * chunk: 32 * chunk + 32]
+        bit_low, bit_high = 1 << (2 * chunk), 2 << (2 * chunk)
+        out += [d * sc1 * ((v & 0xF) + (16 if qh[i] & bit_low else 0)) - dmin * m1 for i, v in enumerate(q)]
+        out += [d * sc2 * ((v >> 4) + (16 if qh[i] & bit_high else 0)) - dmin * m2 for i, v in enumerate(q)]
+    return out
+
+
+def _reference_q6_k(block: bytes) -> list[float]:
+    ql, qh = block[0:128], block[128:192]
+    scales = np.frombuffer(block[192:208], dtype=np.int8).tolist()
+    d = _f16(block[208:210])
+    out = [0.0] * 256
+    for half in range(2):
+        lo, hi, sc = ql[64 * half:], qh[32 * half:], scales[8 * half:]
+        for lane in range(32):
+            s = lane // 16
+            q1 = ((lo[lane] & 0xF) | (((hi[lane] >> 0) & 3) << 4)) - 32
+            q2 = ((lo[lane + 32] & 0xF) | (((hi[lane] >> 2) & 3) << 4)) - 32
+            q3 = ((lo[lane] >> 4) | (((hi[lane] >> 4) & 3) << 4)) - 32
+            q4 = ((lo[lane + 32] >> 4) | (((hi[lane] >> 6) & 3) << 4)) - 32
+            base = 128 * half
+            out[base + lane] = d * sc[s] * q1
+            out[base + lane + 32] = d * sc[s + 2] * q2
+            out[base + lane + 64] = d * sc[s + 4] * q3
+            out[base + lane + 96] = d * sc[s + 6] * q4
+    return out
+
+
+@pytest.mark.parametrize(
+    "kind, block_bytes, scale_offsets, reference",
+    [
+        (Q.Q4_K, 144, (0, 2), _reference_q4_k),
+        (Q.Q5_K, 176, (0, 2), _reference_q5_k),
+        (Q.Q6_K, 210, (208,), _reference_q6_k),
+    ],
+)
+def test_k_quants_against_scalar_reference(tmp_path, kind, block_bytes, scale_offsets, reference):
+    rng = np.random.default_rng(int(kind))
+    rows, blocks_per_row = 2, 2
+    raw = rng.integers(0, 256, size=(rows * blocks_per_row, block_bytes), dtype=np.uint8)
+    for offset in scale_offsets:  # finite, moderate float16 super-block scales
+        raw[:, offset:offset + 2] = np.frombuffer(
+            rng.uniform(0.001, 0.1, size=rows * blocks_per_row).astype(np.float16).tobytes(), np.uint8).reshape(-1, 2)
+    decoded = _decoded(_write_raw_gguf(tmp_path / "k.gguf", {"w.weight": (raw.reshape(rows, -1), kind)}))["w.weight"]
+    expected = np.array([reference(bytes(block)) for block in raw], dtype=np.float64).reshape(rows, 256 * blocks_per_row)
+    assert decoded.shape == expected.shape
+    np.testing.assert_allclose(decoded, expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors: one line, naming the file and the problem
+
+
+def _tiny_llama_tensors(raw_type_of_q=None):
+    rng = np.random.default_rng(0)
+    tensors = {
+        "token_embd.weight": (rng.normal(size=(64, 32)).astype(np.float32), None),
+        "output_norm.weight": (np.ones(32, np.float32), None),
+        "blk.0.attn_norm.weight": (np.ones(32, np.float32), None),
+        "blk.0.attn_q.weight": (rng.normal(size=(32, 32)).astype(np.float32), None),
+    }
+    if raw_type_of_q is not None:
+        bytes_per_row = 84  # one Q2_K block (256 values, 84 bytes) per row
+        tensors["blk.0.attn_q.weight"] = (np.zeros((32, bytes_per_row), np.uint8), raw_type_of_q)
+    return tensors
+
+
+def _assert_one_line(error, *parts):
+    message = str(error.value)
+    assert "\n" not in message
+    for part in parts:
+        assert part in message, message
+
+
+def test_unsupported_quantization_names_file_tensor_and_type(tmp_path):
+    path = _write_raw_gguf(tmp_path / "q2k.gguf", _tiny_llama_tensors(raw_type_of_q=Q.Q2_K))
+    with pytest.raises(CheckpointError) as error:
+        gguf_io.read_gguf_checkpoint(path)
+    _assert_one_line(error, str(path), "blk.0.attn_q.weight", "Q2_K")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError) as error:
+        gguf_io.read_gguf_checkpoint(tmp_path / "absent.gguf")
+    _assert_one_line(error, "absent.gguf", "does not exist")
+
+
+def test_garbage_file(tmp_path):
+    path = tmp_path / "garbage.gguf"
+    path.write_bytes(b"this is not a gguf file at all" * 10)
+    with pytest.raises(CheckpointError) as error:
+        gguf_io.read_gguf_checkpoint(path)
+    _assert_one_line(error, str(path))
+
+
+@pytest.mark.parametrize("keep_fraction", [0.05, 0.5, 0.98])
+def test_truncated_file(tmp_path, keep_fraction):
+    source = _write_raw_gguf(tmp_path / "full.gguf", _tiny_llama_tensors())
+    gguf_io.read_gguf_checkpoint(source)  # the untruncated file is fine
+    data = source.read_bytes()
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(data[: int(len(data) * keep_fraction)])
+    with pytest.raises(CheckpointError) as error:
+        gguf_io.read_gguf_checkpoint(path)
+    _assert_one_line(error, str(path))
+
+
+def test_unknown_architecture(tmp_path):
+    path = _write_raw_gguf(tmp_path / "arch.gguf", {"x.weight": (np.zeros(4, np.float32), None)}, arch="mamba9")
+    with pytest.raises(CheckpointError) as error:
+        gguf_io.read_gguf_checkpoint(path)
+    _assert_one_line(error, str(path), "mamba9")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def test_tokenizer_matches_hf_files(smollm2_gguf, assets_dir):
+    from transformers import AutoTokenizer
+
+    ours = gguf_io.load_gguf_tokenizer(smollm2_gguf)
+    reference = AutoTokenizer.from_pretrained(str(assets_dir / "tokenizers" / "smollm2"))
+    texts = ["What is the capital of France?", "  leading spaces, tabs\tand\nnewlines\n\n",
+             "naïve café — 日本語 😀 x=1+2; def f(a):\n    return a**2", "<|im_start|>user\nhi<|im_end|>\n"]
+    for text in texts:
+        assert ours(text, add_special_tokens=False)["input_ids"] == reference(
+            text, add_special_tokens=False)["input_ids"], text
+        assert ours(text)["input_ids"] == reference(text)["input_ids"], text
+    assert ours.chat_template == reference.chat_template
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Capital of France?"}]
+    for extra in (False, True):
+        assert ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=extra) == \
+            reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=extra)
+    assert (ours.eos_token_id, ours.pad_token_id, ours.bos_token_id) == (
+        reference.eos_token_id, reference.pad_token_id, reference.bos_token_id)
+    assert len(ours) == len(reference) == 49152
