@@ -1,0 +1,111 @@
+"""ModelConfig: the closed set of switches the generic decoder understands.
+
+Every supported Hugging Face family is expressed as a value of this dataclass; the family files in
+``sftjax/models/families`` translate ``config.json`` to and from it. The dataclass is frozen and holds only
+hashable values (tuples, not lists or dicts) because it lives on the model as static graph data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
+REMAT_POLICIES = ("none", "full", "save_dots")
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only transformer (names follow HF where there is one)."""
+
+    # identity
+    architecture: str = "LlamaForCausalLM"
+    family: str = "llama"
+    # sizes
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 128
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    # rotary position embedding
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_position_embeddings: int | None = None  # llama3 / longrope
+    rope_short_factor: tuple[float, ...] | None = None  # longrope
+    rope_long_factor: tuple[float, ...] | None = None  # longrope
+    rope_attention_factor: float | None = None  # longrope (None = derived like transformers)
+    partial_rotary_factor: float = 1.0
+    # attention switches
+    attention_bias: bool = False  # bias on q, k, v projections
+    attention_out_bias: bool = False  # bias on o_proj
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None  # per layer FULL_ATTENTION / SLIDING_ATTENTION; None = all sliding
+    attn_logit_softcap: float | None = None
+    query_pre_attn_scalar: float | None = None  # scores scaled by this ** -0.5 instead of head_dim ** -0.5
+    # block switches
+    mlp_bias: bool = False
+    activation: str = "silu"
+    sandwich_norms: bool = False  # extra norms on the attention and MLP outputs (Gemma2)
+    norm_plus_one: bool = False  # RMSNorm multiplies by (1 + w) (Gemma)
+    embedding_scale: float | None = None  # embeddings multiplied by this (Gemma: sqrt(hidden_size))
+    tie_word_embeddings: bool = False
+    final_logit_softcap: float | None = None
+    # tokens
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    # numerics and memory
+    dtype: str = "float32"  # activation dtype
+    param_dtype: str = "float32"
+    remat: str = "none"
+    # config.json keys we do not model but keep for a faithful round trip (sorted (key, json-text) pairs)
+    hf_extra: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} not in {ACTIVATIONS}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type {self.rope_type!r} not in {ROPE_TYPES}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {self.remat!r} not in {REMAT_POLICIES}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads {self.num_kv_heads} does not divide num_heads {self.num_heads}")
+        if self.layer_types is not None and len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+
+    def sliding_window_for_layer(self, layer_index: int) -> int | None:
+        """The window of one layer: None means full causal attention."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None or self.layer_types[layer_index] == SLIDING_ATTENTION:
+            return self.sliding_window
+        return None
+
+    @property
+    def attention_scale(self) -> float:
+        base = self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None else self.head_dim
+        return float(base) ** -0.5
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_hf_dict(self) -> dict:
+        """The ``config.json`` dict transformers reads for this architecture."""
+        from sftjax.models.registry import family_for_config
+
+        return family_for_config(self).config_to_hf(self)

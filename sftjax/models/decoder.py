@@ -1,0 +1,171 @@
+"""The one generic decoder-only transformer; families differ only by ModelConfig switches.
+
+Block layout (pre-norm residual):  h += [attn_out_norm](attn(attn_norm(h)));  h += [mlp_out_norm](mlp(mlp_norm(h)))
+where the bracketed "sandwich" norms exist only for Gemma2-style configs. Attention is causal and block-diagonal
+over ``segment_ids`` (packed examples never see each other), through ``pallas_kernels.attention``; the logits
+go through ``pallas_kernels.cross_entropy.project_logits`` so training can fuse the head with the loss instead.
+There is no dropout in the base model (SFT does not use it); LoRA adapters bring their own.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pallas_kernels.attention.api import attention
+from pallas_kernels.cross_entropy.api import project_logits
+from sftjax.models.config import ModelConfig
+from sftjax.models.layers import Embed, Linear, RMSNorm
+from sftjax.models.rope import apply_rope, rope_cos_sin
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
+
+_REMAT_POLICIES = {
+    "full": None,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, layer_index: int, *, rngs: nnx.Rngs):
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.sliding_window = c.sliding_window_for_layer(layer_index)
+        self.softcap = c.attn_logit_softcap
+        self.scale = c.attention_scale
+        pd = jnp.dtype(c.param_dtype)
+        q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.q_proj = Linear(c.hidden_size, q_dim, use_bias=c.attention_bias, logical_axes=("embed", "heads"),
+                             param_dtype=pd, rngs=rngs)
+        self.k_proj = Linear(c.hidden_size, kv_dim, use_bias=c.attention_bias, logical_axes=("embed", "kv_heads"),
+                             param_dtype=pd, rngs=rngs)
+        self.v_proj = Linear(c.hidden_size, kv_dim, use_bias=c.attention_bias, logical_axes=("embed", "kv_heads"),
+                             param_dtype=pd, rngs=rngs)
+        self.o_proj = Linear(q_dim, c.hidden_size, use_bias=c.attention_out_bias, logical_axes=("heads", "embed"),
+                             param_dtype=pd, rngs=rngs)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, plus_one=c.norm_plus_one, logical_axis="head_dim",
+                                  param_dtype=pd)
+            self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, plus_one=c.norm_plus_one, logical_axis="head_dim",
+                                  param_dtype=pd)
+        else:
+            self.q_norm = None
+            self.k_norm = None
+
+    def __call__(self, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, *, deterministic: bool = True):
+        batch, length, _ = x_BLD.shape
+        q = self.q_proj(x_BLD, deterministic=deterministic).reshape(batch, length, self.num_heads, self.head_dim)
+        k = self.k_proj(x_BLD, deterministic=deterministic).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x_BLD, deterministic=deterministic).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos_BLR, sin_BLR), apply_rope(k, cos_BLR, sin_BLR)
+        out = attention(q, k, v, segment_ids_BL, causal=True, sliding_window=self.sliding_window,
+                        logit_softcap=self.softcap, scale=self.scale)
+        return self.o_proj(out.reshape(batch, length, -1), deterministic=deterministic)
+
+
+class MLP(nnx.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)) (SwiGLU / GeGLU)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        pd = jnp.dtype(c.param_dtype)
+        self.activation = c.activation
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, use_bias=c.mlp_bias, logical_axes=("embed", "mlp"),
+                                param_dtype=pd, rngs=rngs)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, use_bias=c.mlp_bias, logical_axes=("embed", "mlp"),
+                              param_dtype=pd, rngs=rngs)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, use_bias=c.mlp_bias, logical_axes=("mlp", "embed"),
+                                param_dtype=pd, rngs=rngs)
+
+    def __call__(self, x_BLD, *, deterministic: bool = True):
+        gate = _ACTIVATIONS[self.activation](self.gate_proj(x_BLD, deterministic=deterministic))
+        return self.down_proj(gate * self.up_proj(x_BLD, deterministic=deterministic), deterministic=deterministic)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, layer_index: int, *, rngs: nnx.Rngs):
+        c = config
+        pd = jnp.dtype(c.param_dtype)
+
+        def norm():
+            return RMSNorm(c.hidden_size, eps=c.rms_norm_eps, plus_one=c.norm_plus_one, param_dtype=pd)
+
+        self.attn_norm = norm()
+        self.attn = Attention(c, layer_index, rngs=rngs)
+        self.attn_out_norm = norm() if c.sandwich_norms else None
+        self.mlp_norm = norm()
+        self.mlp = MLP(c, rngs=rngs)
+        self.mlp_out_norm = norm() if c.sandwich_norms else None
+
+    def __call__(self, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, deterministic: bool = True):
+        h = self.attn(self.attn_norm(x_BLD), cos_BLR, sin_BLR, segment_ids_BL, deterministic=deterministic)
+        if self.attn_out_norm is not None:
+            h = self.attn_out_norm(h)
+        x_BLD = x_BLD + h
+        h = self.mlp(self.mlp_norm(x_BLD), deterministic=deterministic)
+        if self.mlp_out_norm is not None:
+            h = self.mlp_out_norm(h)
+        return x_BLD + h
+
+
+def _run_layer(layer: DecoderLayer, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, deterministic):
+    return layer(x_BLD, cos_BLR, sin_BLR, segment_ids_BL, deterministic)
+
+
+class Decoder(nnx.Module):
+    """Decoder-only LM. ``remat`` ('none' | 'full' | 'save_dots') rematerializes each layer in the backward pass."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, remat: str | None = None):
+        c = config
+        pd = jnp.dtype(c.param_dtype)
+        self.config = c
+        self.remat = remat or c.remat
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, param_dtype=pd, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(c, i, rngs=rngs) for i in range(c.num_layers)])
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, plus_one=c.norm_plus_one, param_dtype=pd)
+        if c.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(c.hidden_size, c.vocab_size, logical_axes=("embed", "vocab"), param_dtype=pd,
+                                  rngs=rngs)
+
+    def head_weight(self):
+        """[D, V]: the lm_head kernel (LoRA merged if any), or the tied embedding transposed."""
+        if self.lm_head is None:
+            return self.embed_tokens.embedding[...].T
+        return self.lm_head.merged_kernel() if self.lm_head.lora_a is not None else self.lm_head.kernel[...]
+
+    def hidden_states(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None, deterministic: bool = True,
+                      positions=None, segment_ids=None):
+        """Final-norm hidden states [B, L, D] (``positions``/``segment_ids`` are accepted as aliases)."""
+        positions_BL = positions_BL if positions_BL is not None else positions
+        segment_ids_BL = segment_ids_BL if segment_ids_BL is not None else segment_ids
+        if positions_BL is None:
+            positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1], dtype=jnp.int32), tokens_BL.shape)
+        if segment_ids_BL is None:
+            segment_ids_BL = jnp.ones(tokens_BL.shape, jnp.int32)
+        dtype = jnp.dtype(self.config.dtype)
+        x = self.embed_tokens(tokens_BL, dtype=dtype, scale=self.config.embedding_scale)
+        cos, sin = rope_cos_sin(self.config, positions_BL)
+        run = _run_layer
+        if self.remat != "none":
+            run = nnx.remat(_run_layer, policy=_REMAT_POLICIES[self.remat], static_argnums=(5,))
+        for layer in self.layers:
+            x = run(layer, x, cos, sin, segment_ids_BL, deterministic)
+        return self.norm(x)
+
+    def __call__(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None, deterministic: bool = True,
+                 positions=None, segment_ids=None):
+        """float32 logits [B, L, V]."""
+        hidden = self.hidden_states(tokens_BL, positions_BL=positions_BL, segment_ids_BL=segment_ids_BL,
+                                    deterministic=deterministic, positions=positions, segment_ids=segment_ids)
+        return project_logits(hidden, self.head_weight().astype(hidden.dtype),
+                              logit_softcap=self.config.final_logit_softcap)

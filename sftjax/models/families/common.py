@@ -1,0 +1,218 @@
+"""Shared pieces of the family files: reading config.json through transformers' own config classes (so missing
+keys get the same defaults as transformers), writing it back, and the HF weight-name table.
+
+A ``TensorSpec`` says where one HF tensor goes: into one parameter, or (fused checkpoints such as Phi-3's
+``qkv_proj``) into several parameters, each taking a row range of the HF tensor. HF linear weights are
+[out, in]; our kernels are [in, out], so ``transpose`` is set for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from sftjax.errors import CheckpointError
+from sftjax.models.config import ModelConfig
+
+HF_ACTIVATIONS = {
+    "silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh", "gelu": "gelu", "relu": "relu",
+}
+OUR_ACTIVATION_TO_HF = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    hf_name: str
+    targets: tuple[tuple[str, int | None, int | None], ...]  # (param path, first row, end row) of the HF tensor
+    transpose: bool
+
+
+def hf_config_object(hf: dict, model_type: str, source: str):
+    """transformers' config object for ``hf`` (applies the class defaults and rope standardization)."""
+    from transformers import CONFIG_MAPPING
+    import transformers.utils.logging as hf_logging
+
+    kwargs = {k: v for k, v in hf.items() if k not in ("model_type", "transformers_version", "architectures")}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return CONFIG_MAPPING[model_type](**kwargs)
+    except Exception as error:  # transformers validates values (e.g. bad rope parameters)
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{source}: invalid {model_type} config: {message}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _token_id(value):
+    if isinstance(value, list):
+        return tuple(value) if len(value) != 1 else value[0]
+    return value
+
+
+def base_config(hf: dict, cfg, *, architecture: str, family: str, source: str, **overrides) -> ModelConfig:
+    """ModelConfig fields every family shares, read from the transformers config object ``cfg``."""
+    rope = dict(cfg.rope_parameters or {})
+    if rope and all(isinstance(v, dict) for v in rope.values()):
+        raise CheckpointError(f"{source}: per-layer-type rope_parameters are not supported")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "su":
+        rope_type = "longrope"
+    if rope_type not in ("default", "linear", "dynamic", "llama3", "longrope"):
+        raise CheckpointError(f"{source}: rope_type {rope_type!r} is not supported "
+                              "(supported: default, linear, dynamic, llama3, longrope)")
+    activation_name = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
+    if activation_name not in HF_ACTIVATIONS:
+        raise CheckpointError(f"{source}: activation {activation_name!r} is not supported "
+                              f"(supported: {', '.join(sorted(HF_ACTIVATIONS))})")
+    num_heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
+    original = rope.get("original_max_position_embeddings")
+    if rope_type == "longrope" and getattr(cfg, "original_max_position_embeddings", None):
+        original = cfg.original_max_position_embeddings
+    fields = dict(
+        architecture=architecture,
+        family=family,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_layers=cfg.num_hidden_layers,
+        num_heads=num_heads,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or num_heads,
+        head_dim=head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=float(cfg.rms_norm_eps),
+        rope_theta=float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))),
+        rope_type=rope_type,
+        rope_factor=float(rope.get("factor") or 1.0),
+        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        rope_original_max_position_embeddings=original,
+        rope_short_factor=tuple(rope["short_factor"]) if rope.get("short_factor") else None,
+        rope_long_factor=tuple(rope["long_factor"]) if rope.get("long_factor") else None,
+        rope_attention_factor=rope.get("attention_factor"),
+        partial_rotary_factor=float(rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)
+                                             ) or 1.0),
+        activation=HF_ACTIVATIONS[activation_name],
+        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        bos_token_id=_token_id(getattr(cfg, "bos_token_id", None)),
+        eos_token_id=_token_id(getattr(cfg, "eos_token_id", None)),
+        pad_token_id=_token_id(getattr(cfg, "pad_token_id", None)),
+    )
+    fields.update(overrides)
+    extra_keys = sorted(set(hf) - HANDLED_KEYS)
+    fields["hf_extra"] = tuple((k, json.dumps(hf[k])) for k in extra_keys if _is_json(hf[k]))
+    try:
+        return ModelConfig(**fields)
+    except ValueError as error:
+        raise CheckpointError(f"{source}: {error}") from None
+
+
+def _is_json(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except TypeError:
+        return False
+
+
+# config.json keys that base_config or a family reads; anything else is carried in hf_extra for the round trip.
+HANDLED_KEYS = {
+    "architectures", "model_type", "transformers_version", "vocab_size", "hidden_size", "intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+    "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor", "hidden_act",
+    "hidden_activation", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "attention_bias",
+    "mlp_bias", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "attn_logit_softcapping",
+    "final_logit_softcapping", "query_pre_attn_scalar", "original_max_position_embeddings", "torch_dtype", "dtype",
+    "use_cache",
+}
+
+
+def rope_parameters_to_hf(config: ModelConfig) -> dict:
+    rope = {"rope_type": config.rope_type, "rope_theta": config.rope_theta}
+    if config.partial_rotary_factor != 1.0:
+        rope["partial_rotary_factor"] = config.partial_rotary_factor
+    if config.rope_type in ("linear", "dynamic", "llama3"):
+        rope["factor"] = config.rope_factor
+    if config.rope_type == "llama3":
+        rope["low_freq_factor"] = config.rope_low_freq_factor
+        rope["high_freq_factor"] = config.rope_high_freq_factor
+        rope["original_max_position_embeddings"] = (config.rope_original_max_position_embeddings
+                                                    or config.max_position_embeddings)
+    if config.rope_type == "longrope":
+        rope["short_factor"] = list(config.rope_short_factor)
+        rope["long_factor"] = list(config.rope_long_factor)
+        if config.rope_attention_factor is not None:
+            rope["attention_factor"] = config.rope_attention_factor
+        if config.rope_original_max_position_embeddings:
+            rope["original_max_position_embeddings"] = config.rope_original_max_position_embeddings
+    return rope
+
+
+def base_config_to_hf(config: ModelConfig, model_type: str) -> dict:
+    """The keys every family writes; families add their own."""
+    hf = {key: json.loads(value) for key, value in config.hf_extra}
+    hf.update(
+        architectures=[config.architecture],
+        model_type=model_type,
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=rope_parameters_to_hf(config),
+        hidden_act=OUR_ACTIVATION_TO_HF[config.activation],
+        tie_word_embeddings=config.tie_word_embeddings,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        dtype=config.param_dtype,
+    )
+    return hf
+
+
+def layer_types_to_hf(config: ModelConfig) -> list[str] | None:
+    if config.sliding_window is None:
+        return None
+    if config.layer_types is None:
+        return ["sliding_attention"] * config.num_layers
+    return list(config.layer_types)
+
+
+def llama_like_specs(config: ModelConfig, *, sandwich_norm_names: bool = False) -> list[TensorSpec]:
+    """The weight table of Llama-style checkpoints (``model.layers.N.self_attn.q_proj.weight`` ...)."""
+    specs = [TensorSpec("model.embed_tokens.weight", (("embed_tokens.embedding", None, None),), False),
+             TensorSpec("model.norm.weight", (("norm.weight", None, None),), False)]
+    if not config.tie_word_embeddings:
+        specs.append(TensorSpec("lm_head.weight", (("lm_head.kernel", None, None),), True))
+    for i in range(config.num_layers):
+        hf, ours = f"model.layers.{i}", f"layers.{i}"
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            specs.append(TensorSpec(f"{hf}.self_attn.{proj}.weight", ((f"{ours}.attn.{proj}.kernel", None, None),),
+                                    True))
+            has_bias = config.attention_out_bias if proj == "o_proj" else config.attention_bias
+            if has_bias:
+                specs.append(TensorSpec(f"{hf}.self_attn.{proj}.bias", ((f"{ours}.attn.{proj}.bias", None, None),),
+                                        False))
+        if config.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                specs.append(TensorSpec(f"{hf}.self_attn.{norm}.weight", ((f"{ours}.attn.{norm}.weight", None, None),),
+                                        False))
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            specs.append(TensorSpec(f"{hf}.mlp.{proj}.weight", ((f"{ours}.mlp.{proj}.kernel", None, None),), True))
+            if config.mlp_bias:
+                specs.append(TensorSpec(f"{hf}.mlp.{proj}.bias", ((f"{ours}.mlp.{proj}.bias", None, None),), False))
+        norms = {"input_layernorm": "attn_norm"}
+        if sandwich_norm_names:
+            norms.update(post_attention_layernorm="attn_out_norm", pre_feedforward_layernorm="mlp_norm",
+                         post_feedforward_layernorm="mlp_out_norm")
+        else:
+            norms.update(post_attention_layernorm="mlp_norm")
+        for hf_norm, our_norm in norms.items():
+            specs.append(TensorSpec(f"{hf}.{hf_norm}.weight", ((f"{ours}.{our_norm}.weight", None, None),), False))
+    return specs

@@ -1,0 +1,88 @@
+"""Meshes and the logical-axis -> mesh-axis rules.
+
+Parameters carry logical axis names (``logical_axes`` metadata: ``embed``, ``vocab``, ``heads``, ``kv_heads``,
+``head_dim``, ``mlp``, ``norm``). One rules table maps them to the mesh axes ``data``, ``fsdp``, ``tensor``:
+weights are split over ``fsdp`` along their model dimension and over ``tensor`` along heads / MLP / vocab.
+A dimension that the mesh axis does not divide is replicated instead, so any mesh works for any model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_RULES: dict[str, str | None] = {
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+    "norm": None,
+}
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one size may be -1 meaning "all remaining devices"."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"make_mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"make_mesh: {len(devices)} devices are not divisible by {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"make_mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {len(devices)} devices")
+    device_grid = np.asarray(devices).reshape(sizes)
+    return Mesh(device_grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def partition_spec(logical_axes, shape, mesh: Mesh, rules: dict | None = None) -> PartitionSpec:
+    """PartitionSpec for one array; axes whose size the mesh axis does not divide stay replicated."""
+    rules = LOGICAL_RULES if rules is None else rules
+    spec, used = [], set()
+    for name, size in zip(logical_axes or (None,) * len(shape), shape):
+        mesh_axis = rules.get(name) if name is not None else None
+        if mesh_axis is None or mesh_axis in used or size % mesh.shape[mesh_axis]:
+            spec.append(None)
+        else:
+            spec.append(mesh_axis)
+            used.add(mesh_axis)
+    return PartitionSpec(*spec)
+
+
+def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: dict | None = None) -> NamedSharding:
+    logical = variable.get_metadata().get("logical_axes")
+    shape = variable.get_value().shape
+    return NamedSharding(mesh, partition_spec(logical, shape, mesh, rules))
+
+
+def parameter_shardings(model: nnx.Module, mesh: Mesh, rules: dict | None = None):
+    """An nnx.State of NamedShardings mirroring ``nnx.state(model)`` (use with jax.device_put / jit)."""
+    state = nnx.state(model)
+
+    def to_sharding(variable):
+        return variable.replace(variable_sharding(variable, mesh, rules))
+
+    return jax.tree.map(to_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: dict | None = None) -> nnx.Module:
+    """Move every variable of ``model`` to its NamedSharding in place; returns the model."""
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Variable):
+            node.set_value(jax.device_put(node.get_value(), variable_sharding(node, mesh, rules)))
+    return model
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows of a [B, L] batch split over (data, fsdp)."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))

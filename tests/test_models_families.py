@@ -1,0 +1,199 @@
+"""Every family against transformers (PyTorch CPU float32, use_cache=False): logits, masked loss, gradients,
+packed rows vs examples run alone, and the save_model round trip back into transformers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from pallas_kernels.cross_entropy.api import fused_linear_cross_entropy  # noqa: E402
+from sftjax.models.loading import load_model, save_model  # noqa: E402
+
+VOCAB = 128
+LENGTH = 24  # longer than every sliding window and every "original" rope length below
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-5,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _llama3_rope():
+    return {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+
+
+CASES = {
+    "llama3_untied": ("LlamaConfig", dict(COMMON, tie_word_embeddings=False, rope_parameters=_llama3_rope())),
+    "llama_linear_bias": ("LlamaConfig", dict(COMMON, tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
+                                              rope_parameters={"rope_type": "linear", "rope_theta": 500.0,
+                                                               "factor": 2.0})),
+    # dynamic NTK: max_position_embeddings 16 < LENGTH, so frequencies are rescaled for the longer sequence
+    "llama_dynamic": ("LlamaConfig", dict(COMMON, max_position_embeddings=16, tie_word_embeddings=False,
+                                          rope_parameters={"rope_type": "dynamic", "rope_theta": 1000.0,
+                                                           "factor": 2.0})),
+    "smollm2_tied": ("LlamaConfig", dict(COMMON, tie_word_embeddings=True, num_key_value_heads=1,
+                                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0})),
+    "mistral_window": ("MistralConfig", dict(COMMON, sliding_window=8, tie_word_embeddings=False)),
+    "qwen2_bias_window": ("Qwen2Config", dict(COMMON, tie_word_embeddings=True, use_sliding_window=True,
+                                              sliding_window=8, max_window_layers=1)),
+    "qwen3_qknorm": ("Qwen3Config", dict(COMMON, head_dim=24, tie_word_embeddings=False, attention_bias=True)),
+    "gemma": ("GemmaConfig", dict(COMMON, tie_word_embeddings=True)),
+    "gemma2": ("Gemma2Config", dict(COMMON, tie_word_embeddings=True, sliding_window=8, query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    "phi3_partial_window": ("Phi3Config", dict(COMMON, tie_word_embeddings=False, sliding_window=8,
+                                               partial_rotary_factor=0.5)),
+    "phi3_longrope": ("Phi3Config", dict(COMMON, tie_word_embeddings=False, original_max_position_embeddings=16,
+                                         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                          "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 3.5],
+                                                          "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
+                                                          "original_max_position_embeddings": 16})),
+}
+
+# (HF parameter, our parameter path, HF rows or None): a few weights whose gradients are compared.
+def _grad_pairs(case: str):
+    if case.startswith("phi3"):
+        pairs = [("model.layers.0.self_attn.qkv_proj.weight", "layers.0.attn.q_proj.kernel", (0, 64)),
+                 ("model.layers.1.mlp.gate_up_proj.weight", "layers.1.mlp.up_proj.kernel", (96, 192))]
+    else:
+        pairs = [("model.layers.0.self_attn.q_proj.weight", "layers.0.attn.q_proj.kernel", None),
+                 ("model.layers.1.mlp.down_proj.weight", "layers.1.mlp.down_proj.kernel", None)]
+    pairs += [("model.embed_tokens.weight", "embed_tokens.embedding", None), ("model.norm.weight", "norm.weight", None)]
+    if case == "qwen3_qknorm":
+        pairs.append(("model.layers.0.self_attn.k_norm.weight", "layers.0.attn.k_norm.weight", None))
+    if case == "gemma2":
+        pairs.append(("model.layers.0.post_feedforward_layernorm.weight", "layers.0.mlp_out_norm.weight", None))
+    if case == "qwen2_bias_window":
+        pairs.append(("model.layers.1.self_attn.k_proj.bias", "layers.1.attn.k_proj.bias", None))
+    return pairs
+
+
+def _make_hf_model(case: str):
+    config_class, kwargs = CASES[case]
+    config = getattr(transformers, config_class)(**kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    with torch.no_grad():  # move every weight (norms, biases too) off its default so each one matters
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def family_case(request, tmp_path_factory):
+    case = request.param
+    hf_model = _make_hf_model(case)
+    directory = tmp_path_factory.mktemp(case)
+    hf_model.save_pretrained(directory)
+    model, config = load_model(directory, dtype=jnp.float32)
+    return case, hf_model, model, config, directory
+
+
+def _batch(seed=0, batch=2, length=LENGTH):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, VOCAB, size=(batch, length)).astype(np.int32)
+    targets = rng.integers(0, VOCAB, size=(batch, length)).astype(np.int32)
+    mask = (rng.random((batch, length)) < 0.6).astype(np.int32)
+    return tokens, targets, mask
+
+
+def _hf_logits(hf_model, tokens):
+    with torch.no_grad():
+        return hf_model(torch.tensor(tokens, dtype=torch.long), use_cache=False).logits.numpy()
+
+
+def _ours_logits(model, tokens, positions=None, segment_ids=None):
+    tokens = jnp.asarray(tokens)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    if segment_ids is None:
+        segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    return np.asarray(model(tokens, positions_BL=jnp.asarray(positions), segment_ids_BL=jnp.asarray(segment_ids)))
+
+
+def test_logits_match_transformers(family_case):
+    _, hf_model, model, _, _ = family_case
+    tokens, _, _ = _batch()
+    ours, ref = _ours_logits(model, tokens), _hf_logits(hf_model, tokens)
+    assert ours.shape == ref.shape == (2, LENGTH, VOCAB)
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_loss_and_gradients_match_transformers(family_case):
+    case, hf_model, model, config, _ = family_case
+    tokens, targets, mask = _batch(seed=1)
+    positions = jnp.broadcast_to(jnp.arange(LENGTH, dtype=jnp.int32), tokens.shape)
+    segments = jnp.ones(tokens.shape, jnp.int32)
+
+    def loss_fn(m):
+        hidden = m.hidden_states(jnp.asarray(tokens), positions_BL=positions, segment_ids_BL=segments)
+        result = fused_linear_cross_entropy(hidden, m.head_weight(), jnp.asarray(targets), jnp.asarray(mask),
+                                            logit_softcap=config.final_logit_softcap)
+        return result.loss_sum / result.token_count
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    flat_grads = {".".join(map(str, path)): np.asarray(v.get_value())
+                  for path, v in nnx.to_flat_state(grads)}
+
+    hf_model.zero_grad()
+    logits = hf_model(torch.tensor(tokens, dtype=torch.long), use_cache=False).logits
+    token_losses = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), torch.tensor(targets).long().reshape(-1),
+                                                     reduction="none")
+    mask_t = torch.tensor(mask, dtype=torch.float32).reshape(-1)
+    ref_loss = (token_losses * mask_t).sum() / mask_t.sum()
+    ref_loss.backward()
+    ref_loss_value = float(ref_loss.detach())
+    assert abs(float(loss) - ref_loss_value) <= 1e-5 * max(1.0, abs(ref_loss_value))
+
+    hf_params = dict(hf_model.named_parameters())
+    for hf_name, our_path, rows in _grad_pairs(case):
+        ref = hf_params[hf_name].grad.numpy()
+        if rows is not None:
+            ref = ref[rows[0]:rows[1]]
+        ours = flat_grads[our_path]
+        if our_path.endswith("kernel"):
+            ours = ours.T
+        assert ours.shape == ref.shape, hf_name
+        relative = np.abs(ours - ref).max() / np.abs(ref).max()
+        assert relative <= 1e-4, f"{hf_name}: relative gradient error {relative:.2e}"
+
+
+def test_packed_row_matches_examples_run_alone(family_case):
+    _, hf_model, model, _, _ = family_case
+    rng = np.random.default_rng(2)
+    lengths = [9, 11, 6]
+    row_length = 32
+    examples = [rng.integers(3, VOCAB, size=n).astype(np.int32) for n in lengths]
+    tokens = np.zeros((1, row_length), np.int32)
+    positions = np.zeros((1, row_length), np.int32)
+    segments = np.zeros((1, row_length), np.int32)
+    start = 0
+    for segment, example in enumerate(examples, start=1):
+        tokens[0, start:start + len(example)] = example
+        positions[0, start:start + len(example)] = np.arange(len(example))
+        segments[0, start:start + len(example)] = segment
+        start += len(example)
+    packed = _ours_logits(model, tokens, positions, segments)
+    start = 0
+    for example in examples:
+        alone = _ours_logits(model, example[None])[0]
+        reference = _hf_logits(hf_model, example[None])[0]
+        assert np.abs(packed[0, start:start + len(example)] - alone).max() <= 1e-5
+        assert np.abs(alone - reference).max() <= 1e-4
+        start += len(example)
+
+
+def test_round_trip_through_transformers(family_case, tmp_path):
+    _, hf_model, model, config, _ = family_case
+    out = save_model(model, config, tmp_path / "saved")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
+    assert type(reloaded) is type(hf_model)
+    tokens, _, _ = _batch(seed=3)
+    assert np.abs(_hf_logits(reloaded, tokens) - _hf_logits(hf_model, tokens)).max() <= 1e-5
+    assert (out / "generation_config.json").is_file()
