@@ -55,7 +55,10 @@ RESERVED_ITEMS = (META_ITEM, DATA_ITEM)
 FORMAT_VERSION = 1
 # Config sections whose change makes a checkpoint unusable for this run (the weights would not fit or not mean
 # the same thing). Other differences (learning rate, steps, logging) are allowed on resume.
-DEFAULT_COMPATIBILITY_KEYS = ("model", "lora")
+DEFAULT_COMPATIBILITY_KEYS = (
+    "model.path", "model.init",
+    "lora.enabled", "lora.r", "lora.alpha", "lora.rslora", "lora.target_modules", "lora.modules_to_save",
+)
 
 
 @dataclasses.dataclass
@@ -166,8 +169,21 @@ def _rng_from_json(obj: Any) -> Any:
 
 def _leaf_shapes(tree: Any) -> dict[str, tuple]:
     """Path -> shape of every array-like leaf (abstract or concrete, or orbax metadata)."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_path_name(path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
+
+
+def _path_name(path) -> str:
+    """'layers/0/attn/q_proj/lora_a': orbax stores every key as a string, so int and str keys compare equal."""
+    parts = []
+    for entry in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+        else:
+            parts.append(str(entry))
+    return "/".join(parts)
 
 
 def _structure_differences(saved_meta: Any, abstract: Any, limit: int = 4) -> list[str]:
@@ -191,6 +207,54 @@ def abstract_like(tree: Any) -> Any:
         return x
 
     return jax.tree_util.tree_map(one, tree)
+
+
+@dataclasses.dataclass
+class CheckpointSection:
+    """The ``checkpoint:`` section of a run config."""
+
+    directory: str | None = None  # default: <train.output_dir>/checkpoints
+    save_every_steps: int | None = None
+    save_every_minutes: float | None = 30.0
+    keep: int | None = 3
+    keep_best: int = 0  # also keep this many with the lowest eval_loss
+    resume: str = "auto"  # auto | never | <path to a run, checkpoint root or step directory>
+    async_save: bool = True
+
+    @classmethod
+    def from_dict(cls, raw: Mapping | None) -> CheckpointSection:
+        """Validate a raw mapping (unknown keys and bad values are one-line ConfigErrors)."""
+        from sftjax.errors import ConfigError
+
+        raw = dict(raw or {})
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - fields)
+        if unknown:
+            raise ConfigError(f"checkpoint.{unknown[0]} is not a checkpoint setting; known: {', '.join(sorted(fields))}")
+        section = cls(**raw)
+        for key in ("save_every_steps", "save_every_minutes", "keep"):
+            value = getattr(section, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
+                raise ConfigError(f"checkpoint.{key}={value!r} must be a positive number or null")
+        if isinstance(section.keep_best, bool) or not isinstance(section.keep_best, int) or section.keep_best < 0:
+            raise ConfigError(f"checkpoint.keep_best={section.keep_best!r} must be an integer >= 0")
+        if not isinstance(section.resume, str) or not section.resume:
+            raise ConfigError(f"checkpoint.resume={section.resume!r} must be auto, never or a path")
+        return section
+
+    def manager(self, output_dir, config: Any = None, **kwargs) -> CheckpointManager:
+        """The manager this section describes, rooted at ``directory`` or ``<output_dir>/checkpoints``."""
+        directory = self.directory or pathlib.Path(output_dir) / "checkpoints"
+        return CheckpointManager(
+            directory,
+            config,
+            save_every_steps=self.save_every_steps,
+            save_every_minutes=self.save_every_minutes,
+            keep=self.keep,
+            keep_best=self.keep_best,
+            async_save=self.async_save,
+            **kwargs,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
