@@ -108,13 +108,18 @@ def _hf_logits(hf_model, tokens):
         return hf_model(torch.tensor(tokens, dtype=torch.long), use_cache=False).logits.numpy()
 
 
+@nnx.jit
+def _forward(model, tokens, positions, segment_ids):
+    return model(tokens, positions_BL=positions, segment_ids_BL=segment_ids)
+
+
 def _ours_logits(model, tokens, positions=None, segment_ids=None):
     tokens = jnp.asarray(tokens)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     if segment_ids is None:
         segment_ids = jnp.ones(tokens.shape, jnp.int32)
-    return np.asarray(model(tokens, positions_BL=jnp.asarray(positions), segment_ids_BL=jnp.asarray(segment_ids)))
+    return np.asarray(_forward(model, tokens, jnp.asarray(positions), jnp.asarray(segment_ids)))
 
 
 def test_logits_match_transformers(family_case):
@@ -137,7 +142,7 @@ def test_loss_and_gradients_match_transformers(family_case):
                                             logit_softcap=config.final_logit_softcap)
         return result.loss_sum / result.token_count
 
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
     flat_grads = {".".join(map(str, path)): np.asarray(v.get_value())
                   for path, v in nnx.to_flat_state(grads)}
 
@@ -179,14 +184,21 @@ def test_packed_row_matches_examples_run_alone(family_case):
         positions[0, start:start + len(example)] = np.arange(len(example))
         segments[0, start:start + len(example)] = segment
         start += len(example)
-    packed = _ours_logits(model, tokens, positions, segments)
+    packed = _ours_logits(model, tokens, positions, segments)[0]
     start = 0
     for example in examples:
-        alone = _ours_logits(model, example[None])[0]
+        n = len(example)
+        # alone = the only example of its row (same shape as the packed row, so one compilation)
+        alone_tokens = np.zeros((1, row_length), np.int32)
+        alone_tokens[0, :n] = example
+        alone_positions = np.zeros((1, row_length), np.int32)
+        alone_positions[0, :n] = np.arange(n)
+        alone_segments = (np.arange(row_length) < n).astype(np.int32)[None]
+        alone = _ours_logits(model, alone_tokens, alone_positions, alone_segments)[0, :n]
         reference = _hf_logits(hf_model, example[None])[0]
-        assert np.abs(packed[0, start:start + len(example)] - alone).max() <= 1e-5
+        assert np.abs(packed[start:start + n] - alone).max() <= 1e-5
         assert np.abs(alone - reference).max() <= 1e-4
-        start += len(example)
+        start += n
 
 
 def test_round_trip_through_transformers(family_case, tmp_path):

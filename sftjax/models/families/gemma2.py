@@ -34,8 +34,12 @@ def config_to_hf(config: ModelConfig) -> dict:
     hf.update(attention_bias=config.attention_bias, sliding_window=config.sliding_window,
               layer_types=layer_types_to_hf(config) or ["full_attention"] * config.num_layers,
               attn_logit_softcapping=config.attn_logit_softcap, final_logit_softcapping=config.final_logit_softcap,
-              query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim)
+              query_pre_attn_scalar=_int_if_whole(config.query_pre_attn_scalar or config.head_dim))
     return hf
+
+
+def _int_if_whole(value):
+    return int(value) if float(value).is_integer() else value
 
 
 def weight_specs(config: ModelConfig):
