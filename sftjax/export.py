@@ -1,0 +1,306 @@
+"""``sftjax export RUN_OR_CHECKPOINT OUT --format hf|peft|gguf``: a training checkpoint -> a model others can load.
+
+Design in plain words
+---------------------
+A training checkpoint holds only what trains (the LoRA adapters, or every parameter for full fine-tuning) plus the
+run config. Export rebuilds the model the way training did -- base weights from ``model.path``, adapters attached
+per the ``lora`` section -- restores the checkpoint's ``params`` item into it and writes one of:
+
+* ``hf``: merged weights (``kernel + scale * A @ B`` in the base dtype) through :func:`sftjax.save_model`, with
+  ``config.json``, ``generation_config.json`` and the tokenizer (its chat template included);
+* ``peft``: ``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained`` loads
+  onto the base model. PEFT names a module by its Hugging Face path (``model.layers.0.self_attn.q_proj``), found
+  through the family's weight table, and stores ``lora_A`` as [r, in] and ``lora_B`` as [out, r] (the transposes
+  of our [in, r] / [r, out]);
+* ``gguf``: one ``.gguf`` file through :func:`sftjax.models.gguf_io.write_gguf` (f16 / bf16 / q8_0).
+
+Every export is written into a temporary sibling and renamed into place at the end, so a failed export never
+leaves half a model, and ``--overwrite`` replaces an existing output only once the new one is complete. A non-empty
+output is refused without ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+from sftjax.errors import CheckpointError, ConfigError
+
+FORMATS = ("hf", "peft", "gguf")
+HF_DTYPES = {"float32": "float32", "f32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+             "float16": "float16", "f16": "float16", "fp16": "float16"}
+GGUF_DTYPES = {"f32": "f32", "float32": "f32", "f16": "f16", "float16": "f16", "bf16": "bf16", "bfloat16": "bf16",
+               "q8_0": "q8_0"}
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+
+
+# ------------------------------------------------------------------------------------------------ output handling
+
+
+def _check_output(out: pathlib.Path, overwrite: bool) -> None:
+    if out.exists():
+        if out.is_dir() and not any(out.iterdir()):
+            return
+        if not overwrite:
+            what = "file" if out.is_file() else f"non-empty directory ({sum(1 for _ in out.iterdir())} entries)"
+            raise CheckpointError(f"export output {out} is a {what}; pass --overwrite to replace it")
+
+
+def _publish(staged: pathlib.Path, out: pathlib.Path) -> None:
+    """Move the finished export into place, replacing the old output only now."""
+    if out.exists():
+        backup = out.with_name(out.name + ".old-" + next(tempfile._get_candidate_names()))
+        os.replace(out, backup)
+        os.replace(staged, out)
+        if backup.is_dir():
+            shutil.rmtree(backup)
+        else:
+            backup.unlink()
+    else:
+        os.replace(staged, out)
+
+
+# ------------------------------------------------------------------------------------------------ PEFT adapters
+
+
+def hf_module_names(model_config) -> dict[str, str]:
+    """Our Linear module path (``layers.0.attn.q_proj``) -> its Hugging Face module (``model.layers.0.self_attn.
+    q_proj``), for every linear weight stored unfused in the family's checkpoints."""
+    from sftjax.models.registry import family_for_config
+
+    names = {}
+    for spec in family_for_config(model_config).weight_specs(model_config):
+        if spec.transpose and len(spec.targets) == 1 and spec.hf_name.endswith(".weight"):
+            path, start, _ = spec.targets[0]
+            if start is None and path.endswith(".kernel"):
+                names[path[: -len(".kernel")]] = spec.hf_name[: -len(".weight")]
+    return names
+
+
+def lora_adapters(model, model_config) -> dict[str, tuple[Any, Any, float]]:
+    """HF module name -> (A [in, r], B [r, out], scale) of every adapter in ``model``."""
+    from sftjax.train.lora import linear_modules
+
+    names = hf_module_names(model_config)
+    adapters = {}
+    for path, module in linear_modules(model).items():
+        if getattr(module, "lora_a", None) is None:
+            continue
+        if path not in names:
+            raise CheckpointError(f"LoRA adapter on {path} has no single Hugging Face module to name it in a PEFT "
+                                  f"adapter (fused weight in {model_config.architecture}); export --format hf instead")
+        adapters[names[path]] = (module.lora_a[...], module.lora_b[...], float(module.lora_scale))
+    return adapters
+
+
+def _target_modules(adapted: list[str], all_linear: list[str]) -> list[str] | str:
+    """PEFT's ``target_modules``: the leaf names when they select exactly the adapted modules, else an exact regex."""
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in adapted})
+    selected = [name for name in all_linear if name.rsplit(".", 1)[-1] in leaves]
+    if sorted(selected) == sorted(adapted):
+        return leaves
+    return "(" + "|".join(n.replace(".", r"\.") for n in sorted(adapted)) + ")"
+
+
+def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_model_name_or_path: str,
+                       dtype: str | None = None) -> pathlib.Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for the adapters of ``model``."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    if lora.get("modules_to_save"):
+        raise CheckpointError(f"lora.modules_to_save={lora['modules_to_save']} is not supported by the PEFT export; "
+                              "use --format hf for a merged model")
+    adapters = lora_adapters(model, model_config)
+    if not adapters:
+        raise CheckpointError("the checkpoint has no LoRA adapters (full fine-tuning?); use --format hf")
+    rank = int(lora["r"])
+    rslora = bool(lora.get("rslora", False))
+    scales = {round(scale, 6) for _, _, scale in adapters.values()}
+    if len(scales) != 1:
+        raise CheckpointError(f"LoRA adapters have different scales {sorted(scales)}; PEFT needs one lora_alpha")
+    scale = next(iter(adapters.values()))[2]
+    alpha = scale * (rank ** 0.5 if rslora else rank)
+    tensors = {}
+    for name, (a_IR, b_RO, _) in adapters.items():
+        if a_IR.shape[1] != rank:
+            raise CheckpointError(f"adapter on {name} has rank {a_IR.shape[1]} but lora.r={rank}")
+        target = np.dtype(jnp.dtype(dtype)) if dtype else np.dtype(a_IR.dtype)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(
+            np.asarray(jax.device_get(a_IR.astype(target))).T)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(
+            np.asarray(jax.device_get(b_RO.astype(target))).T)
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / PEFT_WEIGHTS), metadata={"format": "pt"})
+    all_linear = sorted(hf_module_names(model_config).values())
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": rank,
+        "lora_alpha": alpha,
+        "use_rslora": rslora,
+        "lora_dropout": float(lora.get("dropout", 0.0)),
+        "target_modules": _target_modules(list(adapters), all_linear),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    (out_dir / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------------ from a checkpoint
+
+
+def model_from_checkpoint(source, *, step: int | None = None):
+    """Rebuild the trained model from a run / checkpoint path: (model, model_config, run_config dict, meta)."""
+    from flax import nnx
+
+    from sftjax import checkpoint as ckpt
+    from sftjax.config import LoraSection
+    from sftjax.train.lora import apply_lora, trainable_filter
+
+    root, found_step = ckpt.resolve_checkpoint(source)
+    manager = ckpt.CheckpointManager(root, read_only=True, keep=None)
+    try:
+        step = step if step is not None else (found_step if found_step is not None else manager.latest_step)
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint in {root}")
+        meta = manager.read_meta(step)
+        run_config = meta.get("config") or {}
+        model_section = run_config.get("model") or {}
+        lora = LoraSection(**(run_config.get("lora") or {}))
+        model, model_config = _base_model(model_section, lora, meta, root / str(step))
+        if lora.enabled:
+            apply_lora(model, lora, rngs=nnx.Rngs(0))
+        trainable = nnx.state(model, trainable_filter(lora))
+        restored = manager.restore(step, {"params": ckpt.abstract_like(trainable)}, check_config=False)
+        nnx.update(model, restored.state["params"])
+    finally:
+        manager.close()
+    return model, model_config, run_config, meta
+
+
+def _base_model(model_section: Mapping, lora, meta: Mapping, step_dir: pathlib.Path):
+    import jax.numpy as jnp
+
+    from sftjax import checkpoint as ckpt
+    from sftjax.models.loading import load_model
+
+    dtype = jnp.dtype(model_section.get("param_dtype") or "float32")
+    base_ref = meta.get("base_model") or {}
+    path = base_ref.get("path") or model_section.get("path")
+    if path:
+        fingerprint = base_ref.get("fingerprint")
+        if fingerprint and pathlib.Path(path).exists() and ckpt.fingerprint_model(path) != fingerprint:
+            raise CheckpointError(f"base model {path} changed since checkpoint {step_dir} was written "
+                                  "(fingerprint differs); the adapters would be applied to other weights")
+        return load_model(path, dtype=dtype)
+    if model_section.get("init"):
+        if lora.enabled:
+            raise CheckpointError(f"checkpoint {step_dir} holds LoRA adapters of a randomly initialized base "
+                                  "(model.init); its frozen weights are not in the checkpoint")
+        from flax import nnx
+
+        from sftjax.models.config import ModelConfig
+        from sftjax.models.decoder import Decoder
+
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in model_section["init"].items()}
+        config = ModelConfig(**{**fields, "dtype": dtype.name, "param_dtype": dtype.name})
+        return Decoder(config, rngs=nnx.Rngs(0)), config  # every parameter is restored from the checkpoint
+    raise CheckpointError(f"checkpoint {step_dir} config has neither model.path nor model.init")
+
+
+def _tokenizer_for(run_config: Mapping):
+    from sftjax.models.loading import load_tokenizer
+
+    source = (run_config.get("tokenizer") or {}).get("path") or (run_config.get("model") or {}).get("path")
+    if not source:
+        return None
+    try:
+        return load_tokenizer(source)
+    except CheckpointError:
+        return None
+
+
+def export(source, out, *, format: str, dtype: str | None = None, overwrite: bool = False,
+           step: int | None = None) -> pathlib.Path:
+    """Export a run / checkpoint to ``out`` in ``format``; returns the written path."""
+    if format not in FORMATS:
+        raise ConfigError(f"export --format={format!r} is not one of {', '.join(FORMATS)}")
+    table = GGUF_DTYPES if format == "gguf" else HF_DTYPES
+    if dtype is not None and dtype not in table:
+        raise ConfigError(f"export --dtype={dtype!r} for {format} must be one of {', '.join(sorted(table))}")
+    out = pathlib.Path(out)
+    if format == "gguf" and out.suffix.lower() != ".gguf":
+        out = out / "model.gguf"
+    _check_output(out, overwrite)
+    model, model_config, run_config, meta = model_from_checkpoint(source, step=step)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        if format == "hf":
+            from sftjax.models.loading import save_model
+
+            save_model(model, model_config, staged, dtype=HF_DTYPES[dtype] if dtype else None,
+                       tokenizer=_tokenizer_for(run_config))
+        elif format == "peft":
+            base = (meta.get("base_model") or {}).get("path") or (run_config.get("model") or {}).get("path") or ""
+            write_peft_adapter(model, model_config, staged, lora=run_config.get("lora") or {},
+                               base_model_name_or_path=str(base), dtype=HF_DTYPES[dtype] if dtype else None)
+        else:
+            staged = _write_gguf(model, model_config, run_config, staged, GGUF_DTYPES[dtype or "f16"])
+        _publish(staged, out)
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged, ignore_errors=True) if staged.is_dir() else staged.unlink()
+    return out
+
+
+def _write_gguf(model, model_config, run_config, staged_dir: pathlib.Path, dtype: str) -> pathlib.Path:
+    from sftjax.models import gguf_io
+
+    write_gguf = getattr(gguf_io, "write_gguf", None)
+    if write_gguf is None:
+        raise CheckpointError("GGUF export is not available in this version of sftjax (no gguf_io.write_gguf)")
+    target = staged_dir.with_suffix(".gguf")
+    write_gguf(model, model_config, target, dtype=dtype, tokenizer=_tokenizer_for(run_config))
+    shutil.rmtree(staged_dir, ignore_errors=True)
+    return target
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="RUN_OR_CHECKPOINT",
+                        help="a run directory, its checkpoints/ directory, or one step directory")
+    parser.add_argument("out", metavar="OUT", help="output directory (hf, peft) or .gguf file (gguf)")
+    parser.add_argument("--format", choices=FORMATS, default="hf",
+                        help="hf: merged safetensors; peft: LoRA adapter for peft; gguf: llama.cpp file")
+    parser.add_argument("--dtype", default=None,
+                        help="hf/peft: float32|bfloat16|float16 (default: the model's); gguf: f16|bf16|q8_0|f32")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+
+
+def run(args: argparse.Namespace) -> int:
+    written = export(args.source, args.out, format=args.format, dtype=args.dtype, overwrite=args.overwrite,
+                     step=args.step)
+    print(f"exported {args.format} to {written}")
+    return 0

@@ -1,0 +1,262 @@
+"""Tests of sftjax.export against independent references: transformers (float32, use_cache=False) for merged HF
+exports, ``peft.PeftModel.from_pretrained`` for adapters (plus a hand-merged numpy reference), the gguf package for
+GGUF files."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sftjax import checkpoint as ckpt
+from sftjax import export as ex
+from sftjax.config import LoraSection
+from sftjax.errors import CheckpointError
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+VOCAB, LENGTH = 128, 16
+TOKENS = np.array([[1, 5, 9, 33, 2, 77, 100, 3, 4, 8, 15, 16, 23, 42, 99, 127],
+                   [7, 7, 1, 2, 3, 64, 65, 66, 10, 11, 12, 13, 0, 120, 121, 5]], dtype=np.int32)
+
+
+@pytest.fixture(autouse=True)
+def _lora_attach_workaround(monkeypatch):
+    """WORKAROUND, remove when fixed in sftjax/models/layers.py (not owned here): ``Linear.__init__`` sets
+    ``self.lora_a = None`` without ``nnx.data``, so flax 0.12 marks the attribute static and ``enable_lora`` raises.
+    Only applied while that bug is present; export itself never touches these internals."""
+    from sftjax.models.layers import Linear
+
+    try:
+        Linear(2, 2, rngs=nnx.Rngs(0)).enable_lora(1, 1.0, rngs=nnx.Rngs(0))
+        return
+    except ValueError:
+        pass
+    original = Linear.enable_lora
+
+    def enable_lora(self, *args, **kwargs):
+        self.lora_a, self.lora_b = nnx.data(None), nnx.data(None)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Linear, "enable_lora", enable_lora)
+
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory) -> pathlib.Path:
+    """A random tiny transformers Llama saved as a HF directory (the frozen base)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2)
+    model = transformers.LlamaForCausalLM(config).float()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2) if p.ndim > 1 else p.uniform_(0.8, 1.2)
+    path = tmp_path_factory.mktemp("base") / "tiny-llama"
+    model.save_pretrained(path)
+    return path
+
+
+def torch_logits(model) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(TOKENS, dtype=torch.long), use_cache=False).logits.float().numpy()
+
+
+def our_logits(model) -> np.ndarray:
+    return np.asarray(model(jnp.asarray(TOKENS)))
+
+
+def add_random_lora(model, lora: LoraSection, seed: int = 1):
+    """Attach adapters like training would, then give B non-zero values (a fresh B is zero: nothing to test)."""
+    from sftjax.train.lora import apply_lora, linear_modules
+
+    apply_lora(model, lora, rngs=nnx.Rngs(seed))
+    key = jax.random.key(seed)
+    for path, module in linear_modules(model).items():
+        if module.lora_b is not None:
+            key, sub = jax.random.split(key)
+            module.lora_b[...] = 0.3 * jax.random.normal(sub, module.lora_b[...].shape)
+
+
+def load_ours(path):
+    from sftjax.models.loading import load_model
+
+    return load_model(path, dtype=jnp.float32)
+
+
+def hand_merged_torch(base_path, model, model_config) -> np.ndarray:
+    """Reference independent of PEFT: W_torch[out, in] += scale * (A @ B).T computed in numpy."""
+    reference = transformers.AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    modules = dict(reference.named_modules())
+    for name, (a_IR, b_RO, scale) in ex.lora_adapters(model, model_config).items():
+        delta = scale * (np.asarray(a_IR, np.float64) @ np.asarray(b_RO, np.float64))
+        with torch.no_grad():
+            modules[name].weight += torch.tensor(delta.T, dtype=torch.float32)
+    return torch_logits(reference)
+
+
+# ------------------------------------------------------------------------------------------------ PEFT
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], [r"layers\.0\.(attn\.k_proj|mlp\.down_proj)"]])
+def test_peft_adapter_loads_in_peft_with_our_logits(hf_base, tmp_path, targets):
+    lora = LoraSection(enabled=True, r=4, alpha=8.0, target_modules=targets)
+    model, model_config = load_ours(hf_base)
+    add_random_lora(model, lora)
+    ours = our_logits(model)
+    out = ex.write_peft_adapter(model, model_config, tmp_path / "adapter", lora=vars(lora),
+                                base_model_name_or_path=str(hf_base))
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
+    plain = torch_logits(base)
+    peft_model = peft.PeftModel.from_pretrained(base, out)
+    adapted = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    assert len(adapted) == len(ex.lora_adapters(model, model_config))
+    via_peft = torch_logits(peft_model)
+    assert np.abs(via_peft - plain).max() > 1e-2  # the adapters really change the output
+    np.testing.assert_allclose(via_peft, ours, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(hand_merged_torch(hf_base, model, model_config), ours, atol=1e-4, rtol=0)
+
+
+def test_peft_rslora_scale(hf_base, tmp_path):
+    lora = LoraSection(enabled=True, r=4, alpha=3.0, rslora=True, target_modules="all-linear")
+    model, model_config = load_ours(hf_base)
+    add_random_lora(model, lora, seed=3)
+    out = ex.write_peft_adapter(model, model_config, tmp_path / "a", lora=vars(lora),
+                                base_model_name_or_path=str(hf_base))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["use_rslora"] and config["r"] == 4 and config["lora_alpha"] == pytest.approx(3.0)
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
+    np.testing.assert_allclose(torch_logits(peft.PeftModel.from_pretrained(base, out)), our_logits(model),
+                               atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ from checkpoints
+
+
+def _run_config(hf_base, lora: LoraSection, tokenizer: str | None = None) -> dict:
+    return {"model": {"path": str(hf_base), "param_dtype": "float32"}, "tokenizer": {"path": tokenizer},
+            "lora": vars(lora)}
+
+
+def _save_checkpoint(run_dir, config, model, lora: LoraSection, step=10):
+    from sftjax.train.lora import trainable_filter
+
+    with ckpt.CheckpointManager(run_dir / "checkpoints", config,
+                                base_model={"path": config["model"]["path"],
+                                            "fingerprint": ckpt.fingerprint_model(config["model"]["path"])}) as m:
+        m.save(step, {"params": nnx.state(model, trainable_filter(lora))}, data_state={"index": 3})
+
+
+def test_full_finetune_checkpoint_to_hf(hf_base, tmp_path, assets_dir):
+    lora = LoraSection(enabled=False)
+    model, model_config = load_ours(hf_base)
+    model.layers[0].attn.q_proj.kernel[...] = model.layers[0].attn.q_proj.kernel[...] * 1.5  # "trained"
+    model.norm.weight[...] = model.norm.weight[...] + 0.25
+    ours = our_logits(model)
+    config = _run_config(hf_base, lora, tokenizer=str(assets_dir / "tokenizers" / "smollm2"))
+    _save_checkpoint(tmp_path / "run", config, model, lora)
+    out = ex.export(tmp_path / "run", tmp_path / "hf", format="hf")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    np.testing.assert_allclose(torch_logits(exported), ours, atol=1e-4, rtol=0)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    assert (out / "generation_config.json").is_file()
+
+
+def test_lora_checkpoint_to_hf_and_peft(hf_base, tmp_path):
+    lora = LoraSection(enabled=True, r=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    model, model_config = load_ours(hf_base)
+    add_random_lora(model, lora)
+    ours = our_logits(model)
+    _save_checkpoint(tmp_path / "run", _run_config(hf_base, lora), model, lora)
+
+    merged = ex.export(tmp_path / "run" / "checkpoints" / "10", tmp_path / "merged", format="hf", dtype="float32")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    np.testing.assert_allclose(torch_logits(exported), ours, atol=1e-4, rtol=0)
+
+    adapter = ex.export(tmp_path / "run", tmp_path / "adapter", format="peft")
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
+    np.testing.assert_allclose(torch_logits(peft.PeftModel.from_pretrained(base, adapter)), ours, atol=1e-4, rtol=0)
+
+
+def test_gguf_export_reads_back(hf_base, tmp_path):
+    from sftjax.models import gguf_io
+
+    if not hasattr(gguf_io, "write_gguf"):
+        pytest.skip("sftjax.models.gguf_io.write_gguf has not landed yet (another engineer's module)")
+    import gguf
+
+    lora = LoraSection(enabled=False)
+    model, model_config = load_ours(hf_base)
+    ours = our_logits(model)
+    _save_checkpoint(tmp_path / "run", _run_config(hf_base, lora), model, lora)
+    out = ex.export(tmp_path / "run", tmp_path / "model.gguf", format="gguf", dtype="f32")
+    reader = gguf.GGUFReader(str(out))
+    assert len(reader.tensors) > 0
+    reloaded, _ = load_ours(out)
+    np.testing.assert_allclose(our_logits(reloaded), ours, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_output_must_be_empty_unless_overwrite(hf_base, tmp_path, capsys):
+    from sftjax.cli import main
+
+    lora = LoraSection(enabled=False)
+    model, _ = load_ours(hf_base)
+    _save_checkpoint(tmp_path / "run", _run_config(hf_base, lora), model, lora)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert main(["export", str(tmp_path / "run"), str(out), "--format", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert "non-empty directory" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert (out / "keep.txt").read_text() == "precious"
+    assert main(["export", str(tmp_path / "run"), str(out), "--format", "hf", "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_bad_sources_and_options(hf_base, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("hi")
+    with pytest.raises(CheckpointError, match="no sftjax checkpoint found"):
+        ex.export(foreign, tmp_path / "o1", format="hf")
+    from sftjax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--dtype='int4'"):
+        ex.export(foreign, tmp_path / "o2", format="hf", dtype="int4")
+    lora = LoraSection(enabled=False)
+    model, _ = load_ours(hf_base)
+    _save_checkpoint(tmp_path / "run", _run_config(hf_base, lora), model, lora)
+    with pytest.raises(CheckpointError, match="no LoRA adapters"):
+        ex.export(tmp_path / "run", tmp_path / "o3", format="peft")
+    assert not (tmp_path / "o3").exists()
+
+
+def test_changed_base_model_is_detected(hf_base, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(hf_base, base)
+    lora = LoraSection(enabled=True, r=2, alpha=4.0, target_modules=["q_proj"])
+    model, _ = load_ours(base)
+    add_random_lora(model, lora)
+    _save_checkpoint(tmp_path / "run", _run_config(base, lora), model, lora)
+    config = json.loads((base / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-5
+    (base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="changed since checkpoint"):
+        ex.export(tmp_path / "run", tmp_path / "o", format="peft")
