@@ -427,29 +427,40 @@ class PackedPlan:
 def _fill_rows(
     examples: TokenizedExamples, starts: np.ndarray, lengths: np.ndarray, counts: np.ndarray, max_length: int
 ) -> dict[str, np.ndarray]:
+    """Segments (in row order, ``counts`` per row) -> batch arrays.
+
+    Each row is filled from its start with no holes, so the row-major order of the non-padding cells is exactly
+    the concatenation of the segments: one boolean-mask assignment per key places every token.
+    """
     num_rows = counts.size
     batch = {key: np.zeros((num_rows, max_length), np.int32) for key in BATCH_KEYS}
     if lengths.size == 0:
         return batch
+    total = int(lengths.sum())
     row_of_segment = np.repeat(np.arange(num_rows), counts)
+    used_per_row = np.bincount(row_of_segment, weights=lengths, minlength=num_rows).astype(np.int64)
+    occupied = np.arange(max_length)[None, :] < used_per_row[:, None]
+
+    segment_begin = np.cumsum(lengths) - lengths  # within the concatenation of all segments
+    segment_last = segment_begin + lengths - 1
     first_segment_of_row = np.cumsum(counts) - counts
-    segment_begin = np.cumsum(lengths) - lengths  # in the concatenation of all segments
-    tokens_per_row = np.bincount(row_of_segment, weights=lengths, minlength=num_rows).astype(np.int64)
-    row_begin = np.cumsum(tokens_per_row) - tokens_per_row
-    offset_in_row = segment_begin - row_begin[row_of_segment]
-    segment_rank = np.arange(lengths.size) - first_segment_of_row[row_of_segment] + 1
+    segment_rank = (np.arange(lengths.size) - first_segment_of_row[row_of_segment] + 1).astype(np.int32)
 
-    position = _ranges(np.zeros_like(lengths), lengths)
-    source = np.repeat(starts, lengths) + position
-    destination = np.repeat(row_of_segment * max_length + offset_in_row, lengths) + position
-    is_last = position == np.repeat(lengths - 1, lengths)
+    source = np.repeat(starts - segment_begin, lengths) + np.arange(total, dtype=np.int64)
+    batch["tokens"][occupied] = examples.input_ids[source]
     following = np.minimum(source + 1, examples.input_ids.size - 1)
-
-    batch["tokens"].flat[destination] = examples.input_ids[source]
-    batch["targets"].flat[destination] = np.where(is_last, 0, examples.input_ids[following])
-    batch["loss_mask"].flat[destination] = np.where(is_last, 0, examples.train_mask[following])
-    batch["segment_ids"].flat[destination] = np.repeat(segment_rank, lengths)
-    batch["positions"].flat[destination] = position
+    del source
+    targets = examples.input_ids[following]
+    targets[segment_last] = 0  # the next token belongs to another segment (or none)
+    batch["targets"][occupied] = targets
+    del targets
+    loss_mask = examples.train_mask[following].astype(np.int32)
+    loss_mask[segment_last] = 0
+    batch["loss_mask"][occupied] = loss_mask
+    del loss_mask, following
+    batch["segment_ids"][occupied] = np.repeat(segment_rank, lengths)
+    positions = np.arange(total, dtype=np.int32) - np.repeat(segment_begin.astype(np.int32), lengths)
+    batch["positions"][occupied] = positions
     return batch
 
 
