@@ -1,0 +1,365 @@
+"""Conversation -> token ids + per-token train mask, with any chat template.
+
+How the mask is found
+---------------------
+The conversation is rendered to text once with the chat template (the tokenizer's own, or one the config names)
+and that text is tokenized once with ``add_special_tokens=False`` (the template places BOS itself, so there is
+never a double BOS). The mask marks which *tokens* are trained; ``packing.py`` turns it into the loss mask.
+
+* Templates with ``{% generation %}`` markers: the mask is the one transformers computes with
+  ``return_assistant_tokens_mask=True``.
+* Any other template (prefix-diff): for each assistant turn ``i`` we render ``S = messages[:i]`` with the
+  generation prompt and ``E = messages[:i+1]`` without it. The turn's **span** is the text the template writes
+  for the turn *after the generation prompt*: ``E`` minus its longest common prefix with ``S``, minus trailing
+  whitespace. So the span is the content plus the template's end-of-turn text (``<|im_end|>``, ``<|eot_id|>``,
+  ``</s>``, ``<end_of_turn>``, ...) and stops before the newline / next turn's header. Text a generation prompt
+  already supplies (e.g. ``<think>\\n`` for DeepSeek-R1) is prompt, not trained. The span is then located in the
+  full text, searching forward from the previous turn, so templates that render *earlier* turns differently
+  once later turns exist (system prompt moved, reasoning stripped from history) still work. If the turn itself
+  renders differently when it is not the last one (e.g. Qwen3 writes an empty ``<think></think>`` block only on
+  the final turn), the span is anchored on the content instead: content + end-of-turn text as found in ``E``.
+  A turn that cannot be located raises a DataError rather than training a wrong mask. Some templates write
+  the end-of-turn text only when another turn follows (e.g. Apertus omits ``<|assistant_end|>`` after the final
+  turn); text between a turn and the next user message's header (learned from the first user turn) is
+  end-of-turn text too and is trained.
+* Characters map to tokens through the offsets of the single tokenization: a token is trained iff its characters
+  overlap a trained span.
+
+Masking modes: ``assistant`` (every assistant turn), ``completion`` (the completion messages of prompt/completion
+rows; the last assistant turn otherwise), ``last_assistant``, ``all`` (every token). A message with
+``train: false`` or ``loss_weight: 0`` is never trained (``loss_weight`` is otherwise treated as on/off). Plain
+``text`` rows are tokenized with the tokenizer's own special tokens plus EOS and fully trained. An example that ends
+up with no trained token raises :class:`DroppedExample` so the caller can drop and count it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+
+from sftjax.data.formats import to_conversation
+from sftjax.errors import DataError
+
+MASKINGS = ("auto", "assistant", "completion", "last_assistant", "all")
+GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+_TEMPLATE_KEYS = ("role", "content", "tool_calls", "name", "tool_call_id", "reasoning_content")
+
+
+class DroppedExample(DataError):
+    """A well-formed row that yields nothing to train on; ``reason`` names why (for drop counters)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _error(message: str, reason: str) -> DataError:
+    err = DataError(message)
+    err.reason = reason
+    return err
+
+
+def resolve_chat_template(tokenizer, chat_template: str | None = None) -> str | None:
+    """The Jinja source to use: a file path, inline Jinja, or the tokenizer's own template (None if it has none)."""
+    if chat_template is None:
+        template = getattr(tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # several named templates: use the default one
+            template = template.get("default") or next(iter(template.values()), None)
+        return template
+    if "{{" in chat_template or "{%" in chat_template:
+        return chat_template
+    if os.path.isfile(chat_template):
+        with open(chat_template, encoding="utf-8") as f:
+            return f.read()
+    raise DataError(f"chat_template {chat_template!r}: file not found (and it is not inline Jinja)")
+
+
+def _template_messages(messages: list[dict]) -> list[dict]:
+    return [{k: m[k] for k in _TEMPLATE_KEYS if k in m} for m in messages]
+
+
+def render(tokenizer, messages: list[dict], template: str, *, tools=None, add_generation_prompt=False,
+           location: str = "row") -> str:
+    """Render ``messages`` to text with ``template``; any template failure becomes a one-line DataError."""
+    try:
+        text = tokenizer.apply_chat_template(
+            _template_messages(messages), tools=tools, chat_template=template, tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+    except Exception as err:  # jinja raises TemplateError, templates raise_exception(), bad filters -> TypeError
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise _error(f"{location}: chat template failed to render: {detail[:200]}", "template_error") from None
+    if not isinstance(text, str):
+        raise _error(f"{location}: chat template did not render to a string", "template_error")
+    return text
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    """Length of the longest common prefix, in C-speed string comparisons (O(n log n))."""
+    if b.startswith(a):
+        return len(a)
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        mid = (low + high + 1) // 2
+        if a[:mid] == b[:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def assistant_spans(tokenizer, messages: list[dict], template: str, full_text: str, offsets, *, tools=None,
+                    location: str = "row") -> dict[int, tuple[int, int]]:
+    """Character span ``[start, end)`` in ``full_text`` of every assistant turn (prefix-diff, see module doc)."""
+    spans: dict[int, tuple[int, int]] = {}
+    search_from = 0
+    user_header = _user_header(tokenizer, messages, template, full_text, tools)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if i == 0:
+            prompt = ""
+        else:
+            prompt = render(tokenizer, messages[:i], template, tools=tools, add_generation_prompt=True,
+                            location=location)
+            no_prompt = render(tokenizer, messages[:i], template, tools=tools, location=location)
+        ended = render(tokenizer, messages[: i + 1], template, tools=tools, location=location)
+        turn_start = _common_prefix_length(prompt, ended)
+        content = message.get("content", "").strip()
+        if i > 0 and prompt == no_prompt and content:  # template has no generation header: start at the content
+            found = ended.find(content, turn_start)
+            turn_start = found if found >= 0 else turn_start
+        turn = ended[turn_start:].rstrip()
+        if not turn:
+            raise _error(f"{location}: chat template renders assistant message {i} as empty text", "template_error")
+        expected = _common_prefix_length(prompt, full_text)
+        if full_text.startswith(turn, expected) and expected >= search_from:
+            start = expected
+        else:
+            start = full_text.find(turn, search_from)
+        if start >= 0:
+            end = start + len(turn)
+            end += len(_end_of_turn_before_next_user(messages, i, full_text, end, user_header))
+            spans[i] = (start, end)
+            search_from = end
+            continue
+        # The turn renders differently when it is not the last one: anchor on its content, then keep the part
+        # of its last-turn ending that the full text repeats, cut at a token boundary (all of it, or none of it:
+        # e.g. templates that write EOS only after the final turn).
+        content_in_ended = ended.rfind(content, turn_start) if content else -1
+        start = full_text.find(content, search_from) if content_in_ended >= 0 else -1
+        if start < 0:
+            raise _error(
+                f"{location}: cannot locate assistant message {i} in the rendered conversation (the template "
+                "renders it differently mid-conversation); use a template with {% generation %} markers",
+                "template_error",
+            )
+        after = start + len(content)
+        end_of_turn = ended[content_in_ended + len(content):].rstrip()
+        matched = _common_prefix_length(end_of_turn, full_text[after: after + len(end_of_turn)])
+        end = _token_boundary_at_or_before(offsets, after + matched, after)
+        if end not in (after, after + len(end_of_turn)):
+            raise _error(
+                f"{location}: assistant message {i} ends differently mid-conversation than as the last turn; "
+                "cannot tell its end-of-turn text apart (use a template with {% generation %} markers)",
+                "template_error",
+            )
+        spans[i] = (start, end)
+        search_from = end
+    return spans
+
+
+def _user_header(tokenizer, messages, template, full_text, tools) -> str | None:
+    """The text the template writes before a user message's content (from the first user turn), if clear."""
+    first = next((j for j, m in enumerate(messages) if m["role"] == "user" and m.get("content")), None)
+    if first is None or first == 0:
+        return None
+    try:
+        before = render(tokenizer, messages[:first], template, tools=tools)
+    except DataError:
+        return None
+    content_at = full_text.find(messages[first]["content"], _common_prefix_length(before, full_text))
+    header = full_text[_common_prefix_length(before, full_text): content_at] if content_at >= 0 else ""
+    return header.lstrip() or None
+
+
+def _end_of_turn_before_next_user(messages, i, full_text, end, user_header) -> str:
+    """End-of-turn text a template writes only when another turn follows (e.g. an EOS it omits after the final
+    turn): the text between this turn and the next user message, minus that message's header and whitespace."""
+    if user_header is None or i + 1 >= len(messages) or messages[i + 1]["role"] != "user":
+        return ""
+    content = messages[i + 1].get("content", "")
+    content_at = full_text.find(content, end) if content else -1
+    gap = full_text[end:content_at] if content_at >= 0 else ""
+    if not gap.endswith(user_header):
+        return ""
+    extra = gap[: len(gap) - len(user_header)].rstrip()
+    return extra if extra.strip() else ""
+
+
+def _selected_turns(conversation: dict, masking: str) -> list[int]:
+    """Indices of the assistant messages the masking mode trains (before per-message train/loss_weight)."""
+    messages = conversation["messages"]
+    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if masking == "completion":
+        start = conversation.get("completion_start")
+        chosen = assistants[-1:] if start is None else [i for i in assistants if i >= start]
+    elif masking == "last_assistant":
+        chosen = assistants[-1:]
+    else:
+        chosen = assistants
+    return [i for i in chosen if messages[i].get("train", True) and messages[i].get("loss_weight", 1.0) != 0]
+
+
+def _token_boundary_at_or_before(offsets, position: int, floor: int) -> int:
+    """The largest token edge in [floor, position]: where a partial match must be cut."""
+    best = floor
+    for a, b in offsets:
+        if a > position:
+            break
+        for edge in (a, b):
+            if best < edge <= position:
+                best = edge
+    return best
+
+
+def _tokenize_with_offsets(tokenizer, text: str, location: str):
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"{location}: masks need a fast (Rust) tokenizer with offsets; got {type(tokenizer).__name__}")
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(encoding["input_ids"]), encoding["offset_mapping"]
+
+
+def _mask_from_spans(offsets, spans: list[tuple[int, int]]) -> list[int]:
+    """1 for every token whose characters overlap one of the (sorted, disjoint) spans."""
+    mask = [0] * len(offsets)
+    spans = sorted(spans)
+    k = 0
+    for t, (a, b) in enumerate(offsets):
+        while k < len(spans) and spans[k][1] <= a:
+            k += 1
+        if k < len(spans) and a < b and a < spans[k][1] and b > spans[k][0]:
+            mask[t] = 1
+    return mask
+
+
+def _encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    return ids, [1] * len(ids)
+
+
+def _encode_plain_completion(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """No chat template: prompt + completion + EOS as raw text, one tokenization; completion and EOS trained."""
+    encoding = tokenizer(prompt + completion, add_special_tokens=True, return_offsets_mapping=True)
+    ids = list(encoding["input_ids"])
+    mask = _mask_from_spans(encoding["offset_mapping"], [(len(prompt), len(prompt) + len(completion))])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+        mask.append(1)
+    return ids, mask
+
+
+def encode_conversation(conversation: dict, tokenizer, *, masking: str = "auto", chat_template: str | None = None,
+                        location: str | None = None) -> tuple[list[int], list[int]]:
+    """Canonical conversation -> (input_ids, train_mask), not truncated."""
+    where = location or "row"
+    if masking not in MASKINGS:
+        raise DataError(f"{where}: masking={masking!r} is not allowed; choose one of {', '.join(MASKINGS)}")
+    if "text" in conversation:
+        return _encode_text(tokenizer, conversation["text"])
+    if masking == "auto":
+        masking = "completion" if "completion_start" in conversation else "assistant"
+    messages, tools = conversation["messages"], conversation.get("tools")
+    template = resolve_chat_template(tokenizer, chat_template)
+    if template is None and "plain" in conversation:
+        return _encode_plain_completion(tokenizer, *conversation["plain"])
+    if template is None:
+        raise DataError(f"{where}: the tokenizer has no chat template; set data.chat_template (a file or Jinja)")
+    if masking != "all" and not any(m["role"] == "assistant" for m in messages):
+        raise DroppedExample(f"{where}: conversation has no assistant turn to train on", "no_assistant_turn")
+    text = render(tokenizer, messages, template, tools=tools, location=where)
+    ids, offsets = _tokenize_with_offsets(tokenizer, text, where)
+    if masking == "all":
+        return ids, [1] * len(ids)
+    chosen = _selected_turns(conversation, masking)
+    if not chosen:
+        raise DroppedExample(f"{where}: no assistant turn is selected for training (masking={masking}, "
+                             "train/loss_weight flags)", "no_trained_tokens")
+    all_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if GENERATION_TAG.search(template):
+        marked = _generation_mask(tokenizer, messages, template, tools, ids, where)
+        if chosen == all_turns:
+            return ids, marked
+        spans = assistant_spans(tokenizer, messages, template, text, offsets, tools=tools, location=where)
+        keep = _mask_from_spans(offsets, [spans[i] for i in chosen])
+        return ids, [a & b for a, b in zip(marked, keep)]
+    spans = assistant_spans(tokenizer, messages, template, text, offsets, tools=tools, location=where)
+    return ids, _mask_from_spans(offsets, [spans[i] for i in chosen])
+
+
+def _generation_mask(tokenizer, messages, template, tools, ids, where) -> list[int]:
+    try:
+        out = tokenizer.apply_chat_template(
+            _template_messages(messages), tools=tools, chat_template=template, tokenize=True, return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
+    except Exception as err:
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise _error(f"{where}: chat template failed to render: {detail[:200]}", "template_error") from None
+    if list(out["input_ids"]) != ids:
+        raise _error(f"{where}: generation-marked rendering differs from the plain rendering", "template_error")
+    return [int(x) for x in out["assistant_masks"]]
+
+
+def encode_example(row: dict, tokenizer, *, masking: str = "assistant", chat_template: str | None = None,
+                   max_length: int | None = None, format: str = "auto", columns: dict | None = None,
+                   location: str | None = None, system_prompt: str | None = None) -> dict:
+    """One dataset row -> ``{"input_ids": [...], "train_mask": [...]}`` (truncated to ``max_length`` if given).
+
+    Raises DataError naming ``location`` for a bad row, DroppedExample (with ``reason``) when nothing is trained.
+    """
+    where = location or "row"
+    conversation = to_conversation(row, format=format, columns=columns, location=where, system_prompt=system_prompt)
+    ids, mask = encode_conversation(conversation, tokenizer, masking=masking, chat_template=chat_template,
+                                    location=where)
+    if not any(mask):
+        raise DroppedExample(f"{where}: example has no trained tokens", "no_trained_tokens")
+    if max_length is not None and len(ids) > max_length:
+        ids, mask = ids[:max_length], mask[:max_length]
+        if not any(mask):
+            raise DroppedExample(f"{where}: no trained tokens left after truncation to {max_length}",
+                                 "no_trained_tokens_after_truncation")
+    return {"input_ids": ids, "train_mask": mask}
+
+
+def encode_rows(rows: Iterable[tuple[str, dict]], tokenizer, *, on_bad_row: str = "error",
+                **encode_kwargs) -> tuple[Iterator[dict], Counter]:
+    """Encode ``(location, row)`` pairs lazily; returns (iterator of encoded examples, Counter of drop reasons).
+
+    With ``on_bad_row="error"`` a bad row raises (examples emptied only by truncation are still dropped and
+    counted); with ``"skip"`` every bad row is skipped and counted under its reason (``bad_row``,
+    ``template_error``, ``no_assistant_turn``, ``no_trained_tokens``, ...). The Counter fills as the iterator runs.
+    """
+    if on_bad_row not in ("error", "skip"):
+        raise DataError(f"on_bad_row={on_bad_row!r} is not allowed; choose error or skip")
+    drops: Counter = Counter()
+
+    def generate() -> Iterator[dict]:
+        for location, row in rows:
+            try:
+                yield encode_example(row, tokenizer, location=location, **encode_kwargs)
+            except DroppedExample as err:
+                if on_bad_row == "error" and not err.reason.endswith("after_truncation"):
+                    raise
+                drops[err.reason] += 1
+            except DataError as err:
+                if on_bad_row == "error":
+                    raise
+                drops[getattr(err, "reason", "bad_row")] += 1
+
+    return generate(), drops
