@@ -189,7 +189,7 @@ def gsm8k_encoded(assets_dir):
     transformers = pytest.importorskip("transformers")
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(assets_dir / "tokenizers" / "smollm2"))
     rows = [json.loads(line) for line in open(assets_dir / "datasets" / "gsm8k" / "train.jsonl")]
-    encode_example = pytest.importorskip("sftjax.data.chat").encode_example
+    from sftjax.data.chat import encode_example
 
     return [
         encode_example({"prompt": r["question"], "completion": r["answer"]}, tokenizer, masking="completion")
