@@ -1,10 +1,52 @@
-"""The one attention entry point used by the models."""
+"""The one attention entry point used by the models.
+
+Implementations: ``reference`` (dense jnp), ``xla_chunked`` (blockwise, O(L) memory, every backend),
+``pallas_gpu`` (our flash-attention Pallas kernels, Triton lowering), ``splash_tpu`` (jax's splash attention),
+``cudnn`` (``jax.nn.dot_product_attention``), and ``pallas_gpu_interpret`` / ``splash_tpu_interpret``, the two
+Pallas kernels run by the interpreter (CPU; tests). ``implementation=None`` uses the configured default
+(:func:`pallas_kernels.set_default_implementation("attention", name)`), else the best for the backend.
+"""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
+from pallas_kernels import dispatch
 from pallas_kernels.attention.reference import attention_reference
 
-IMPLEMENTATIONS = ("reference",)
+IMPLEMENTATIONS = ("reference", "xla_chunked", "pallas_gpu", "pallas_gpu_interpret", "splash_tpu",
+                   "splash_tpu_interpret", "cudnn")
+# On the CPU, the dense reference is faster than the blockwise loop for short rows; past this it is chunked.
+CPU_CHUNKED_MIN_LENGTH = 2048
+
+
+def _validate(q, k, v, segment_ids):
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"attention: expected q [B,L,Hq,D] and k, v [B,L,Hkv,D]; got {q.shape}, {k.shape}, {v.shape}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention: q {q.shape} and k/v {k.shape} differ in batch, length or head_dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"attention: {k.shape[2]} kv heads do not divide {q.shape[2]} query heads")
+    if segment_ids.shape != q.shape[:2]:
+        raise ValueError(f"attention: segment_ids shape {segment_ids.shape} does not match q's [B, L] {q.shape[:2]}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"attention: {name} must be a floating-point array, got dtype {x.dtype}")
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise TypeError(f"attention: segment_ids must be integers, got dtype {segment_ids.dtype}")
+
+
+def _automatic(length, head_dim, logit_softcap):
+    backend = dispatch.backend()
+    if backend == "tpu":
+        return "splash_tpu", "tpu backend"
+    if backend == "gpu":
+        if head_dim % 16 == 0 and head_dim & (head_dim - 1) == 0:
+            return "pallas_gpu", "gpu backend"
+        return "xla_chunked", f"gpu backend, head_dim {head_dim} is not a power of two >= 16"
+    if length >= CPU_CHUNKED_MIN_LENGTH:
+        return "xla_chunked", f"{backend} backend, length >= {CPU_CHUNKED_MIN_LENGTH}"
+    return "reference", f"{backend} backend, length < {CPU_CHUNKED_MIN_LENGTH}"
 
 
 def attention(q, k, v, segment_ids, *, causal=True, sliding_window=None, logit_softcap=None, scale=None,
@@ -15,14 +57,26 @@ def attention(q, k, v, segment_ids, *, causal=True, sliding_window=None, logit_s
     Token i attends to token j only if they share a segment id, j <= i (causal) and i - j < sliding_window.
     Returns [B, L, Hq, D] in q's dtype.
     """
-    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
-        raise ValueError(f"attention: expected q [B,L,Hq,D] and k, v [B,L,Hkv,D]; got {q.shape}, {k.shape}, {v.shape}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"attention: {k.shape[2]} kv heads do not divide {q.shape[2]} query heads")
-    if segment_ids.shape != q.shape[:2]:
-        raise ValueError(f"attention: segment_ids shape {segment_ids.shape} does not match q's [B, L] {q.shape[:2]}")
-    implementation = implementation or "reference"
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"attention: unknown implementation {implementation!r}; available: {IMPLEMENTATIONS}")
-    return attention_reference(q, k, v, segment_ids, causal=causal, sliding_window=sliding_window,
-                               logit_softcap=logit_softcap, scale=scale)
+    _validate(q, k, v, segment_ids)
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"attention: sliding_window must be >= 1, got {sliding_window}")
+    name = dispatch.resolve("attention", implementation, IMPLEMENTATIONS,
+                            lambda: _automatic(q.shape[1], q.shape[3], logit_softcap))
+    options = dict(causal=causal, sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale)
+    if name == "reference":
+        return attention_reference(q, k, v, segment_ids, **options)
+    if name == "xla_chunked":
+        from pallas_kernels.attention.xla_chunked import attention_xla_chunked
+
+        return attention_xla_chunked(q, k, v, segment_ids, **options)
+    if name.startswith("pallas_gpu"):
+        from pallas_kernels.attention.pallas_gpu import attention_pallas_gpu
+
+        return attention_pallas_gpu(q, k, v, segment_ids, interpret=name.endswith("interpret"), **options)
+    if name.startswith("splash_tpu"):
+        from pallas_kernels.attention.splash_tpu import attention_splash_tpu
+
+        return attention_splash_tpu(q, k, v, segment_ids, interpret=name.endswith("interpret"), **options)
+    from pallas_kernels.attention.cudnn import attention_cudnn
+
+    return attention_cudnn(q, k, v, segment_ids, **options)

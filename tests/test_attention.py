@@ -1,0 +1,197 @@
+"""Every attention implementation against the dense jnp reference: outputs and dq/dk/dv, fp32 and bf16.
+
+Inputs are fresh random arrays with ragged packed segments (including a length-1 segment and padding);
+Pallas kernels run in interpret mode on tiny shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels
+from pallas_kernels.attention import api
+from pallas_kernels.attention.api import attention
+from pallas_kernels.attention.cudnn import attention_cudnn
+from pallas_kernels.attention.pallas_gpu import attention_pallas_gpu
+from pallas_kernels.attention.reference import attention_reference
+from pallas_kernels.attention.splash_tpu import attention_splash_tpu
+from pallas_kernels.attention.xla_chunked import attention_xla_chunked
+
+NUM_Q_HEADS = 8
+HEAD_DIM = 16
+
+
+def relative_error(actual, expected):
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert np.all(np.isfinite(actual)), "non-finite values"
+    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
+
+
+def packed_segments(batch, length, seed):
+    """Ragged segments per row: random lengths, one of length 1, then padding (0)."""
+    rng = np.random.default_rng(seed)
+    segments = np.zeros((batch, length), np.int32)
+    for row in range(batch):
+        position, segment = 0, 1
+        lengths = [int(rng.integers(2, max(3, length // 3))), 1] + list(rng.integers(2, max(3, length // 2), size=4))
+        for size in lengths:
+            size = min(size, length - 6 - position)
+            if size <= 0:
+                break
+            segments[row, position:position + size] = segment
+            position += size
+            segment += 1
+    return jnp.asarray(segments)
+
+
+def random_inputs(seed, *, batch=2, length=64, num_kv_heads=2, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(keys[0], (batch, length, NUM_Q_HEADS, HEAD_DIM), jnp.float32)
+    k = jax.random.normal(keys[1], (batch, length, num_kv_heads, HEAD_DIM), jnp.float32)
+    v = jax.random.normal(keys[2], (batch, length, num_kv_heads, HEAD_DIM), jnp.float32)
+    d_out = jax.random.normal(keys[3], q.shape, jnp.float32)
+    return q, k, v, packed_segments(batch, length, seed), d_out
+
+
+def check_against_reference(implementation, *, seed, num_kv_heads, dtype, tolerance, length=64, **options):
+    q, k, v, segments, d_out = random_inputs(seed, length=length, num_kv_heads=num_kv_heads)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def forward_and_grads(fn, q, k, v, d_out):
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, segments, **options), q, k, v)
+        return out, vjp(d_out)
+
+    expected, expected_grads = forward_and_grads(attention_reference, q, k, v, d_out)
+    cast = [x.astype(dtype) for x in (q, k, v, d_out)]
+    actual, actual_grads = forward_and_grads(implementation, *cast)
+    assert actual.dtype == dtype and actual.shape == q.shape
+    assert relative_error(actual, expected) <= tolerance
+    for name, got, want in zip(("dq", "dk", "dv"), actual_grads, expected_grads):
+        assert got.shape == want.shape, name
+        assert relative_error(got, want) <= tolerance, name
+
+
+CASES = [
+    pytest.param(8, {}, id="mha-causal"),
+    pytest.param(2, {"sliding_window": 9}, id="gqa4-window"),
+    pytest.param(1, {"logit_softcap": 2.0}, id="mqa8-softcap"),
+    pytest.param(2, {"causal": False, "scale": 0.3}, id="gqa4-noncausal-scale"),
+]
+IMPLEMENTATIONS = {
+    "xla_chunked": functools.partial(attention_xla_chunked, block_q=16, block_k=32),
+    "pallas_gpu_interpret": functools.partial(attention_pallas_gpu, block_q=16, block_k=16, interpret=True),
+    "splash_tpu_interpret": functools.partial(attention_splash_tpu, block=128, interpret=True),
+}
+
+
+@pytest.mark.parametrize("name", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("num_kv_heads, options", CASES)
+def test_float32_matches_reference(name, num_kv_heads, options):
+    check_against_reference(IMPLEMENTATIONS[name], seed=hash(name) % 1000 + num_kv_heads,
+                            num_kv_heads=num_kv_heads, dtype=jnp.float32, tolerance=1e-5, **options)
+
+
+@pytest.mark.parametrize("name", list(IMPLEMENTATIONS))
+def test_bfloat16_close_to_float32_reference(name):
+    check_against_reference(IMPLEMENTATIONS[name], seed=7, num_kv_heads=2, dtype=jnp.bfloat16, tolerance=2e-2,
+                            sliding_window=20)
+
+
+def test_xla_chunked_with_length_not_multiple_of_block():
+    check_against_reference(functools.partial(attention_xla_chunked, block_q=16, block_k=16), seed=3,
+                            num_kv_heads=4, dtype=jnp.float32, tolerance=1e-5, length=50)
+
+
+@pytest.mark.parametrize("options", [{}, {"sliding_window": 5}, {"causal": False}])
+def test_cudnn_wrapper_mask_via_xla(options):
+    """The cuDNN wrapper's mask construction, run by jax's XLA implementation (no GPU here)."""
+    check_against_reference(functools.partial(attention_cudnn, implementation="xla"), seed=11, num_kv_heads=2,
+                            dtype=jnp.float32, tolerance=1e-5, **options)
+
+
+def test_cudnn_refuses_softcap():
+    q, k, v, segments, _ = random_inputs(0)
+    with pytest.raises(ValueError, match="logit_softcap"):
+        attention_cudnn(q, k, v, segments, logit_softcap=2.0)
+
+
+def test_packed_row_equals_examples_run_alone():
+    """Two packed segments give the same outputs as each example alone (xla_chunked)."""
+    q, k, v, _, _ = random_inputs(5, batch=1, length=48)
+    segments = jnp.asarray([[1] * 20 + [2] * 28], jnp.int32)
+    chunked = jax.jit(functools.partial(attention_xla_chunked, block_q=16, block_k=16))
+    packed = chunked(q, k, v, segments)
+    ones = lambda n: jnp.ones((1, n), jnp.int32)  # noqa: E731
+    first = chunked(q[:, :20], k[:, :20], v[:, :20], ones(20))
+    second = chunked(q[:, 20:], k[:, 20:], v[:, 20:], ones(28))
+    assert relative_error(packed, jnp.concatenate([first, second], axis=1)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["reference", "xla_chunked", "pallas_gpu_interpret"])
+def test_entry_point_runs_each_implementation(name):
+    q, k, v, segments, _ = random_inputs(2, length=32)
+    out = jax.jit(functools.partial(attention, implementation=name, sliding_window=12))(q, k, v, segments)
+    assert relative_error(out, attention_reference(q, k, v, segments, sliding_window=12)) <= 1e-5
+
+
+def test_configured_default_is_used(monkeypatch):
+    calls = []
+    real = attention_xla_chunked
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("pallas_kernels.attention.xla_chunked.attention_xla_chunked", spy)
+    q, k, v, segments, _ = random_inputs(1, length=16)
+    with pallas_kernels.use_implementation("attention", "xla_chunked"):
+        jax.jit(attention).lower(q, k, v, segments)
+    assert len(calls) == 1
+    jax.jit(attention).lower(q, k, v, segments)  # automatic choice on CPU for short rows: the reference
+    assert len(calls) == 1
+    pallas_kernels.set_default_implementation("attention", "xla_chunked")
+    try:
+        assert pallas_kernels.get_default_implementation("attention") == "xla_chunked"
+        jax.jit(attention).lower(q, k, v, segments)
+        assert len(calls) == 2
+    finally:
+        pallas_kernels.set_default_implementation("attention", None)
+    assert pallas_kernels.get_default_implementation("attention") is None
+
+
+def test_automatic_choice_on_cpu():
+    assert api._automatic(512, 64, None)[0] == "reference"
+    assert api._automatic(api.CPU_CHUNKED_MIN_LENGTH, 64, None)[0] == "xla_chunked"
+
+
+def test_unknown_implementation_and_op_are_errors():
+    q, k, v, segments, _ = random_inputs(1, length=16)
+    with pytest.raises(ValueError, match="unknown implementation 'flash9'"):
+        attention(q, k, v, segments, implementation="flash9")
+    with pytest.raises(ValueError, match="unknown op"):
+        pallas_kernels.set_default_implementation("softmax", "reference")
+
+
+def test_bad_inputs_fail_at_trace_time_with_one_line_message():
+    q, k, v, segments, _ = random_inputs(1, length=16, num_kv_heads=2)
+    bad_cases = [
+        (ValueError, "kv heads do not divide", (q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2),
+                                               segments)),
+        (ValueError, "segment_ids shape", (q, k, v, segments[:, :8])),
+        (ValueError, "head_dim", (q, k[..., :8], v[..., :8], segments)),
+        (ValueError, "expected q", (q, k, v[:, :, :1], segments)),
+        (TypeError, "floating-point", (q.astype(jnp.int32), k, v, segments)),
+        (TypeError, "segment_ids must be integers", (q, k, v, segments.astype(jnp.float32))),
+    ]
+    for error, message, args in bad_cases:
+        with pytest.raises(error, match=message) as caught:
+            jax.jit(attention).lower(*args)
+        assert "\n" not in str(caught.value)
+    with pytest.raises(ValueError, match="sliding_window"):
+        attention(q, k, v, segments, sliding_window=0)
