@@ -84,8 +84,10 @@ def to_conversation(
             if "completion_start" in conversation:
                 conversation["completion_start"] += 1
         tools = row.get(col("tools"))
-        if tools is not None and tools != "" and tools != []:
-            conversation["tools"] = _parse_tools(tools, where)
+        if tools is not None and tools != "":
+            tools = _parse_tools(tools, where)
+            if tools:
+                conversation["tools"] = tools
     return conversation
 
 
