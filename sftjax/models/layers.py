@@ -29,10 +29,11 @@ class Linear(nnx.Module):
         init = jax.nn.initializers.normal(stddev=0.02)
         self.kernel = param(init(rngs.params(), (in_features, out_features), param_dtype), self.logical_axes)
         self.bias = param(jnp.zeros((out_features,), param_dtype), (self.logical_axes[1],)) if use_bias else None
-        self.lora_a: nnx.LoRAParam | None = None
-        self.lora_b: nnx.LoRAParam | None = None
+        # nnx.data: these slots hold arrays/modules once enable_lora runs, so they must not be static attributes
+        self.lora_a: nnx.LoRAParam | None = nnx.data(None)
+        self.lora_b: nnx.LoRAParam | None = nnx.data(None)
         self.lora_scale: float = 0.0
-        self.lora_dropout: nnx.Dropout | None = None
+        self.lora_dropout: nnx.Dropout | None = nnx.data(None)
 
     def enable_lora(self, rank: int, alpha: float, *, rslora: bool = False, dropout: float = 0.0,
                     rngs: nnx.Rngs, dtype=None) -> None:

@@ -1,0 +1,213 @@
+"""load_model / build_model / save_model / load_tokenizer: dtypes, shards, LoRA merge on export, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from sftjax.errors import CheckpointError, SftjaxError  # noqa: E402
+from sftjax.models.loading import build_model, load_model, load_tokenizer, save_model  # noqa: E402
+
+VOCAB = 96
+
+
+def _tiny_llama(tie=False):
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    model = _tiny_llama()
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(directory)
+    return directory, model
+
+
+TOKENS = np.random.default_rng(0).integers(3, VOCAB, size=(2, 16)).astype(np.int32)
+
+
+def _hf_logits(model):
+    with torch.no_grad():
+        return model(torch.tensor(TOKENS).long(), use_cache=False).logits.float().numpy()
+
+
+def _logits(model):
+    return np.asarray(model(jnp.asarray(TOKENS)))
+
+
+def test_build_model_from_state_dict_tensors(hf_dir):
+    _, hf_model = hf_dir
+    tensors = ((name, t.numpy()) for name, t in hf_model.state_dict().items())
+    model, config = build_model(hf_model.config.to_dict(), tensors, dtype=jnp.float32, source="state_dict")
+    assert config.num_layers == 2 and config.num_kv_heads == 2 and not config.tie_word_embeddings
+    assert np.abs(_logits(model) - _hf_logits(hf_model)).max() <= 1e-4
+
+
+def test_build_model_names_bad_shape_and_missing_tensor(hf_dir):
+    _, hf_model = hf_dir
+    state = {name: t.numpy() for name, t in hf_model.state_dict().items()}
+    bad = dict(state)
+    bad["model.layers.1.mlp.up_proj.weight"] = np.zeros((64, 31), np.float32)
+    with pytest.raises(CheckpointError, match=r"mem: tensor model\.layers\.1\.mlp\.up_proj\.weight has shape"):
+        build_model(hf_model.config.to_dict(), bad.items(), dtype=jnp.float32, source="mem")
+    missing = {k: v for k, v in state.items() if k != "model.norm.weight"}
+    with pytest.raises(CheckpointError, match=r"mem: missing tensor model\.norm\.weight"):
+        build_model(hf_model.config.to_dict(), missing.items(), dtype=jnp.float32, source="mem")
+    extra = dict(state, **{"model.layers.0.self_attn.q_norm.weight": np.ones(8, np.float32)})
+    with pytest.raises(CheckpointError, match="unexpected tensor model.layers.0.self_attn.q_norm.weight"):
+        build_model(hf_model.config.to_dict(), extra.items(), dtype=jnp.float32, source="mem")
+
+
+def test_bfloat16_load_and_save_writes_bfloat16(hf_dir, tmp_path):
+    directory, hf_model = hf_dir
+    model, config = load_model(directory, dtype=jnp.bfloat16)
+    assert model.layers[0].attn.q_proj.kernel.get_value().dtype == jnp.bfloat16
+    assert config.param_dtype == "bfloat16"
+    out = save_model(model, config, tmp_path / "bf16")
+    with safe_open(str(out / "model.safetensors"), framework="np") as handle:
+        dtypes = {handle.get_slice(name).get_dtype() for name in handle.keys()}
+    assert dtypes == {"BF16"}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    # bf16 weights: logits close to the float32 original at bf16 precision
+    assert np.abs(_hf_logits(reloaded.float()) - _hf_logits(hf_model)).max() < 0.05
+
+
+def test_sharded_output_with_index_round_trips(hf_dir, tmp_path):
+    directory, hf_model = hf_dir
+    model, config = load_model(directory)
+    out = save_model(model, config, tmp_path / "sharded", max_shard_bytes=20_000)
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and not (out / "model.safetensors").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    assert len(index["weight_map"]) == len(hf_model.state_dict())
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert np.abs(_hf_logits(reloaded) - _hf_logits(hf_model)).max() <= 1e-5
+    again, _ = load_model(out)  # and our own loader reads the index
+    assert np.abs(_logits(again) - _hf_logits(hf_model)).max() <= 1e-4
+
+
+def test_save_model_merges_lora_adapters(hf_dir, tmp_path):
+    directory, _ = hf_dir
+    model, config = load_model(directory)
+    q_proj = model.layers[1].attn.q_proj
+    q_proj.enable_lora(4, 8.0, rngs=nnx.Rngs(1))
+    q_proj.lora_b.set_value(jnp.asarray(np.random.default_rng(1).normal(size=(4, 32)).astype(np.float32)))
+    with_adapter = _logits(model)
+    out = save_model(model, config, tmp_path / "merged")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert np.abs(_hf_logits(reloaded) - with_adapter).max() <= 1e-4
+
+
+def test_tied_checkpoint_round_trip(tmp_path):
+    hf_model = _tiny_llama(tie=True)
+    hf_model.save_pretrained(tmp_path / "tied")
+    model, config = load_model(tmp_path / "tied")
+    assert config.tie_word_embeddings and model.lm_head is None
+    out = save_model(model, config, tmp_path / "saved")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert reloaded.config.tie_word_embeddings
+    assert np.abs(_hf_logits(reloaded) - _hf_logits(hf_model)).max() <= 1e-5
+
+
+def _one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message and isinstance(error.value, SftjaxError)
+    return message
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError) as error:
+        load_model(tmp_path / "nope")
+    assert "nope" in _one_line(error) and "does not exist" in _one_line(error)
+
+
+def test_unsupported_architecture_names_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    with pytest.raises(CheckpointError) as error:
+        load_model(tmp_path)
+    message = _one_line(error)
+    assert "config.json" in message and "GPT2LMHeadModel" in message
+    assert "LlamaForCausalLM" in message and "Gemma2ForCausalLM" in message and "Phi3ForCausalLM" in message
+
+
+def test_invalid_config_json(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError) as error:
+        load_model(tmp_path)
+    assert "config.json" in _one_line(error) and "not valid JSON" in _one_line(error)
+
+
+def test_missing_shard_is_named(hf_dir, tmp_path):
+    directory, _ = hf_dir
+    model, config = load_model(directory)
+    out = save_model(model, config, tmp_path / "sharded", max_shard_bytes=20_000)
+    victim = sorted(out.glob("model-*-of-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError) as error:
+        load_model(out)
+    assert victim.name in _one_line(error) and "missing" in _one_line(error)
+
+
+def test_truncated_shard_is_named(hf_dir, tmp_path):
+    directory, _ = hf_dir
+    model, config = load_model(directory)
+    out = save_model(model, config, tmp_path / "truncated")
+    data = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as error:
+        load_model(out)
+    assert "model.safetensors" in _one_line(error) and "truncated or corrupt" in _one_line(error)
+
+
+def test_tensor_shape_disagreeing_with_config_is_named(hf_dir, tmp_path):
+    directory, _ = hf_dir
+    config = json.loads((directory / "config.json").read_text())
+    config["intermediate_size"] = 48
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").symlink_to(directory / "model.safetensors")
+    with pytest.raises(CheckpointError) as error:
+        load_model(tmp_path)
+    message = _one_line(error)
+    assert re.search(r"tensor model\.layers\.\d\.mlp\.(gate|up|down)_proj\.weight has shape \[\d+, \d+\] but "
+                     r"config\.json implies \[\d+, \d+\]", message), message
+    assert str(tmp_path) in message
+
+
+def test_no_weights_in_directory(hf_dir, tmp_path):
+    directory, _ = hf_dir
+    (tmp_path / "config.json").write_text((directory / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="no \\*.safetensors weights found"):
+        load_model(tmp_path)
+
+
+def test_load_tokenizer_from_directory(assets_dir):
+    tokenizer = load_tokenizer(assets_dir / "tokenizers" / "smollm2")
+    assert len(tokenizer) == 49152
+    assert tokenizer.decode(tokenizer.encode("hello world")) == "hello world"
+
+
+def test_load_tokenizer_missing_path(tmp_path):
+    with pytest.raises(CheckpointError) as error:
+        load_tokenizer(tmp_path / "none")
+    assert "none" in _one_line(error)
