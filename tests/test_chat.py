@@ -138,11 +138,35 @@ def test_every_real_template(assets_dir, name):
         assert MARKER.sub("", prefix.replace(OUTPUT_PREFIX.get(name, "\0"), "")).strip() == "", run
         assert MARKER.sub("", ending).strip() == "", run
         assert ending == ending.rstrip() or not MARKER.search(ending), run
+        # never the next turn's header
+        assert not [m for m in MARKER.findall(ending) if re.search("user|start|header|begin", m, re.I)
+                    or m in ("<|turn>", "<|im_sep|>")], run
         endings.append(ending)
     if name not in NO_END_OF_TURN:
         assert endings[0] and endings[0] == endings[1], endings  # every turn trains the same end-of-turn text
         eot_token = tok.convert_tokens_to_ids(MARKER.findall(endings[0])[-1])
         assert eot_token in [t for t, f in zip(ids, mask) if f]
+
+
+def test_train_flags_with_generation_markers(assets_dir):
+    """{% generation %} template + a turn excluded: the marker mask minus exactly that turn."""
+    template = (assets_dir / "chat_templates" / "axolotl" / "phi_4.jinja").read_text()
+    tok = _family_tokenizer(assets_dir, "phi_4", template)
+    messages = [dict(m) for m in CONVERSATION]
+    ids, full_mask = encode_conversation({"messages": messages}, tok, chat_template=template)
+    messages[4]["train"] = False
+    _, mask = encode_conversation({"messages": messages}, tok, chat_template=template)
+    runs = _runs(ids, full_mask)
+    assert len(runs) == 3 and [tok.decode(r) for r in _runs(ids, mask)] == [tok.decode(runs[0]), tok.decode(runs[2])]
+    assert sum(mask) == sum(full_mask) - len(runs[1])
+    _, last = encode_conversation({"messages": messages}, tok, masking="last_assistant", chat_template=template)
+    assert [tok.decode(r) for r in _runs(ids, last)] == [tok.decode(runs[2])]
+
+
+def test_dropped_example_survives_pickling():
+    import pickle
+    err = pickle.loads(pickle.dumps(DroppedExample("f:1: nothing to train", "no_trained_tokens")))
+    assert err.reason == "no_trained_tokens" and str(err) == "f:1: nothing to train"
 
 
 def test_reasoning_stripped_from_history_qwen3(assets_dir):

@@ -50,9 +50,9 @@ _TEMPLATE_KEYS = ("role", "content", "tool_calls", "name", "tool_call_id", "reas
 class DroppedExample(DataError):
     """A well-formed row that yields nothing to train on; ``reason`` names why (for drop counters)."""
 
-    def __init__(self, message: str, reason: str):
+    def __init__(self, message: str, reason: str = "dropped"):
         super().__init__(message)
-        self.reason = reason
+        self.reason = reason  # kept through pickling (worker processes) via the exception's __dict__
 
 
 def _error(message: str, reason: str) -> DataError:
