@@ -31,6 +31,9 @@ class NoTokenizer:
     def get_vocab(self):
         return {"a": 0}
 
+    def __len__(self):
+        return 1
+
 
 def write_rows(path, count, seed, tag):
     rng = np.random.default_rng(seed)

@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import pathlib
 import tempfile
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -67,21 +68,31 @@ def files_fingerprint(path: str) -> list:
     return entries
 
 
-_TOKENIZER_HASHES: dict[int, str] = {}
+_TOKENIZER_HASHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of the tokenizer's full definition (fast tokenizers: their serialized JSON, else the vocabulary)."""
-    key = id(tokenizer)
-    if key not in _TOKENIZER_HASHES:
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            text = backend.to_str()
-        else:
-            text = json.dumps(sorted(tokenizer.get_vocab().items()))
-        special = json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str)
-        _TOKENIZER_HASHES[key] = hashlib.sha256((text + special + type(tokenizer).__name__).encode()).hexdigest()
-    return _TOKENIZER_HASHES[key]
+    """A hash of the tokenizer's full definition (fast tokenizers: their serialized JSON, else the vocabulary).
+
+    Serializing a 150k vocabulary takes most of a second, so the hash is remembered per tokenizer object (and
+    recomputed if its size changed, e.g. after ``add_tokens``).
+    """
+    size = len(tokenizer)
+    try:
+        cached = _TOKENIZER_HASHES.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        cached = None
+    if cached is not None and cached[0] == size:
+        return cached[1]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    special = json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str)
+    digest = hashlib.sha256((text + special + type(tokenizer).__name__).encode()).hexdigest()
+    try:
+        _TOKENIZER_HASHES[tokenizer] = (size, digest)
+    except TypeError:
+        pass
+    return digest
 
 
 def cache_key(source, tokenizer, *, masking: str, chat_template: str | None, on_bad_row: str, encoder_name: str) -> str:

@@ -153,6 +153,11 @@ class PackingStats:
         )
 
 
+def _index_dtype(size: int):
+    """int32 indices while they fit (half the memory traffic of int64 on large corpora)."""
+    return np.int32 if size < 2**31 - 1 else np.int64
+
+
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenation of ``arange(s, s + n)`` for each (s, n), vectorized."""
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -200,7 +205,8 @@ def make_segments(
         stats.split_pieces = int(pieces[too_long].sum())
         starts, lengths = piece_starts, piece_lengths
     # Trained tokens of a segment = train_mask summed over its tokens after the first.
-    mask_cumsum = np.concatenate([[0], np.cumsum(examples.train_mask, dtype=np.int64)])
+    mask_cumsum = np.zeros(examples.train_mask.size + 1, _index_dtype(examples.train_mask.size + 1))
+    np.cumsum(examples.train_mask, out=mask_cumsum[1:])
     first_trainable = np.minimum(starts + 1, starts + lengths)
     trained = mask_cumsum[starts + lengths] - mask_cumsum[first_trainable]
     untrained = trained == 0
@@ -518,18 +524,23 @@ def _fill_rows(
     first_segment_of_row = np.cumsum(counts) - counts
     segment_rank = (np.arange(lengths.size) - first_segment_of_row[row_of_segment] + 1).astype(np.int32)
 
-    source = np.repeat(starts - segment_begin, lengths) + np.arange(total, dtype=np.int64)
+    index_dtype = _index_dtype(examples.input_ids.size + total)
+    source = np.repeat((starts - segment_begin).astype(index_dtype), lengths)
+    source += np.arange(total, dtype=index_dtype)
     batch["tokens"][occupied] = examples.input_ids[source]
-    following = np.minimum(source + 1, examples.input_ids.size - 1)
+    following = source
+    following += 1  # in place: `source` is not needed any more
+    np.minimum(following, examples.input_ids.size - 1, out=following)
     del source
     targets = examples.input_ids[following]
     targets[segment_last] = 0  # the next token belongs to another segment (or none)
     batch["targets"][occupied] = targets
     del targets
-    loss_mask = examples.train_mask[following].astype(np.int32)
+    loss_mask = examples.train_mask[following]
+    del following
     loss_mask[segment_last] = 0
     batch["loss_mask"][occupied] = loss_mask
-    del loss_mask, following
+    del loss_mask
     batch["segment_ids"][occupied] = np.repeat(segment_rank, lengths)
     positions = np.arange(total, dtype=np.int32) - np.repeat(segment_begin.astype(np.int32), lengths)
     batch["positions"][occupied] = positions

@@ -24,10 +24,10 @@ Design in plain words:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator
 
 import grain
@@ -69,10 +69,19 @@ class _RowBatches:
         self.seed = seed
         self.shuffle = shuffle
         self.steps_per_epoch = -(-packed.num_rows // global_batch_size)
+        self._orders: dict[int, np.ndarray] = {}  # the last epochs' row orders (prefetch threads may span two)
+        self._lock = threading.Lock()
 
-    @functools.lru_cache(maxsize=2)
     def row_order(self, epoch: int) -> np.ndarray:
         """The rows in the order epoch ``epoch`` visits them, padded with -1 (all-padding rows)."""
+        with self._lock:
+            if epoch not in self._orders:
+                if len(self._orders) >= 3:
+                    del self._orders[min(self._orders)]
+                self._orders[epoch] = self._compute_order(epoch)
+            return self._orders[epoch]
+
+    def _compute_order(self, epoch: int) -> np.ndarray:
         order = np.arange(self.packed.num_rows)
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(self.packed.num_rows)
