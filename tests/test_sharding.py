@@ -1,0 +1,70 @@
+"""Meshes, logical-axis rules, and a model loaded straight into a (2 fsdp x 4 tensor) mesh."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import PartitionSpec  # noqa: E402
+
+from sftjax.models.loading import load_model  # noqa: E402
+from sftjax.sharding import batch_sharding, make_mesh, partition_spec  # noqa: E402
+
+
+def test_make_mesh_sizes():
+    assert len(jax.devices()) == 8
+    mesh = make_mesh(data=-1, fsdp=2, tensor=2)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(make_mesh().shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    with pytest.raises(ValueError, match="devices"):
+        make_mesh(data=3, fsdp=1, tensor=1)
+    with pytest.raises(ValueError, match="at most one"):
+        make_mesh(data=-1, fsdp=-1)
+
+
+def test_partition_spec_rules_and_indivisible_fallback():
+    mesh = make_mesh(data=1, fsdp=2, tensor=4)
+    assert partition_spec(("embed", "heads"), (64, 128), mesh) == PartitionSpec("fsdp", "tensor")
+    assert partition_spec(("vocab", "embed"), (96, 64), mesh) == PartitionSpec("tensor", "fsdp")
+    assert partition_spec(("norm",), (64,), mesh) == PartitionSpec(None)
+    # 6 is not divisible by 4: that dimension stays replicated instead of failing
+    assert partition_spec(("embed", "kv_heads"), (64, 6), mesh) == PartitionSpec("fsdp", None)
+    assert batch_sharding(mesh).spec == PartitionSpec(("data", "fsdp"), None)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    config = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=8, num_key_value_heads=4, head_dim=8,
+                                      max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    directory = tmp_path_factory.mktemp("qwen2")
+    model.save_pretrained(directory)
+    return directory
+
+
+def test_sharded_load_matches_unsharded(hf_dir):
+    mesh = make_mesh(data=1, fsdp=2, tensor=4)
+    sharded, _ = load_model(hf_dir, mesh=mesh)
+    plain, _ = load_model(hf_dir)
+    kernel = sharded.layers[0].attn.q_proj.kernel.get_value()
+    assert kernel.sharding.spec == PartitionSpec("fsdp", "tensor")
+    assert len({shard.device for shard in kernel.addressable_shards}) == 8
+    assert kernel.addressable_shards[0].data.shape == (32, 16)
+    assert sharded.lm_head.kernel.get_value().sharding.spec == PartitionSpec("fsdp", "tensor")
+    assert sharded.layers[1].attn.k_proj.bias.get_value().sharding.spec == PartitionSpec("tensor")
+
+    tokens = np.random.default_rng(0).integers(0, 128, size=(2, 16)).astype(np.int32)
+    expected = np.asarray(plain(jnp.asarray(tokens)))
+    tokens_sharded = jax.device_put(jnp.asarray(tokens), batch_sharding(mesh))
+    got = np.asarray(jax.jit(lambda t: sharded(t))(tokens_sharded))
+    assert np.abs(got - expected).max() <= 1e-5
