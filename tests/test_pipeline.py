@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -93,7 +94,8 @@ def expected_tokens(path, indices=None):
 
 def test_same_seed_same_batches_and_full_epoch_coverage(data_files):
     train_a, _, stats = build(make_config(data_files))
-    train_b, _, _ = build(make_config(data_files))
+    train_b, _, stats_b = build(make_config(data_files))
+    assert not stats["sources"][0]["from_cache"] and stats_b["sources"][0]["from_cache"]
     steps = train_a.steps_per_epoch
     assert steps == stats["steps_per_epoch"] == -(-stats["train"]["rows"] // 4)
     first = take(train_a, 2 * steps + 1)
@@ -163,9 +165,11 @@ def test_bad_batch_layout_is_a_config_error(data_files):
         build(make_config(data_files), batch=0)
 
 
-def test_eval_fraction_is_split_off_before_packing(data_files):
+def test_eval_fraction_is_split_off_before_packing(data_files, caplog):
     config = make_config(data_files, eval_fraction=0.2)
-    train, evaluation, stats = build(config, batch=4)
+    with caplog.at_level(logging.INFO, logger="sftjax.data.pipeline"):
+        train, evaluation, stats = build(config, batch=4)
+    assert "train: packed 72 examples" in caplog.text and "efficiency" in caplog.text
     assert evaluation is not None and stats["eval"]["examples"] == 18 and stats["train"]["examples"] == 72
     train_tokens = segment_tokens(take(train, train.steps_per_epoch))
     eval_batches = list(evaluation)
