@@ -284,3 +284,22 @@ def test_encoding_is_not_quadratic(smollm2, monkeypatch):
         messages += [{"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": f"a{k}"}]
     ids, mask = encode_conversation({"messages": messages}, smollm2)
     assert len(calls) == 1 and len(_runs(ids, mask)) == 20
+
+
+def test_no_chat_template_plain_prompt_completion(assets_dir):
+    """A tokenizer without a chat template: string prompt/completion become raw text + EOS (completion trained);
+    conversations need a template and say so."""
+    from transformers import AutoTokenizer
+
+    gpt2 = AutoTokenizer.from_pretrained(str(assets_dir / "tokenizers" / "gpt2"))
+    assert not gpt2.chat_template
+    with pytest.raises(DataError, match="x.jsonl:8: the tokenizer defines no eos_token"):
+        encode_example({"text": "hi"}, gpt2, location="x.jsonl:8")
+    gpt2.eos_token = "<|endoftext|>"
+    out = encode_example({"prompt": "Q: 2+2?\nA:", "completion": " 4, because 2 and 2 make 4."}, gpt2, masking="auto")
+    assert out["input_ids"] == gpt2("Q: 2+2?\nA: 4, because 2 and 2 make 4.")["input_ids"] + [gpt2.eos_token_id]
+    trained = [t for t, m in zip(out["input_ids"], out["train_mask"]) if m]
+    assert gpt2.decode(trained) == " 4, because 2 and 2 make 4." + gpt2.eos_token
+    with pytest.raises(DataError, match="x.jsonl:9: the tokenizer has no chat template"):
+        encode_example({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+                       gpt2, location="x.jsonl:9")

@@ -116,19 +116,21 @@ def assistant_spans(tokenizer, messages: list[dict], template: str, full_text: s
     spans: dict[int, tuple[int, int]] = {}
     search_from = 0
     user_header = _user_header(tokenizer, messages, template, full_text, tools)
+    has_generation_header = None
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        if i == 0:
-            prompt = ""
-        else:
+        prompt = ""
+        if i > 0:
             prompt = render(tokenizer, messages[:i], template, tools=tools, add_generation_prompt=True,
                             location=location)
-            no_prompt = render(tokenizer, messages[:i], template, tools=tools, location=location)
+            if has_generation_header is None:  # checked once: does add_generation_prompt write anything?
+                has_generation_header = prompt != render(tokenizer, messages[:i], template, tools=tools,
+                                                         location=location)
         ended = render(tokenizer, messages[: i + 1], template, tools=tools, location=location)
         turn_start = _common_prefix_length(prompt, ended)
         content = message.get("content", "").strip()
-        if i > 0 and prompt == no_prompt and content:  # template has no generation header: start at the content
+        if i > 0 and not has_generation_header and content:  # no generation header: the turn starts at its content
             found = ended.find(content, turn_start)
             turn_start = found if found >= 0 else turn_start
         turn = ended[turn_start:].rstrip()
@@ -245,22 +247,29 @@ def _mask_from_spans(offsets, spans: list[tuple[int, int]]) -> list[int]:
     return mask
 
 
-def _encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+def _eos_id(tokenizer, location: str) -> int:
     eos = tokenizer.eos_token_id
-    if eos is not None and (not ids or ids[-1] != eos):
+    if eos is None:
+        raise DataError(f"{location}: the tokenizer defines no eos_token, so raw text examples cannot be ended; "
+                        "set one (tokenizer.eos_token) or use a chat template")
+    return eos
+
+
+def _encode_text(tokenizer, text: str, location: str) -> tuple[list[int], list[int]]:
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    eos = _eos_id(tokenizer, location)
+    if not ids or ids[-1] != eos:
         ids.append(eos)
     return ids, [1] * len(ids)
 
 
-def _encode_plain_completion(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+def _encode_plain_completion(tokenizer, prompt: str, completion: str, location: str) -> tuple[list[int], list[int]]:
     """No chat template: prompt + completion + EOS as raw text, one tokenization; completion and EOS trained."""
     encoding = tokenizer(prompt + completion, add_special_tokens=True, return_offsets_mapping=True)
     ids = list(encoding["input_ids"])
     mask = _mask_from_spans(encoding["offset_mapping"], [(len(prompt), len(prompt) + len(completion))])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-        mask.append(1)
+    ids.append(_eos_id(tokenizer, location))
+    mask.append(1)
     return ids, mask
 
 
@@ -271,13 +280,13 @@ def encode_conversation(conversation: dict, tokenizer, *, masking: str = "auto",
     if masking not in MASKINGS:
         raise DataError(f"{where}: masking={masking!r} is not allowed; choose one of {', '.join(MASKINGS)}")
     if "text" in conversation:
-        return _encode_text(tokenizer, conversation["text"])
+        return _encode_text(tokenizer, conversation["text"], where)
     if masking == "auto":
         masking = "completion" if "completion_start" in conversation else "assistant"
     messages, tools = conversation["messages"], conversation.get("tools")
     template = resolve_chat_template(tokenizer, chat_template)
     if template is None and "plain" in conversation:
-        return _encode_plain_completion(tokenizer, *conversation["plain"])
+        return _encode_plain_completion(tokenizer, *conversation["plain"], where)
     if template is None:
         raise DataError(f"{where}: the tokenizer has no chat template; set data.chat_template (a file or Jinja)")
     if masking != "all" and not any(m["role"] == "assistant" for m in messages):
