@@ -152,6 +152,9 @@ def test_two_processes_get_disjoint_shares_covering_the_global_batch(data_files)
     for g, a, b in zip(global_batches, share0, share1):
         for key in g:
             assert (np.concatenate([a[key], b[key]]) == g[key]).all()
+    resumed_on_two_hosts, _, _ = build(config, batch=4, process_index=1, process_count=2)
+    resumed_on_two_hosts.set_state(whole.get_state())
+    assert same(take(resumed_on_two_hosts, 2), [b for b in take(p1, 2)])
     tokens0, tokens1 = segment_tokens(share0), segment_tokens(share1)
     everything = collections.Counter(expected_tokens(data_files / "a.jsonl"))
     assert collections.Counter(tokens0) + collections.Counter(tokens1) == everything

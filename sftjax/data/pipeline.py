@@ -259,8 +259,8 @@ def build_datasets(
     train_rows = _RowBatches(train_plan, global_batch_size, process_index, process_count, cfg.seed, cfg.shuffle)
     fingerprint = _fingerprint(
         _examples_digest(train_examples), cfg.max_length, cfg.packing, cfg.overflow, cfg.seed, cfg.shuffle,
-        global_batch_size, process_count,
-    )
+        global_batch_size,
+    )  # not the process count: the global batches do not depend on it, so a run may resume on more or fewer hosts
     train = TrainData(train_rows, train_stats, cfg.prefetch, fingerprint)
 
     evaluation, eval_stats = None, None
