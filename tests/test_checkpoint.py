@@ -45,13 +45,13 @@ def _assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def _run_python(code: str, devices: int, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+def _run_python(code: str, devices: int, timeout: float = 180, args=(), env_extra=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **(env_extra or {}))
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-c", textwrap.dedent(code), *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -417,3 +417,120 @@ def test_checkpoint_config_section(tmp_path):
         ckpt.CheckpointSection.from_dict({"every": 5})
     with pytest.raises(ConfigError, match="checkpoint.keep=0"):
         ckpt.CheckpointSection.from_dict({"keep": 0})
+
+
+# ------------------------------------------------------------------------------------------------ exact resume
+
+TOY_TRAINING = """
+import json, os, pathlib, signal, sys
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from sftjax.checkpoint import CheckpointManager, abstract_like
+from sftjax.config import LoraSection, OptimSection
+from sftjax.models.config import ModelConfig
+from sftjax.models.decoder import Decoder
+from sftjax.models.layers import Linear
+from sftjax.train.lora import apply_lora, split_model
+from sftjax.train.optim import make_optimizer
+from sftjax.train.step import LossOptions, TrainState, make_train_step
+
+mode, run_dir, total, kill_after = sys.argv[1], pathlib.Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+try:  # same workaround as tests/test_export.py while Linear.lora_a is a static attribute
+    Linear(2, 2, rngs=nnx.Rngs(0)).enable_lora(1, 1.0, rngs=nnx.Rngs(0))
+except ValueError:
+    _enable = Linear.enable_lora
+    def _patched(self, *a, **k):
+        self.lora_a, self.lora_b, self.lora_dropout = nnx.data(None), nnx.data(None), nnx.data(None)
+        return _enable(self, *a, **k)
+    Linear.enable_lora = _patched
+
+config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                     head_dim=8, max_position_embeddings=32)
+model = Decoder(config, rngs=nnx.Rngs(0))
+lora = LoraSection(enabled=mode == "lora", r=4, alpha=8.0, dropout=0.1, target_modules="all-linear")
+apply_lora(model, lora, rngs=nnx.Rngs(1))
+graphdef, trainable, frozen = split_model(model, lora)
+tx, schedule = make_optimizer(OptimSection(learning_rate=1e-2, warmup_steps=2), total)
+train_step = make_train_step(graphdef, tx, schedule, LossOptions(dropout=lora.enabled), max_grad_norm=1.0)
+state = TrainState.create(trainable, tx)
+rng = jax.random.key(1234)
+
+# 10 synthetic rows, 2 per batch, reshuffled every epoch: a resume lands mid-epoch
+rows = np.random.RandomState(0).randint(1, 64, size=(10, 17)).astype(np.int32)
+def batch_at(data_state):
+    order = np.random.RandomState(100 + data_state["epoch"]).permutation(len(rows))
+    chosen = rows[order[data_state["index"]: data_state["index"] + 2]]
+    tokens, targets = chosen[:, :-1], chosen[:, 1:]
+    return {"tokens": tokens, "targets": targets, "loss_mask": (targets % 3 != 0).astype(np.int32),
+            "segment_ids": np.ones_like(tokens), "positions": np.broadcast_to(np.arange(16, dtype=np.int32), tokens.shape)}
+def advance(data_state):
+    index = data_state["index"] + 2
+    return {"epoch": data_state["epoch"] + index // len(rows), "index": index % len(rows)}
+
+def as_items(state):
+    return {"params": state.params, "opt_state": state.opt_state,
+            "counters": {"step": state.step, "nonfinite_steps": state.nonfinite_steps}}
+
+manager = CheckpointManager(run_dir / "checkpoints", {"model": {"init": "tiny"}, "lora": vars(lora)},
+                            save_every_steps=3, keep=2)
+data_state, start = {"epoch": 0, "index": 0}, 0
+restored = manager.restore_latest(abstract_like(as_items(state)))
+if restored is not None:
+    items = restored.state
+    state = TrainState(step=items["counters"]["step"], params=items["params"], opt_state=items["opt_state"],
+                       nonfinite_steps=items["counters"]["nonfinite_steps"])
+    data_state, rng, start = restored.data_state, restored.rng, restored.step
+    print("resumed", start, flush=True)
+with open(run_dir / "losses.jsonl", "a") as log:
+    for step in range(start + 1, total + 1):
+        rng, step_rng = jax.random.split(rng)
+        state, metrics = train_step(state, frozen, {k: jnp.asarray(v) for k, v in batch_at(data_state).items()},
+                                    step_rng)
+        data_state = advance(data_state)
+        log.write(json.dumps({"step": step, "loss": float(metrics["loss"]).hex()}) + "\\n")
+        log.flush()
+        manager.maybe_save(step, as_items(state), data_state=data_state, rng=rng)
+        if step == kill_after:
+            manager.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
+manager.save(total, as_items(state), data_state=data_state, rng=rng)
+manager.close()
+flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(as_items(state))[0]}
+np.savez(run_dir / "final.npz", **flat)
+print("done", flush=True)
+"""
+
+
+def _toy_losses(run_dir: pathlib.Path) -> dict[int, str]:
+    lines = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in lines}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, mode):
+    total = 8
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    for run_dir in (reference, crashed):
+        run_dir.mkdir()
+    # the three processes compile the same step: share it through JAX's persistent cache (test speed only)
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+    proc = _run_python(TOY_TRAINING, devices=1, args=[mode, reference, total, -1], env_extra=cache)
+    assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-3000:]
+    proc = _run_python(TOY_TRAINING, devices=1, args=[mode, crashed, total, 5], env_extra=cache)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert sorted(_toy_losses(crashed)) == [1, 2, 3, 4, 5]
+    proc = _run_python(TOY_TRAINING, devices=1, args=[mode, crashed, total, -1], env_extra=cache)
+    assert proc.returncode == 0 and "resumed 3" in proc.stdout, proc.stderr[-3000:]
+
+    expected = _toy_losses(reference)
+    lines = (crashed / "losses.jsonl").read_text().splitlines()
+    resumed = {row["step"]: row["loss"] for row in map(json.loads, lines[5:])}
+    assert sorted(resumed) == [4, 5, 6, 7, 8]
+    assert resumed == {step: expected[step] for step in range(4, 9)}  # float.hex: bit-identical
+    assert len(set(expected.values())) == total  # the loss moves: the comparison means something
+    final_ref, final_resumed = np.load(reference / "final.npz"), np.load(crashed / "final.npz")
+    assert sorted(final_ref.files) == sorted(final_resumed.files)
+    for name in final_ref.files:
+        np.testing.assert_array_equal(final_resumed[name], final_ref[name], err_msg=name)

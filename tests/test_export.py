@@ -42,7 +42,7 @@ def _lora_attach_workaround(monkeypatch):
     original = Linear.enable_lora
 
     def enable_lora(self, *args, **kwargs):
-        self.lora_a, self.lora_b = nnx.data(None), nnx.data(None)
+        self.lora_a, self.lora_b, self.lora_dropout = nnx.data(None), nnx.data(None), nnx.data(None)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Linear, "enable_lora", enable_lora)
