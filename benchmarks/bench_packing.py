@@ -101,7 +101,8 @@ def main() -> int:
             for strategy in STRATEGIES:
                 row = measure(examples, max_length, strategy)
                 results[name].append(row)
-                print(f"{name:9s} L={max_length:5d} {strategy:9s} rows={row['rows']:7d} (bound {row['lower_bound_rows']}) "
+                print(f"{name:9s} L={max_length:5d} {strategy:9s} rows={row['rows']:7d} "
+                      f"(bound {row['lower_bound_rows']}) "
                       f"eff={100 * row['efficiency']:.2f}% plan={row['plan_s']}s (cpu {row['plan_cpu_s']}s) "
                       f"materialize={row['materialize_s']}s (cpu {row['materialize_cpu_s']}s)", flush=True)
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)

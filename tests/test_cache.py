@@ -59,7 +59,8 @@ def test_cache_invalidates_on_template_file_and_settings(source_file, tokenizer,
     cache = tmp_path / "cache"
     run(source_file, tokenizer, cache)
     CALLS["count"] = 0
-    other_template = run(source_file, tokenizer, cache, chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    other_template = run(source_file, tokenizer, cache, chat_template=template)
     assert not other_template.from_cache and CALLS["count"] == 30
     assert other_template.examples.input_ids[0] != run(source_file, tokenizer, cache).examples.input_ids[0]
     assert not run(source_file, tokenizer, cache, masking="all").from_cache
@@ -72,7 +73,8 @@ def test_cache_invalidates_on_template_file_and_settings(source_file, tokenizer,
 
 def test_cache_invalidates_on_tokenizer(source_file, tokenizer, assets_dir, tmp_path):
     transformers = pytest.importorskip("transformers")
-    gpt2 = transformers.PreTrainedTokenizerFast(tokenizer_file=str(assets_dir / "tokenizers" / "gpt2" / "tokenizer.json"))
+    gpt2_file = assets_dir / "tokenizers" / "gpt2" / "tokenizer.json"
+    gpt2 = transformers.PreTrainedTokenizerFast(tokenizer_file=str(gpt2_file))
     gpt2.chat_template = tokenizer.chat_template
     run(source_file, tokenizer, tmp_path / "cache")
     assert not run(source_file, gpt2, tmp_path / "cache").from_cache

@@ -179,14 +179,16 @@ def test_eval_fraction_is_split_off_before_packing(data_files, caplog):
     eval_tokens = segment_tokens(eval_batches)
     assert len(eval_tokens) == 18 and len(train_tokens) == 72
     assert not set(train_tokens) & set(eval_tokens)
-    assert collections.Counter(train_tokens + eval_tokens) == collections.Counter(expected_tokens(data_files / "a.jsonl"))
+    everything = collections.Counter(expected_tokens(data_files / "a.jsonl"))
+    assert collections.Counter(train_tokens + eval_tokens) == everything
     assert same(eval_batches, list(evaluation)), "eval iterates the same batches every time"
     assert all(b["tokens"].shape == (4, MAX_LENGTH) for b in eval_batches)
     rows = stats["eval"]["rows"]
     last = eval_batches[-1]
     padding_rows = len(eval_batches) * 4 - rows
     if padding_rows:
-        assert (last["loss_mask"][4 - padding_rows :] == 0).all() and (last["segment_ids"][4 - padding_rows :] == 0).all()
+        assert (last["loss_mask"][4 - padding_rows :] == 0).all()
+        assert (last["segment_ids"][4 - padding_rows :] == 0).all()
 
 
 def test_eval_sources_and_two_process_eval(data_files):

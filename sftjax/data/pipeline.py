@@ -23,7 +23,6 @@ Design in plain words:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
