@@ -237,6 +237,8 @@ def build_datasets(
 
     train_parts, eval_parts = [], []
     if cfg.eval_sources:
+        if cfg.eval_fraction > 0:
+            logger.warning("data.eval_fraction=%s is ignored because data.eval_sources are given", cfg.eval_fraction)
         eval_parts = [tokenize(source).examples for source in cfg.eval_sources]
         train_parts = [t.examples for t in train_sources]
     elif cfg.eval_fraction > 0:
