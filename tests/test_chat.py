@@ -303,3 +303,29 @@ def test_no_chat_template_plain_prompt_completion(assets_dir):
     with pytest.raises(DataError, match="x.jsonl:9: the tokenizer has no chat template"):
         encode_example({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
                        gpt2, location="x.jsonl:9")
+
+
+def test_reply_repeating_the_question_is_located_after_it(assets_dir):
+    """Content anchoring must not land inside the user message the reply repeats."""
+    template = (assets_dir / "chat_templates" / "llama.cpp" / "Qwen-Qwen3-0.6B.jinja").read_text()
+    tok = _family_tokenizer(assets_dir, "qwen", template)
+    messages = [{"role": "user", "content": "Say OK"}, {"role": "assistant", "content": "OK", "reasoning_content": "r"},
+                {"role": "user", "content": "Again OK"}, {"role": "assistant", "content": "OK"}]
+    ids, mask = encode_conversation({"messages": messages}, tok, chat_template=template)
+    text_before_first_run = tok.decode(ids[: mask.index(1)])
+    assert text_before_first_run.endswith("Say OK<|im_end|>\n<|im_start|>assistant\n")
+    assert [tok.decode(r) for r in _runs(ids, mask)] == ["OK<|im_end|>", "<think>\n\n</think>\n\nOK<|im_end|>"]
+
+
+def test_end_of_turn_written_only_between_turns(assets_dir):
+    """Apertus writes <|assistant_end|> only when another turn follows: it is trained there (also without a
+    system message); a numbered, non-special header between turns is never trained."""
+    template = (assets_dir / "chat_templates" / "llama.cpp" / "Apertus-8B-Instruct.jinja").read_text()
+    tok = _family_tokenizer(assets_dir, "apertus", template)
+    ids, mask = encode_conversation({"messages": CONVERSATION[1:5]}, tok, chat_template=template)
+    assert [tok.decode(r) for r in _runs(ids, mask)] == ["Hello! How can I help?<|assistant_end|>", "It is 4."]
+    rounds = ("{% for m in messages %}{% if m.role == 'user' %}[Round {{ loop.index0 // 2 + 1 }}]\nQ: {{ m.content }}"
+              "\n{% else %}A: {{ m.content }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}A: {% endif %}")
+    ids, mask = encode_conversation({"messages": CONVERSATION[1:5]}, tok, chat_template=rounds)
+    # (" Hello" is one token straddling the prompt's trailing space: a token overlapping the turn is trained)
+    assert [tok.decode(r) for r in _runs(ids, mask)] == [" Hello! How can I help?", " It is 4."]

@@ -20,8 +20,8 @@ never a double BOS). The mask marks which *tokens* are trained; ``packing.py`` t
   the final turn), the span is anchored on the content instead: content + end-of-turn text as found in ``E``.
   A turn that cannot be located raises a DataError rather than training a wrong mask. Some templates write
   the end-of-turn text only when another turn follows (e.g. Apertus omits ``<|assistant_end|>`` after the final
-  turn); text between a turn and the next user message's header (learned from the first user turn) is
-  end-of-turn text too and is trained.
+  turn); special tokens between a turn and the next user message's header (learned from the first user turn)
+  are end-of-turn text too and are trained.
 * Characters map to tokens through the offsets of the single tokenization: a token is trained iff its characters
   overlap a trained span.
 
@@ -34,6 +34,7 @@ up with no trained token raises :class:`DroppedExample` so the caller can drop a
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
 from collections import Counter
@@ -110,13 +111,19 @@ def _common_prefix_length(a: str, b: str) -> int:
     return low
 
 
-def assistant_spans(tokenizer, messages: list[dict], template: str, full_text: str, offsets, *, tools=None,
+def assistant_spans(tokenizer, messages: list[dict], template: str, full_text: str, ids, offsets, *, tools=None,
                     location: str = "row") -> dict[int, tuple[int, int]]:
-    """Character span ``[start, end)`` in ``full_text`` of every assistant turn (prefix-diff, see module doc)."""
+    """Character span ``[start, end)`` in ``full_text`` of every assistant turn (prefix-diff, see module doc).
+
+    ``ids``/``offsets`` are the one tokenization of ``full_text``; they are used to cut partial matches at token
+    boundaries and to accept follow-up end-of-turn text only when it is made of special tokens.
+    """
     spans: dict[int, tuple[int, int]] = {}
     search_from = 0
-    user_header = _user_header(tokenizer, messages, template, full_text, tools)
     has_generation_header = None
+    edges = _token_edges(offsets)
+    first_user = next((j for j, m in enumerate(messages) if m["role"] == "user" and m.get("content", "").strip()),
+                      None)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -136,14 +143,17 @@ def assistant_spans(tokenizer, messages: list[dict], template: str, full_text: s
         turn = ended[turn_start:].rstrip()
         if not turn:
             raise _error(f"{location}: chat template renders assistant message {i} as empty text", "template_error")
+        # The turn cannot start before the message it answers: skip past that message's content.
+        lower = _after_message(messages, i - 1, full_text, search_from)
         expected = _common_prefix_length(prompt, full_text)
-        if full_text.startswith(turn, expected) and expected >= search_from:
+        if expected >= lower and full_text.startswith(turn, expected):
             start = expected
         else:
-            start = full_text.find(turn, search_from)
+            start = full_text.find(turn, lower)
         if start >= 0:
             end = start + len(turn)
-            end += len(_end_of_turn_before_next_user(messages, i, full_text, end, user_header))
+            end += len(_end_of_turn_before_next_user(messages, i, full_text, end, first_user, ids, offsets,
+                                                     edges, tokenizer))
             spans[i] = (start, end)
             search_from = end
             continue
@@ -151,7 +161,7 @@ def assistant_spans(tokenizer, messages: list[dict], template: str, full_text: s
         # of its last-turn ending that the full text repeats, cut at a token boundary (all of it, or none of it:
         # e.g. templates that write EOS only after the final turn).
         content_in_ended = ended.rfind(content, turn_start) if content else -1
-        start = full_text.find(content, search_from) if content_in_ended >= 0 else -1
+        start = full_text.find(content, lower) if content_in_ended >= 0 else -1
         if start < 0:
             raise _error(
                 f"{location}: cannot locate assistant message {i} in the rendered conversation (the template "
@@ -161,7 +171,7 @@ def assistant_spans(tokenizer, messages: list[dict], template: str, full_text: s
         after = start + len(content)
         end_of_turn = ended[content_in_ended + len(content):].rstrip()
         matched = _common_prefix_length(end_of_turn, full_text[after: after + len(end_of_turn)])
-        end = _token_boundary_at_or_before(offsets, after + matched, after)
+        end = _token_boundary_at_or_before(edges, after + matched, after)
         if end not in (after, after + len(end_of_turn)):
             raise _error(
                 f"{location}: assistant message {i} ends differently mid-conversation than as the last turn; "
@@ -173,32 +183,56 @@ def assistant_spans(tokenizer, messages: list[dict], template: str, full_text: s
     return spans
 
 
-def _user_header(tokenizer, messages, template, full_text, tools) -> str | None:
-    """The text the template writes before a user message's content (from the first user turn), if clear."""
-    first = next((j for j, m in enumerate(messages) if m["role"] == "user" and m.get("content")), None)
-    if first is None or first == 0:
-        return None
-    try:
-        before = render(tokenizer, messages[:first], template, tools=tools)
-    except DataError:
-        return None
-    content_at = full_text.find(messages[first]["content"], _common_prefix_length(before, full_text))
-    header = full_text[_common_prefix_length(before, full_text): content_at] if content_at >= 0 else ""
-    return header.lstrip() or None
+def _after_message(messages, j: int, full_text: str, search_from: int) -> int:
+    """Position just after message ``j``'s content in ``full_text`` (searching from ``search_from``)."""
+    content = messages[j].get("content", "").strip() if j >= 0 else ""
+    found = full_text.find(content, search_from) if content else -1
+    return found + len(content) if found >= 0 else search_from
 
 
-def _end_of_turn_before_next_user(messages, i, full_text, end, user_header) -> str:
-    """End-of-turn text a template writes only when another turn follows (e.g. an EOS it omits after the final
-    turn): the text between this turn and the next user message, minus that message's header and whitespace."""
-    if user_header is None or i + 1 >= len(messages) or messages[i + 1]["role"] != "user":
+def _common_suffix_length(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
+        n += 1
+    return n
+
+
+def _end_of_turn_before_next_user(messages, i, full_text, end, first_user, ids, offsets, edges, tokenizer) -> str:
+    """End-of-turn text a template writes only when another turn follows (e.g. Apertus omits its
+    ``<|assistant_end|>`` after the final turn). The gap between this turn and the next user message's content
+    is split into [extra][user header], the header being the gap's longest common suffix with the text before
+    the first user message's content (cut at a token boundary). The extra is trained only if it consists of
+    special tokens, so a numbered header (``[Round 2]``) is never mistaken for an end-of-turn marker."""
+    if first_user is None or i + 1 >= len(messages) or messages[i + 1]["role"] != "user":
         return ""
-    content = messages[i + 1].get("content", "")
+    content = messages[i + 1].get("content", "").strip()
     content_at = full_text.find(content, end) if content else -1
-    gap = full_text[end:content_at] if content_at >= 0 else ""
-    if not gap.endswith(user_header):
+    first_at = full_text.find(messages[first_user]["content"].strip())
+    if content_at < 0 or first_at < 0 or content_at == end:
         return ""
-    extra = gap[: len(gap) - len(user_header)].rstrip()
-    return extra if extra.strip() else ""
+    gap = full_text[end:content_at]
+    header_start = content_at - _common_suffix_length(gap, full_text[:first_at])
+    header_start = _token_boundary_at_or_after(edges, header_start, content_at)
+    extra_end = end + len(full_text[end:header_start].rstrip())
+    if extra_end <= end:
+        return ""
+    special = _special_ids(tokenizer)
+    inside, k = [], max(bisect.bisect_left(offsets, (end, end)) - 1, 0)
+    while k < len(offsets) and offsets[k][0] < extra_end:
+        if offsets[k][1] > end:
+            inside.append(ids[k])
+        k += 1
+    if not inside or not all(token in special for token in inside):
+        return ""
+    return full_text[end:extra_end]
+
+
+def _special_ids(tokenizer) -> set[int]:
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for token_id, token in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items():
+        if getattr(token, "special", False):
+            special.add(int(token_id))
+    return special
 
 
 def _selected_turns(conversation: dict, masking: str) -> list[int]:
@@ -215,16 +249,21 @@ def _selected_turns(conversation: dict, masking: str) -> list[int]:
     return [i for i in chosen if messages[i].get("train", True) and messages[i].get("loss_weight", 1.0) != 0]
 
 
-def _token_boundary_at_or_before(offsets, position: int, floor: int) -> int:
-    """The largest token edge in [floor, position]: where a partial match must be cut."""
-    best = floor
-    for a, b in offsets:
-        if a > position:
-            break
-        for edge in (a, b):
-            if best < edge <= position:
-                best = edge
-    return best
+def _token_edges(offsets) -> list[int]:
+    """Sorted character positions where a token starts or ends."""
+    return sorted({edge for pair in offsets for edge in pair})
+
+
+def _token_boundary_at_or_before(edges: list[int], position: int, floor: int) -> int:
+    """The largest token edge in [floor, position] (``floor`` if none): where a partial match must be cut."""
+    k = bisect.bisect_right(edges, position) - 1
+    return edges[k] if k >= 0 and edges[k] >= floor else floor
+
+
+def _token_boundary_at_or_after(edges: list[int], position: int, ceiling: int) -> int:
+    """The smallest token edge in [position, ceiling] (``ceiling`` if none)."""
+    k = bisect.bisect_left(edges, position)
+    return edges[k] if k < len(edges) and edges[k] <= ceiling else ceiling
 
 
 def _tokenize_with_offsets(tokenizer, text: str, location: str):
@@ -304,10 +343,10 @@ def encode_conversation(conversation: dict, tokenizer, *, masking: str = "auto",
         marked = _generation_mask(tokenizer, messages, template, tools, ids, where)
         if chosen == all_turns:
             return ids, marked
-        spans = assistant_spans(tokenizer, messages, template, text, offsets, tools=tools, location=where)
+        spans = assistant_spans(tokenizer, messages, template, text, ids, offsets, tools=tools, location=where)
         keep = _mask_from_spans(offsets, [spans[i] for i in chosen])
         return ids, [a & b for a, b in zip(marked, keep)]
-    spans = assistant_spans(tokenizer, messages, template, text, offsets, tools=tools, location=where)
+    spans = assistant_spans(tokenizer, messages, template, text, ids, offsets, tools=tools, location=where)
     return ids, _mask_from_spans(offsets, [spans[i] for i in chosen])
 
 
