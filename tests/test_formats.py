@@ -99,6 +99,11 @@ def test_text_and_string_tools_and_system_prompt():
     assert conv["tools"] == [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     conv = to_conversation({"prompt": "p", "completion": "c"}, system_prompt="S")
     assert conv["completion_start"] == 2
+    # LLaMA-Factory style ShareGPT: a separate system column; turns under "messages" with from/value
+    conv = to_conversation({"messages": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+                            "system": "Sys"}, system_prompt="ignored")
+    assert conv == {"messages": [{"role": "system", "content": "Sys"}, {"role": "user", "content": "q"},
+                                 {"role": "assistant", "content": "a"}]}
 
 
 @pytest.mark.parametrize("row, needle", [

@@ -14,7 +14,8 @@ never a double BOS). The mask marks which *tokens* are trained; ``packing.py`` t
   whitespace. So the span is the content plus the template's end-of-turn text (``<|im_end|>``, ``<|eot_id|>``,
   ``</s>``, ``<end_of_turn>``, ...) and stops before the newline / next turn's header. Text a generation prompt
   already supplies (e.g. ``<think>\\n`` for DeepSeek-R1) is prompt, not trained. The span is then located in the
-  full text, searching forward from the previous turn, so templates that render *earlier* turns differently
+  full text, searching forward from the end of the message it answers (so a reply that repeats the question is
+  not found inside the question), so templates that render *earlier* turns differently
   once later turns exist (system prompt moved, reasoning stripped from history) still work. If the turn itself
   renders differently when it is not the last one (e.g. Qwen3 writes an empty ``<think></think>`` block only on
   the final turn), the span is anchored on the content instead: content + end-of-turn text as found in ``E``.

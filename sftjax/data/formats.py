@@ -79,8 +79,10 @@ def to_conversation(
     if "messages" in conversation:
         if not conversation["messages"]:
             raise DataError(f"{where}: conversation is empty")
-        if system_prompt and conversation["messages"][0]["role"] != "system":
-            conversation["messages"].insert(0, {"role": "system", "content": system_prompt})
+        system = row.get(col("system")) if format in ("messages", "sharegpt") else None
+        system = _string(system, where, col("system"), allow_none=True) or system_prompt
+        if system and conversation["messages"][0]["role"] != "system":
+            conversation["messages"].insert(0, {"role": "system", "content": system})
             if "completion_start" in conversation:
                 conversation["completion_start"] += 1
         tools = row.get(col("tools"))
@@ -219,7 +221,10 @@ def _messages_list(value: Any, where: str, what: str, offset: int = 0) -> list[d
 
 
 def _from_messages(row: dict, col, where: str) -> dict:
-    return {"messages": _messages_list(_require(row, col("messages"), where), where, col("messages"))}
+    messages = _require(row, col("messages"), where)
+    if isinstance(messages, list) and messages and isinstance(messages[0], dict) and "from" in messages[0]:
+        return _from_sharegpt({"conversations": messages}, lambda name: name, where)  # ShareGPT turns
+    return {"messages": _messages_list(messages, where, col("messages"))}
 
 
 def _from_sharegpt(row: dict, col, where: str) -> dict:
