@@ -429,21 +429,11 @@ from sftjax.checkpoint import CheckpointManager, abstract_like
 from sftjax.config import LoraSection, OptimSection
 from sftjax.models.config import ModelConfig
 from sftjax.models.decoder import Decoder
-from sftjax.models.layers import Linear
 from sftjax.train.lora import apply_lora, split_model
 from sftjax.train.optim import make_optimizer
 from sftjax.train.step import LossOptions, TrainState, make_train_step
 
 mode, run_dir, total, kill_after = sys.argv[1], pathlib.Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-try:  # same workaround as tests/test_export.py while Linear.lora_a is a static attribute
-    Linear(2, 2, rngs=nnx.Rngs(0)).enable_lora(1, 1.0, rngs=nnx.Rngs(0))
-except ValueError:
-    _enable = Linear.enable_lora
-    def _patched(self, *a, **k):
-        self.lora_a, self.lora_b, self.lora_dropout = nnx.data(None), nnx.data(None), nnx.data(None)
-        return _enable(self, *a, **k)
-    Linear.enable_lora = _patched
-
 config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                      head_dim=8, max_position_embeddings=32)
 model = Decoder(config, rngs=nnx.Rngs(0))

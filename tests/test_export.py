@@ -27,27 +27,6 @@ TOKENS = np.array([[1, 5, 9, 33, 2, 77, 100, 3, 4, 8, 15, 16, 23, 42, 99, 127],
                    [7, 7, 1, 2, 3, 64, 65, 66, 10, 11, 12, 13, 0, 120, 121, 5]], dtype=np.int32)
 
 
-@pytest.fixture(autouse=True)
-def _lora_attach_workaround(monkeypatch):
-    """WORKAROUND, remove when fixed in sftjax/models/layers.py (not owned here): ``Linear.__init__`` sets
-    ``self.lora_a = None`` without ``nnx.data``, so flax 0.12 marks the attribute static and ``enable_lora`` raises.
-    Only applied while that bug is present; export itself never touches these internals."""
-    from sftjax.models.layers import Linear
-
-    try:
-        Linear(2, 2, rngs=nnx.Rngs(0)).enable_lora(1, 1.0, rngs=nnx.Rngs(0))
-        return
-    except ValueError:
-        pass
-    original = Linear.enable_lora
-
-    def enable_lora(self, *args, **kwargs):
-        self.lora_a, self.lora_b, self.lora_dropout = nnx.data(None), nnx.data(None), nnx.data(None)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Linear, "enable_lora", enable_lora)
-
-
 @pytest.fixture(scope="module")
 def hf_base(tmp_path_factory) -> pathlib.Path:
     """A random tiny transformers Llama saved as a HF directory (the frozen base)."""
