@@ -364,9 +364,15 @@ class CheckpointManager:
         """Whether the step or time trigger fires at ``step`` (it does not save)."""
         if self.save_every_steps and step % self.save_every_steps == 0:
             return True
-        if self.save_every_minutes and time.monotonic() - self._last_save_time >= 60 * self.save_every_minutes:
-            return True
-        return False
+        if not self.save_every_minutes:
+            return False
+        due = time.monotonic() - self._last_save_time >= 60 * self.save_every_minutes
+        if jax.process_count() > 1:
+            # clocks differ between hosts; a save is collective, so every host follows process 0's decision
+            from jax.experimental import multihost_utils
+
+            due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
+        return due
 
     def maybe_save(
         self,
@@ -492,6 +498,8 @@ class CheckpointManager:
         meta_file = step_dir / META_ITEM / "metadata"
         if not step_dir.is_dir():
             raise CheckpointError(f"checkpoint step {step} not found in {self.directory}")
+        if not (step_dir / META_ITEM).is_dir():
+            raise CheckpointError(f"checkpoint {step_dir} is not an sftjax checkpoint (no '{META_ITEM}' item)")
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
             meta = meta[META_ITEM]

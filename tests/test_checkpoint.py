@@ -343,6 +343,15 @@ def test_foreign_and_corrupt_directories(tmp_path):
         with pytest.raises(CheckpointError, match=r"checkpoint .*/1 is corrupt"):
             m.restore(1, ckpt.abstract_like(state))
 
+    # a plain orbax checkpoint written by another tool, inside the run's checkpoint directory
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(tmp_path / "other") as other:
+        other.save(4, args=ocp.args.StandardSave({"w": np.ones(3)}))
+    with ckpt.CheckpointManager(tmp_path / "other", CONFIG) as m:
+        with pytest.raises(CheckpointError, match=r"/other/4 is not an sftjax checkpoint"):
+            m.restore_latest(ckpt.abstract_like(state))
+
 
 def test_resume_modes(tmp_path):
     state = _state()
