@@ -30,15 +30,15 @@ def _llama3_rope():
 
 CASES = {
     "llama3_untied": ("LlamaConfig", dict(COMMON, tie_word_embeddings=False, rope_parameters=_llama3_rope())),
-    "llama_linear_bias": ("LlamaConfig", dict(COMMON, tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
-                                              rope_parameters={"rope_type": "linear", "rope_theta": 500.0,
-                                                               "factor": 2.0})),
     # dynamic NTK: max_position_embeddings 16 < LENGTH, so frequencies are rescaled for the longer sequence
-    "llama_dynamic": ("LlamaConfig", dict(COMMON, max_position_embeddings=16, tie_word_embeddings=False,
-                                          rope_parameters={"rope_type": "dynamic", "rope_theta": 1000.0,
-                                                           "factor": 2.0})),
-    "smollm2_tied": ("LlamaConfig", dict(COMMON, tie_word_embeddings=True, num_key_value_heads=1,
-                                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0})),
+    "llama_dynamic_bias": ("LlamaConfig", dict(COMMON, max_position_embeddings=16, tie_word_embeddings=False,
+                                               attention_bias=True, mlp_bias=True,
+                                               rope_parameters={"rope_type": "dynamic", "rope_theta": 1000.0,
+                                                                "factor": 2.0})),
+    # SmolLM2/TinyLlama style: tied embeddings, multi-query attention; here with linear rope scaling
+    "llama_tied_mqa_linear": ("LlamaConfig", dict(COMMON, tie_word_embeddings=True, num_key_value_heads=1,
+                                                  rope_parameters={
+        "rope_type": "linear", "rope_theta": 500.0, "factor": 2.0})),
     "mistral_window": ("MistralConfig", dict(COMMON, sliding_window=8, tie_word_embeddings=False)),
     "qwen2_bias_window": ("Qwen2Config", dict(COMMON, tie_word_embeddings=True, use_sliding_window=True,
                                               sliding_window=8, max_window_layers=1)),
@@ -46,13 +46,14 @@ CASES = {
     "gemma": ("GemmaConfig", dict(COMMON, tie_word_embeddings=True)),
     "gemma2": ("Gemma2Config", dict(COMMON, tie_word_embeddings=True, sliding_window=8, query_pre_attn_scalar=24,
                                     attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
-    "phi3_partial_window": ("Phi3Config", dict(COMMON, tie_word_embeddings=False, sliding_window=8,
-                                               partial_rotary_factor=0.5)),
-    "phi3_longrope": ("Phi3Config", dict(COMMON, tie_word_embeddings=False, original_max_position_embeddings=16,
-                                         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
-                                                          "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 3.5],
-                                                          "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
-                                                          "original_max_position_embeddings": 16})),
+    # partial rotary (8 of 16 dims), a window on every layer, longrope with LENGTH beyond the original 16
+    "phi3": ("Phi3Config", dict(COMMON, tie_word_embeddings=False, sliding_window=8, partial_rotary_factor=0.5,
+                                original_max_position_embeddings=16,
+                                rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                 "partial_rotary_factor": 0.5,
+                                                 "short_factor": [1.0, 1.3, 2.0, 3.0],
+                                                 "long_factor": [1.0, 2.0, 4.0, 8.0],
+                                                 "original_max_position_embeddings": 16})),
 }
 
 # (HF parameter, our parameter path, HF rows or None): a few weights whose gradients are compared.
