@@ -166,7 +166,7 @@ def test_configured_default_is_used(monkeypatch):
 
 
 def test_automatic_choice_on_cpu():
-    assert api._automatic(512, 64, None)[0] == "reference"
+    assert api._automatic(api.CPU_CHUNKED_MIN_LENGTH - 1, 64, None)[0] == "reference"
     assert api._automatic(api.CPU_CHUNKED_MIN_LENGTH, 64, None)[0] == "xla_chunked"
 
 

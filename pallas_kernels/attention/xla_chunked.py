@@ -191,8 +191,15 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def attention_xla_chunked(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, *, causal=True, sliding_window=None,
-                          logit_softcap=None, scale=None, block_q=512, block_k=512):
-    """Same contract and result as reference.attention_reference, in O(L) memory."""
+                          logit_softcap=None, scale=None, block_q=None, block_k=None):
+    """Same contract and result as reference.attention_reference, in O(L) memory.
+
+    Default blocks: 128 on the CPU (finer blocks skip more of a packed row's masked area; measured 2-5x faster
+    than the dense reference at L = 256-1024), 512 on accelerators.
+    """
+    default_block = 128 if jax.default_backend() == "cpu" else 512
+    block_q = block_q or default_block
+    block_k = block_k or default_block
     batch, length, num_q_heads, head_dim = q_BLHD.shape
     num_kv_heads = k_BLKD.shape[2]
     group = num_q_heads // num_kv_heads
