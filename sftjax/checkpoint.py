@@ -258,6 +258,33 @@ class CheckpointSection:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# train state <-> checkpoint items
+
+STATE_ITEM_FIELDS = ("params", "opt_state")  # each its own orbax item; export reads only "params"
+COUNTERS_ITEM = "counters"
+
+
+def train_state_items(train_state: Any) -> dict[str, Any]:
+    """A dataclass train state (``sftjax.train.step.TrainState``) -> the ``state`` mapping to save.
+
+    ``params`` (the trainable nnx.State: adapters for LoRA) and ``opt_state`` become items of their own; every
+    other field (step and counters) goes into ``counters``.
+    """
+    fields = {f.name: getattr(train_state, f.name) for f in dataclasses.fields(train_state)}
+    items = {name: fields.pop(name) for name in STATE_ITEM_FIELDS if name in fields}
+    if fields:
+        items[COUNTERS_ITEM] = fields
+    return items
+
+
+def train_state_from_items(template: Any, items: Mapping[str, Any]) -> Any:
+    """The inverse of :func:`train_state_items`: ``template`` with its fields replaced by the restored ones."""
+    changes = {name: items[name] for name in STATE_ITEM_FIELDS if name in items}
+    changes.update(items.get(COUNTERS_ITEM, {}))
+    return dataclasses.replace(template, **changes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # locating checkpoints
 
 

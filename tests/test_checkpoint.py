@@ -434,7 +434,7 @@ TOY_TRAINING = """
 import json, os, pathlib, signal, sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from sftjax.checkpoint import CheckpointManager, abstract_like
+from sftjax.checkpoint import CheckpointManager, abstract_like, train_state_from_items, train_state_items
 from sftjax.config import LoraSection, OptimSection
 from sftjax.models.config import ModelConfig
 from sftjax.models.decoder import Decoder
@@ -466,18 +466,14 @@ def advance(data_state):
     index = data_state["index"] + 2
     return {"epoch": data_state["epoch"] + index // len(rows), "index": index % len(rows)}
 
-def as_items(state):
-    return {"params": state.params, "opt_state": state.opt_state,
-            "counters": {"step": state.step, "nonfinite_steps": state.nonfinite_steps}}
+as_items = train_state_items
 
 manager = CheckpointManager(run_dir / "checkpoints", {"model": {"init": "tiny"}, "lora": vars(lora)},
                             save_every_steps=3, keep=2)
 data_state, start = {"epoch": 0, "index": 0}, 0
 restored = manager.restore_latest(abstract_like(as_items(state)))
 if restored is not None:
-    items = restored.state
-    state = TrainState(step=items["counters"]["step"], params=items["params"], opt_state=items["opt_state"],
-                       nonfinite_steps=items["counters"]["nonfinite_steps"])
+    state = train_state_from_items(state, restored.state)
     data_state, rng, start = restored.data_state, restored.rng, restored.step
     print("resumed", start, flush=True)
 with open(run_dir / "losses.jsonl", "a") as log:
@@ -533,3 +529,23 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, mode):
     assert sorted(final_ref.files) == sorted(final_resumed.files)
     for name in final_ref.files:
         np.testing.assert_array_equal(final_resumed[name], final_ref[name], err_msg=name)
+
+
+def test_train_state_items_round_trip(tmp_path):
+    from sftjax.train.step import TrainState
+    import optax
+
+    params = {"w": jnp.arange(6.0).reshape(2, 3)}
+    state = TrainState.create(params, optax.adam(1e-2))
+    state = state.replace(step=jnp.array(5, jnp.int32))
+    items = ckpt.train_state_items(state)
+    assert set(items) == {"params", "opt_state", "counters"}
+    with ckpt.CheckpointManager(tmp_path, CONFIG) as m:
+        m.save(5, items)
+        m.wait()
+        fresh = TrainState.create({"w": jnp.zeros((2, 3))}, optax.adam(1e-2))
+        restored = m.restore_latest(ckpt.abstract_like(ckpt.train_state_items(fresh)))
+    back = ckpt.train_state_from_items(fresh, restored.state)
+    assert int(back.step) == 5
+    _assert_trees_equal(back.params, params)
+    _assert_trees_equal(back.opt_state, state.opt_state)
