@@ -23,12 +23,16 @@ def _loss(model):
     return jnp.mean(model(TOKENS) ** 2)
 
 
+@pytest.fixture(scope="module")
+def plain_loss_and_grads():
+    return nnx.jit(nnx.value_and_grad(_loss))(Decoder(CONFIG, rngs=nnx.Rngs(0)))
+
+
 @pytest.mark.parametrize("policy", ["full", "save_dots"])
-def test_remat_gives_identical_loss_and_gradients(policy):
-    plain = Decoder(CONFIG, rngs=nnx.Rngs(0))
+def test_remat_gives_identical_loss_and_gradients(policy, plain_loss_and_grads):
     remat = Decoder(CONFIG.replace(remat=policy), rngs=nnx.Rngs(0))
     assert remat.remat == policy
-    loss_a, grads_a = nnx.jit(nnx.value_and_grad(_loss))(plain)
+    loss_a, grads_a = plain_loss_and_grads
     loss_b, grads_b = nnx.jit(nnx.value_and_grad(_loss))(remat)
     assert float(loss_a) == pytest.approx(float(loss_b), rel=1e-6)
     for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
