@@ -279,7 +279,7 @@ def _write_gguf(model, model_config, run_config, staged_dir: pathlib.Path, dtype
     if write_gguf is None:
         raise CheckpointError("GGUF export is not available in this version of sftjax (no gguf_io.write_gguf)")
     target = staged_dir.with_suffix(".gguf")
-    write_gguf(model, model_config, target, dtype=dtype, tokenizer=_tokenizer_for(run_config))
+    write_gguf(model, model_config, _tokenizer_for(run_config), target, dtype=dtype)
     shutil.rmtree(staged_dir, ignore_errors=True)
     return target
 

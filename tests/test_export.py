@@ -175,15 +175,23 @@ def test_gguf_export_reads_back(hf_base, tmp_path):
         pytest.skip("sftjax.models.gguf_io.write_gguf has not landed yet (another engineer's module)")
     import gguf
 
-    lora = LoraSection(enabled=False)
-    model, model_config = load_ours(hf_base)
+    lora = LoraSection(enabled=True, r=4, alpha=8.0, target_modules=["q_proj", "k_proj", "up_proj"])
+    model, _ = load_ours(hf_base)
+    add_random_lora(model, lora)
     ours = our_logits(model)
     _save_checkpoint(tmp_path / "run", _run_config(hf_base, lora), model, lora)
-    out = ex.export(tmp_path / "run", tmp_path / "model.gguf", format="gguf", dtype="f32")
-    reader = gguf.GGUFReader(str(out))
-    assert len(reader.tensors) > 0
-    reloaded, _ = load_ours(out)
-    np.testing.assert_allclose(our_logits(reloaded), ours, atol=1e-4, rtol=0)
+
+    exact = ex.export(tmp_path / "run", tmp_path / "model.gguf", format="gguf", dtype="f32")
+    reader = gguf.GGUFReader(str(exact))
+    names = {t.name for t in reader.tensors}
+    assert {"token_embd.weight", "blk.0.attn_q.weight", "blk.1.ffn_up.weight", "output.weight"} <= names
+    np.testing.assert_allclose(our_logits(load_ours(exact)[0]), ours, atol=1e-4, rtol=0)  # LoRA merged
+
+    half = ex.export(tmp_path / "run", tmp_path / "half", format="gguf")  # default f16, into half/model.gguf
+    assert half == tmp_path / "half" / "model.gguf"
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(half)).tensors}
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.F16
+    np.testing.assert_allclose(our_logits(load_ours(half)[0]), ours, atol=5e-2, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
