@@ -195,3 +195,20 @@ def test_bad_inputs_fail_at_trace_time_with_one_line_message():
         assert "\n" not in str(caught.value)
     with pytest.raises(ValueError, match="sliding_window"):
         attention(q, k, v, segments, sliding_window=0)
+
+
+def test_segment_block_ranges_cover_every_nonempty_tile_and_skip_others():
+    from pallas_kernels.attention.pallas_gpu import segment_block_ranges
+    from pallas_kernels.attention.reference import attention_mask
+
+    segments = jnp.concatenate([packed_segments(2, 64, 9), jnp.asarray([[1, 2, 0, 3] * 16], jnp.int32)])
+    key_range, query_range = map(np.asarray, segment_block_ranges(segments, 8, 16))
+    tiles = np.asarray(attention_mask(segments, causal=False)).reshape(3, 8, 8, 4, 16).any(axis=(2, 4))
+    for row in range(3):
+        for qi in range(8):
+            for kj in range(4):
+                if tiles[row, qi, kj]:
+                    assert key_range[row, qi, 0] <= kj < key_range[row, qi, 1]
+                    assert query_range[row, kj, 0] <= qi < query_range[row, kj, 1]
+    # Contiguous packed segments: the ranges are exactly the non-empty tiles.
+    assert key_range[:2, :, 1].sum() - key_range[:2, :, 0].sum() == tiles[:2].sum()

@@ -7,7 +7,9 @@ is two kernels that recompute probabilities from that log-sum-exp: one program p
 accumulates dk, dv over the query blocks that can see the key block (summed over the query heads of a group
 afterwards), and one program per (batch, q head, query block) accumulates dq over its key blocks. Segment
 masks are applied per tile; masked scores are a finite large negative and probabilities are multiplied by the
-mask, so padding and fully masked tiles never produce NaN.
+mask, so padding and fully masked tiles never produce NaN. Blocks that share no segment with the program's
+block (computed once per call from the segment ids, ``segment_block_ranges``) are not visited at all, so a
+packed row costs about the sum of its examples' squares, not the row's.
 
 On GPU the kernels are lowered with Triton (``compiler_params=triton.CompilerParams``), the lowering jax
 still ships next to Mosaic GPU; ``interpret=True`` runs the same kernels on the CPU for tests.
@@ -54,8 +56,8 @@ def _tile(q, k, seg_q, seg_k, q_start, k_start, scale, causal, sliding_window, l
     return s, mask
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, seg_q_ref, seg_k_ref, o_ref, lse_ref, *, scale, causal, sliding_window,
-                    logit_softcap, block_q, block_k, num_k_blocks):
+def _forward_kernel(q_ref, k_ref, v_ref, seg_q_ref, seg_k_ref, key_range_ref, o_ref, lse_ref, *, scale, causal,
+                    sliding_window, logit_softcap, block_q, block_k, num_k_blocks):
     q_start = pl.program_id(2) * block_q
     q = q_ref[...]
     seg_q = seg_q_ref[...]
@@ -79,15 +81,16 @@ def _forward_kernel(q_ref, k_ref, v_ref, seg_q_ref, seg_k_ref, o_ref, lse_ref, *
     init = (jnp.full((block_q,), _NEG, jnp.float32), jnp.zeros((block_q,), jnp.float32),
             jnp.zeros((block_q, head_dim), jnp.float32))
     lo, hi = _key_block_range(q_start, block_q, block_k, num_k_blocks, causal, sliding_window)
-    m, l, acc = lax.fori_loop(lo, hi, visit, init)
+    lo, hi = jnp.maximum(lo, key_range_ref[0, 0]), jnp.minimum(hi, key_range_ref[0, 1])
+    m, l, acc = lax.fori_loop(lo, jnp.maximum(lo, hi), visit, init)
     visible = l > 0
     safe_l = jnp.where(visible, l, 1.0)
     o_ref[...] = (acc / safe_l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(visible, m + jnp.log(safe_l), 0.0)
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref, seg_k_ref, dk_ref, dv_ref, *, scale,
-                 causal, sliding_window, logit_softcap, block_q, block_k, num_q_blocks):
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref, seg_k_ref, query_range_ref, dk_ref,
+                 dv_ref, *, scale, causal, sliding_window, logit_softcap, block_q, block_k, num_q_blocks):
     k_start = pl.program_id(2) * block_k
     k = k_ref[...]
     v = v_ref[...]
@@ -114,13 +117,14 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref, seg
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     lo, hi = _query_block_range(k_start, block_q, block_k, num_q_blocks, causal, sliding_window)
-    dk, dv = lax.fori_loop(lo, hi, visit, (zeros, zeros))
+    lo, hi = jnp.maximum(lo, query_range_ref[0, 0]), jnp.minimum(hi, query_range_ref[0, 1])
+    dk, dv = lax.fori_loop(lo, jnp.maximum(lo, hi), visit, (zeros, zeros))
     dk_ref[...] = dk
     dv_ref[...] = dv
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref, seg_k_ref, dq_ref, *, scale, causal,
-               sliding_window, logit_softcap, block_q, block_k, num_k_blocks):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref, seg_k_ref, key_range_ref, dq_ref, *, scale,
+               causal, sliding_window, logit_softcap, block_q, block_k, num_k_blocks):
     q_start = pl.program_id(2) * block_q
     q = q_ref[...]
     do = do_ref[...]
@@ -143,7 +147,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref, seg_k
         return dq + _dot(ds, k, 1, 0)
 
     lo, hi = _key_block_range(q_start, block_q, block_k, num_k_blocks, causal, sliding_window)
-    dq_ref[...] = lax.fori_loop(lo, hi, visit, jnp.zeros(q.shape, jnp.float32))
+    lo, hi = jnp.maximum(lo, key_range_ref[0, 0]), jnp.minimum(hi, key_range_ref[0, 1])
+    dq_ref[...] = lax.fori_loop(lo, jnp.maximum(lo, hi), visit, jnp.zeros(q.shape, jnp.float32))
 
 
 def _specs(batch, num_heads, group, length, head_dim, block_q, block_k, outer_is_query):
@@ -169,7 +174,37 @@ def _specs(batch, num_heads, group, length, head_dim, block_q, block_k, outer_is
     return q_spec, kv_spec, row_spec, seg_q_spec, seg_k_spec
 
 
-def _forward(q, k, v, seg, config):
+def _range_spec():
+    """The [lo, hi) block range of the program's own block, from a [B, num_blocks, 2] table."""
+    return pl.BlockSpec((None, 1, 2), lambda b, h, i: (b, i, 0))
+
+
+def segment_block_ranges(seg_BL, block_q, block_k):
+    """Per query block, the key blocks its segments occupy, and per key block the query blocks of its segments.
+
+    Returns int32 [B, nq, 2] and [B, nk, 2] half-open ranges: a block outside them shares no segment with the
+    block, so the kernels never visit it (in a packed row, everything before the example's start).
+    """
+    batch, length = seg_BL.shape
+    order = jnp.argsort(seg_BL, axis=1, stable=True)
+    ordered = jnp.take_along_axis(seg_BL, order, axis=1)
+    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    starts = jnp.concatenate([jnp.ones((batch, 1), bool), ordered[:, 1:] != ordered[:, :-1]], axis=1)
+    ends = jnp.concatenate([ordered[:, 1:] != ordered[:, :-1], jnp.ones((batch, 1), bool)], axis=1)
+    group_start = lax.cummax(jnp.where(starts, positions, 0), axis=1)
+    group_end = lax.cummin(jnp.where(ends, positions, length), axis=1, reverse=True)
+    inverse = jnp.argsort(order, axis=1)
+    # Stable sort: a group's first (last) entry is its segment's first (last) position in the row.
+    first = jnp.take_along_axis(jnp.take_along_axis(order, group_start, axis=1), inverse, axis=1)
+    last = jnp.take_along_axis(jnp.take_along_axis(order, group_end, axis=1), inverse, axis=1)
+    key_range = jnp.stack([first.reshape(batch, -1, block_q).min(-1) // block_k,
+                           last.reshape(batch, -1, block_q).max(-1) // block_k + 1], axis=-1)
+    query_range = jnp.stack([first.reshape(batch, -1, block_k).min(-1) // block_q,
+                             last.reshape(batch, -1, block_k).max(-1) // block_q + 1], axis=-1)
+    return key_range.astype(jnp.int32), query_range.astype(jnp.int32)
+
+
+def _forward(q, k, v, seg, key_range, config):
     causal, sliding_window, logit_softcap, scale, block_q, block_k, interpret = config
     batch, num_heads, length, head_dim = q.shape
     group = num_heads // k.shape[1]
@@ -181,17 +216,17 @@ def _forward(q, k, v, seg, config):
     return pl.pallas_call(
         kernel,
         grid=(batch, num_heads, length // block_q),
-        in_specs=[q_spec, kv_spec, kv_spec, seg_q_spec, seg_k_spec],
+        in_specs=[q_spec, kv_spec, kv_spec, seg_q_spec, seg_k_spec, _range_spec()],
         out_specs=[q_spec, row_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((batch, num_heads, length), jnp.float32)],
         interpret=interpret,
         compiler_params=_compiler_params(interpret),
         name="sftjax_flash_attention_fwd",
-    )(q, k, v, seg, seg)
+    )(q, k, v, seg, seg, key_range)
 
 
-def _backward(q, k, v, seg, out, lse, d_out, config):
+def _backward(q, k, v, seg, key_range, query_range, out, lse, d_out, config):
     causal, sliding_window, logit_softcap, scale, block_q, block_k, interpret = config
     batch, num_heads, length, head_dim = q.shape
     num_kv = k.shape[1]
@@ -206,13 +241,13 @@ def _backward(q, k, v, seg, out, lse, d_out, config):
     dk_per_q_head, dv_per_q_head = pl.pallas_call(
         functools.partial(_dkdv_kernel, num_q_blocks=length // block_q, **common),
         grid=(batch, num_heads, length // block_k),
-        in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, seg_q_spec, seg_k_spec],
+        in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, seg_q_spec, seg_k_spec, _range_spec()],
         out_specs=[dkv_spec, dkv_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32)] * 2,
         interpret=interpret,
         compiler_params=_compiler_params(interpret),
         name="sftjax_flash_attention_dkdv",
-    )(q, k, v, d_out, lse, delta, seg, seg)
+    )(q, k, v, d_out, lse, delta, seg, seg, query_range)
     dk = dk_per_q_head.reshape(batch, num_kv, group, length, head_dim).sum(2).astype(k.dtype)
     dv = dv_per_q_head.reshape(batch, num_kv, group, length, head_dim).sum(2).astype(v.dtype)
 
@@ -221,30 +256,30 @@ def _backward(q, k, v, seg, out, lse, d_out, config):
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, num_k_blocks=length // block_k, **common),
         grid=(batch, num_heads, length // block_q),
-        in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, seg_q_spec, seg_k_spec],
+        in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, seg_q_spec, seg_k_spec, _range_spec()],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, jnp.float32),
         interpret=interpret,
         compiler_params=_compiler_params(interpret),
         name="sftjax_flash_attention_dq",
-    )(q, k, v, d_out, lse, delta, seg, seg)
+    )(q, k, v, d_out, lse, delta, seg, seg, key_range)
     return dq.astype(q.dtype), dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, seg, config):
-    return _forward(q, k, v, seg, config)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, seg, key_range, query_range, config):
+    return _forward(q, k, v, seg, key_range, config)[0]
 
 
-def _flash_fwd(q, k, v, seg, config):
-    out, lse = _forward(q, k, v, seg, config)
-    return out, (q, k, v, seg, out, lse)
+def _flash_fwd(q, k, v, seg, key_range, query_range, config):
+    out, lse = _forward(q, k, v, seg, key_range, config)
+    return out, (q, k, v, seg, key_range, query_range, out, lse)
 
 
 def _flash_bwd(config, residuals, d_out):
-    q, k, v, seg, out, lse = residuals
-    dq, dk, dv = _backward(q, k, v, seg, out, lse, d_out, config)
-    return dq, dk, dv, None
+    q, k, v, seg, key_range, query_range, out, lse = residuals
+    dq, dk, dv = _backward(q, k, v, seg, key_range, query_range, out, lse, d_out, config)
+    return dq, dk, dv, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -262,5 +297,6 @@ def attention_pallas_gpu(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, *, causal=True,
     seg = _pad_length(segment_ids_BL.astype(jnp.int32), padded, value=-1)
     q, k, v = (jnp.swapaxes(_pad_length(x, padded), 1, 2) for x in (q_BLHD, k_BLKD, v_BLKD))
     config = (causal, sliding_window, logit_softcap, scale, block_q, block_k, bool(interpret))
-    out = _flash(q, k, v, seg, config)
+    key_range, query_range = segment_block_ranges(seg, block_q, block_k)
+    out = _flash(q, k, v, seg, key_range, query_range, config)
     return jnp.swapaxes(out, 1, 2)[:, :length]
