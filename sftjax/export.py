@@ -250,7 +250,16 @@ def export(source, out, *, format: str, dtype: str | None = None, overwrite: boo
     if format == "gguf" and out.suffix.lower() != ".gguf":
         out = out / "model.gguf"
     _check_output(out, overwrite)
-    model, model_config, run_config, meta = model_from_checkpoint(source, step=step)
+    if _is_model_file_or_dir(source):  # an already exported / downloaded model: convert its format
+        if format == "peft":
+            raise CheckpointError(f"{source} is a plain model without LoRA adapters; --format peft needs a "
+                                  "training checkpoint of a LoRA run")
+        from sftjax.models.loading import load_model
+
+        model, model_config = load_model(source)
+        run_config, meta = {"model": {"path": str(source)}}, {}
+    else:
+        model, model_config, run_config, meta = model_from_checkpoint(source, step=step)
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -272,6 +281,11 @@ def export(source, out, *, format: str, dtype: str | None = None, overwrite: boo
     return out
 
 
+def _is_model_file_or_dir(source) -> bool:
+    path = pathlib.Path(source)
+    return (path.is_file() and path.suffix.lower() == ".gguf") or (path / "config.json").is_file()
+
+
 def _write_gguf(model, model_config, run_config, staged_dir: pathlib.Path, dtype: str) -> pathlib.Path:
     from sftjax.models import gguf_io
 
@@ -289,7 +303,8 @@ def _write_gguf(model, model_config, run_config, staged_dir: pathlib.Path, dtype
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="RUN_OR_CHECKPOINT",
-                        help="a run directory, its checkpoints/ directory, or one step directory")
+                        help="a run directory, its checkpoints/ directory, one step directory, or a HF "
+                             "model directory / .gguf file to convert")
     parser.add_argument("out", metavar="OUT", help="output directory (hf, peft) or .gguf file (gguf)")
     parser.add_argument("--format", choices=FORMATS, default="hf",
                         help="hf: merged safetensors; peft: LoRA adapter for peft; gguf: llama.cpp file")

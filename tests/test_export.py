@@ -247,3 +247,14 @@ def test_changed_base_model_is_detected(hf_base, tmp_path):
     (base / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="changed since checkpoint"):
         ex.export(tmp_path / "run", tmp_path / "o", format="peft")
+
+
+def test_plain_model_directory_converts_to_hf(hf_base, tmp_path):
+    out = ex.export(hf_base, tmp_path / "copy", format="hf", dtype="bfloat16")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    reference = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.bfloat16)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    for (name, a), (_, b) in zip(reference.state_dict().items(), exported.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(CheckpointError, match="without LoRA adapters"):
+        ex.export(hf_base, tmp_path / "adapter", format="peft")
