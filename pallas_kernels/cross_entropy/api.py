@@ -47,8 +47,8 @@ def _automatic(num_logits):
     backend = dispatch.backend()
     if num_logits < CHUNKED_MIN_LOGITS:
         return "reference", f"{backend} backend, fewer than {CHUNKED_MIN_LOGITS} logits"
-    if backend == "gpu":
-        return "pallas_gpu", "gpu backend"
+    # On GPU too: the XLA version needs no Triton lowering, and the Pallas row kernels have not yet been
+    # measured ahead of it on a GPU (benchmarks/bench_kernels.py records both).
     return "xla_chunked", f"{backend} backend"
 
 
