@@ -68,3 +68,24 @@ def test_sharded_load_matches_unsharded(hf_dir):
     tokens_sharded = jax.device_put(jnp.asarray(tokens), batch_sharding(mesh))
     got = np.asarray(jax.jit(lambda t: sharded(t))(tokens_sharded))
     assert np.abs(got - expected).max() <= 1e-5
+
+
+def test_parameter_shardings_and_shard_model_on_a_fresh_model():
+    from flax import nnx
+
+    from sftjax.models.config import ModelConfig
+    from sftjax.models.decoder import Decoder
+    from sftjax.sharding import parameter_shardings, shard_model
+
+    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                         num_kv_heads=2, head_dim=8)
+    model = Decoder(config, rngs=nnx.Rngs(0))
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    shardings = parameter_shardings(model, mesh)
+    assert shardings["layers"][0]["mlp"]["down_proj"]["kernel"].get_value().spec == PartitionSpec("tensor", "fsdp")
+    placed = jax.device_put(nnx.state(model), shardings)
+    assert placed["embed_tokens"]["embedding"].get_value().sharding.spec == PartitionSpec("tensor", "fsdp")
+    before = np.asarray(model(jnp.zeros((2, 8), jnp.int32)))
+    shard_model(model, mesh)
+    assert model.layers[0].attn.o_proj.kernel.get_value().sharding.spec == PartitionSpec("tensor", "fsdp")
+    np.testing.assert_allclose(np.asarray(model(jnp.zeros((2, 8), jnp.int32))), before, atol=1e-5)

@@ -7,7 +7,10 @@ Dynamic NTK scaling is stateless here: the frequencies are computed from ``seq_l
 batch, clamped below at ``max_position_embeddings`` (so up to the original length they equal the unscaled ones).
 transformers does the same per forward, except that it caches the largest length seen and keeps using it until
 the length drops back below the original maximum; on a fresh model (every training-style forward) both agree.
-Longrope likewise picks the long factors when ``max(positions) + 1`` exceeds the original maximum.
+Longrope likewise picks the long factors when ``max(positions) + 1`` exceeds the original maximum. In a packed
+batch ``positions`` restart per segment, so the length that counts is the longest segment of the batch (what
+transformers computes from the same position ids); an example packed beside a longer one may therefore get the
+scaled frequencies that it would not get alone. Only dynamic and longrope behave so; every other type is exact.
 """
 
 from __future__ import annotations
