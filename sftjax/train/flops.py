@@ -1,0 +1,76 @@
+"""Model FLOPs per trained token and device peak FLOP/s, for MFU.
+
+Model FLOPs follow the usual convention (PaLM appendix B): per token, 2N for the forward matmuls, 2N for the
+backward input gradients and 2N_trainable for the weight gradients (N = parameters that take part in matmuls,
+head included, embedding lookup excluded; with LoRA only the adapters get weight gradients), plus the attention
+scores and values: 12 * layers * heads * head_dim * seq_len (forward + backward, causal mask not discounted).
+MFU = model FLOPs per second / (device count * peak FLOP/s per device).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense bfloat16 peak FLOP/s per chip (vendor datasheets; GPU numbers without sparsity).
+PEAK_FLOPS = {
+    "tpu v4": 275e12,
+    "tpu v5e": 197e12,
+    "tpu v5 lite": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v6e": 918e12,
+    "tpu v6 lite": 918e12,
+    "a100": 312e12,
+    "h100": 989e12,
+    "h200": 989e12,
+}
+
+
+def matmul_flops_per_token(num_matmul_params: int, num_trainable_matmul_params: int) -> float:
+    return 4.0 * num_matmul_params + 2.0 * num_trainable_matmul_params
+
+
+def attention_flops_per_token(num_layers: int, num_heads: int, head_dim: int, seq_len: int) -> float:
+    return 12.0 * num_layers * num_heads * head_dim * seq_len
+
+
+def model_flops_per_token(model_config, *, num_params: int, num_trainable_params: int, seq_len: int) -> float:
+    """Training FLOPs per token for a decoder with ``num_params`` parameters (embedding table included)."""
+    embed = model_config.vocab_size * model_config.hidden_size
+    head = embed if model_config.tie_word_embeddings else 0  # tied head: the table is also a matmul
+    matmul = max(num_params - embed + head, 0)
+    trainable = min(num_trainable_params, matmul)
+    return (matmul_flops_per_token(matmul, trainable)
+            + attention_flops_per_token(model_config.num_layers, model_config.num_heads, model_config.head_dim,
+                                        seq_len))
+
+
+@functools.lru_cache(maxsize=None)
+def measured_cpu_flops(size: int = 512, repeats: int = 5) -> float:
+    """Float32 matmul FLOP/s this CPU device actually reaches (the CPU has no meaningful datasheet peak)."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((size, size), dtype=np.float32))
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size ** 3 / best
+
+
+def device_peak_flops(device=None) -> float | None:
+    """Peak FLOP/s of one device from the table (or measured on CPU); None for an unknown accelerator."""
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        return measured_cpu_flops()
+    kind = device.device_kind.lower()
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if name in kind:
+            return PEAK_FLOPS[name]
+    return None

@@ -1,0 +1,170 @@
+"""The pure, jitted train and eval steps.
+
+One optimizer step takes a batch shaped [accum, micro_rows, L] (a [rows, L] batch is one micro-batch) and:
+
+1. scans over the ``accum`` micro-batches inside the jit, each time differentiating the *summed* masked token
+   cross-entropy (``fused_linear_cross_entropy`` on the model's final hidden states and head weight) with
+   respect to the trainable params only, and adding the gradients, loss sums and token counts up;
+2. divides once by the trained-token count of the whole step (all micro-batches, all devices: under jit the sum
+   over a sharded batch is global), so the update does not depend on micro-batching, packing or device count;
+   a step with zero trained tokens gives loss 0 and gradient 0, never NaN;
+3. clips the global gradient norm, applies the optax update, and keeps params/optimizer state unchanged when
+   the gradient is not finite or the step trained no token (the non-finite ones are counted in the state).
+
+The model is rebuilt inside the jit from (graphdef, trainable, frozen) with ``nnx.merge``, so the function is
+pure over arrays and compiles once. Mixed precision: params (the float32 master copy) are cast to
+``compute_dtype`` for the forward/backward; gradients are accumulated in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from pallas_kernels.cross_entropy.api import fused_linear_cross_entropy
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step changes: the trainable params, their optimizer state and counters."""
+
+    step: jax.Array
+    params: Any  # nnx.State of the trainable variables
+    opt_state: Any
+    nonfinite_steps: jax.Array  # steps skipped because the gradient was NaN/inf
+
+    @classmethod
+    def create(cls, params, tx: optax.GradientTransformation) -> "TrainState":
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                   nonfinite_steps=jnp.zeros((), jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """Static settings of the loss and forward pass."""
+
+    logit_softcap: float | None = None
+    z_loss: float = 0.0
+    compute_dtype: Any = jnp.float32
+    cross_entropy_implementation: str | None = None
+    dropout: bool = False  # run the model with deterministic=False and a fresh dropout key
+
+
+def cast_floating(tree, dtype):
+    """Cast floating-point leaves of ``tree`` to ``dtype`` (integers, keys and counters untouched)."""
+    def cast(x):
+        if isinstance(x, jax.Array) or hasattr(x, "dtype"):
+            if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
+                return x.astype(dtype)
+        return x
+    return jax.tree.map(cast, tree)
+
+
+def forward_loss(graphdef, trainable, frozen, batch: dict, rng, options: LossOptions):
+    """Summed masked CE of one [rows, L] batch -> CrossEntropyResult (float32 sums)."""
+    trainable = cast_floating(trainable, options.compute_dtype)
+    frozen = cast_floating(frozen, options.compute_dtype)
+    model = nnx.merge(graphdef, trainable, frozen)
+    if options.dropout and rng is not None:
+        nnx.reseed(model, dropout=rng)
+    hidden_BLD = model.hidden_states(batch["tokens"], positions_BL=batch["positions"],
+                                     segment_ids_BL=batch["segment_ids"], deterministic=not options.dropout)
+    return fused_linear_cross_entropy(hidden_BLD, model.head_weight(), batch["targets"], batch["loss_mask"],
+                                      logit_softcap=options.logit_softcap, z_loss=options.z_loss,
+                                      implementation=options.cross_entropy_implementation)
+
+
+def _as_micro_batches(batch: dict) -> dict:
+    return {k: (v[None] if v.ndim == 2 else v) for k, v in batch.items()}
+
+
+def train_step_fn(graphdef, tx: optax.GradientTransformation, schedule: Callable, options: LossOptions,
+                  max_grad_norm: float | None, param_shardings=None):
+    """The un-jitted step ``(state, frozen, batch, rng) -> (state, metrics)``; see the module docstring.
+
+    ``param_shardings`` (a pytree of shardings like the trainable params) pins the gradient accumulator to the
+    params' layout; without it, XLA's SPMD partitioner (jax 0.10, CPU) computes wrong accumulated gradients when
+    the batch and the params are both sharded over ``fsdp`` inside the accumulation loop.
+    """
+
+    def constrain(tree):
+        if param_shardings is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, param_shardings)
+
+    def step(state: TrainState, frozen, batch: dict, rng):
+        micro = _as_micro_batches(batch)
+        accum = next(iter(micro.values())).shape[0]
+
+        def summed_loss(params, one_batch, key):
+            result = forward_loss(graphdef, params, frozen, one_batch, key, options)
+            return result.loss_sum, result
+
+        grad_fn = jax.grad(summed_loss, has_aux=True)
+        zeros = constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
+
+        def body(carry, xs):
+            grads_sum, loss_sum, tokens, correct = carry
+            one_batch, index = xs
+            grads, result = grad_fn(state.params, one_batch, jax.random.fold_in(rng, index))
+            grads_sum = constrain(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, constrain(grads)))
+            return (grads_sum, loss_sum + result.loss_sum, tokens + result.token_count,
+                    correct + result.correct_count), None
+
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads_sum, loss_sum, tokens, correct), _ = jax.lax.scan(body, init, (micro, jnp.arange(accum)))
+
+        denominator = jnp.maximum(tokens, 1.0)
+        grads = jax.tree.map(lambda g: g / denominator, grads_sum)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss_sum)
+        if max_grad_norm is not None:
+            scale = jnp.minimum(1.0, max_grad_norm / jnp.maximum(grad_norm, 1e-12))
+            grads = jax.tree.map(lambda g: g * scale, grads)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+
+        apply = finite & (tokens > 0)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)  # noqa: E731
+        new_state = TrainState(step=state.step + apply.astype(jnp.int32),
+                               params=keep(new_params, state.params),
+                               opt_state=keep(new_opt_state, state.opt_state),
+                               nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
+        metrics = {
+            "loss": loss_sum / denominator,
+            "trained_tokens": tokens,
+            "correct_tokens": correct,
+            "grad_norm": grad_norm,
+            "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+            "skipped": (~apply).astype(jnp.int32),
+            "nonfinite": (~finite).astype(jnp.int32),
+        }
+        return new_state, metrics
+
+    return step
+
+
+def make_train_step(graphdef, tx, schedule, options: LossOptions = LossOptions(), *,
+                    max_grad_norm: float | None = None, donate: bool = True, param_shardings=None):
+    """Jitted train step; the state is donated (updated in place on device). Pass ``param_shardings``
+    whenever the params are sharded (see ``train_step_fn``)."""
+    fn = train_step_fn(graphdef, tx, schedule, options, max_grad_norm, param_shardings)
+    return jax.jit(fn, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(graphdef, options: LossOptions = LossOptions()):
+    """Jitted ``(params, frozen, batch[rows, L]) -> {loss_sum, trained_tokens, correct_tokens}`` (no logits kept)."""
+    options = dataclasses.replace(options, dropout=False)
+
+    def eval_step(params, frozen, batch):
+        result = forward_loss(graphdef, params, frozen, batch, None, options)
+        return {"loss_sum": result.loss_sum, "trained_tokens": result.token_count,
+                "correct_tokens": result.correct_count}
+
+    return jax.jit(eval_step)
