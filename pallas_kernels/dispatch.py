@@ -3,6 +3,9 @@
 Order of precedence: an explicit ``implementation=`` argument, then a default set here (from the training
 config via :func:`set_default_implementation` or temporarily via :func:`use_implementation`), then the best
 choice for the backend. The automatic choice is logged once per (op, choice).
+
+The choice is made when a function is traced: set the default before the first call of a jitted train step
+(jax reuses earlier traces).
 """
 
 from __future__ import annotations
