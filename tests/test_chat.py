@@ -331,3 +331,80 @@ def test_end_of_turn_written_only_between_turns(assets_dir):
     ids, mask = encode_conversation({"messages": CONVERSATION[1:5]}, tok, chat_template=rounds)
     # (" Hello" is one token straddling the prompt's trailing space: a token overlapping the turn is trained)
     assert [tok.decode(r) for r in _runs(ids, mask)] == [" Hello! How can I help?", " It is 4."]
+
+
+# Tool-calling data that a template cannot render raises a one-line DataError; these are the reasons.
+TOOL_DATA_UNSUPPORTED = {
+    "axolotl/deepseek_v3.jinja": "expects tool-call arguments as a JSON string",
+    "llama.cpp/meetkai-functionary-medium-v3.2.jinja": "expects tool-call arguments as a JSON string",
+    "llama.cpp/llama-cpp-deepseek-r1.jinja": "template bug: tojson of a generator",
+    "axolotl/mistral_v2v3.jinja": "requires 9-character tool-call ids (the datasets have none)",
+    "axolotl/mistral_v3_tekken.jinja": "requires 9-character tool-call ids",
+    "llama.cpp/Mistral-Small-3.2-24B-Instruct-2506.jinja": "requires 9-character tool-call ids",
+    "llama.cpp/mistralai-Mistral-Nemo-Instruct-2407.jinja": "requires 9-character tool-call ids",
+    "llama.cpp/unsloth-Apriel-1.5.jinja": "requires tool-call ids",
+    "llama.cpp/Kimi-K2-Thinking.jinja": "uses list.append, which the sandboxed Jinja forbids",
+    "axolotl/llama3_2_vision.jinja": "one tool call per message only (a row has two)",
+    "llama.cpp/meta-llama-Llama-3.1-8B-Instruct.jinja": "one tool call per message only (a row has two)",
+    "llama.cpp/meta-llama-Llama-3.2-3B-Instruct.jinja": "one tool call per message only (a row has two)",
+}
+
+
+@pytest.fixture(scope="module")
+def tool_conversations(assets_dir):
+    from sftjax.data.formats import to_conversation
+    from sftjax.data.sources import iter_rows
+
+    out = []
+    for relative in ("glaive_toolcall_en_demo.json", "reason_tool_use_demo_50.jsonl"):
+        rows = iter_rows(str(assets_dir / "datasets" / "tool_calling" / relative))
+        out += [to_conversation(row) for _, (_, row) in zip(range(5), rows)]
+    return out
+
+
+def _tool_template_names():
+    import os
+    import pathlib
+    root = pathlib.Path(os.environ.get("SFTJAX_ASSETS", pathlib.Path(__file__).resolve().parent.parent.parent
+                                       / "shared" / "assets")) / "chat_templates"
+    names = [n for n in _template_names() if n not in UNSUPPORTED and (root / n).is_file()
+             and "tool" in (root / n).read_text()]  # templates with no notion of tools are not asked to render them
+    return names or ["<no assets>"]
+
+
+@pytest.mark.parametrize("name", _tool_template_names())
+def test_tool_calling_conversations(assets_dir, tool_conversations, name):
+    """Real tool-calling rows: ids equal transformers', every assistant turn (text or tool call) is one trained
+    run holding its content / call, tool results are never trained."""
+    template = (assets_dir / "chat_templates" / name).read_text()
+    tok = _family_tokenizer(assets_dir, name, template)
+    failures = 0
+    for conv in tool_conversations:
+        try:
+            ids, mask = encode_conversation(conv, tok, chat_template=template)
+        except DataError as err:
+            assert name in TOOL_DATA_UNSUPPORTED and "\n" not in str(err), str(err)
+            failures += 1
+            continue
+        reference = tok.apply_chat_template(conv["messages"], tools=conv.get("tools"), chat_template=template,
+                                            tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=bool(GENERATION_TAG.search(template)))
+        assert ids == list(reference["input_ids"])
+        runs = [tok.decode(r) for r in _runs(ids, mask)]
+        assistants = [m for m in conv["messages"] if m["role"] == "assistant"]
+        assert len(runs) == len(assistants)
+        for k, (run, message) in enumerate(zip(runs, assistants)):
+            assert message["content"].strip()[:40] in run
+            without_calls = [dict(m) for m in conv["messages"]]
+            without_calls[conv["messages"].index(message)].pop("tool_calls", None)
+            try:
+                renders_calls = tok.apply_chat_template(without_calls, tools=conv.get("tools"),
+                                                        chat_template=template, tokenize=False) != tok.decode(ids)
+            except Exception:  # the template insists on the call
+                renders_calls = True
+            for call in message.get("tool_calls", []) if renders_calls else []:  # some templates drop calls
+                assert call["function"]["name"] in run
+        for message in conv["messages"]:
+            if message["role"] == "tool":
+                assert not any(message["content"][:60] in run for run in runs)
+    assert (failures > 0) == (name in TOOL_DATA_UNSUPPORTED)

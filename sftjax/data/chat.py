@@ -18,7 +18,9 @@ never a double BOS). The mask marks which *tokens* are trained; ``packing.py`` t
   not found inside the question), so templates that render *earlier* turns differently
   once later turns exist (system prompt moved, reasoning stripped from history) still work. If the turn itself
   renders differently when it is not the last one (e.g. Qwen3 writes an empty ``<think></think>`` block only on
-  the final turn), the span is anchored on the content instead: content + end-of-turn text as found in ``E``.
+  the final turn), the span starts where the turn starts in the full text (after the generation header) and is
+  the longest tail of the last-turn rendering found there; failing that it is anchored on the content: content
+  + end-of-turn text as found in ``E``.
   A turn that cannot be located raises a DataError rather than training a wrong mask. Some templates write
   the end-of-turn text only when another turn follows (e.g. Apertus omits ``<|assistant_end|>`` after the final
   turn); special tokens between a turn and the next user message's header (learned from the first user turn)
@@ -141,18 +143,43 @@ def assistant_spans(tokenizer, messages: list[dict], template: str, full_text: s
         if i > 0 and not has_generation_header and content:  # no generation header: the turn starts at its content
             found = ended.find(content, turn_start)
             turn_start = found if found >= 0 else turn_start
+        elif content:  # a generation prompt may share its first words with the content ("Here are ...")
+            found = ended.rfind(content)
+            turn_start = found if 0 <= found < turn_start else turn_start
         turn = ended[turn_start:].rstrip()
         if not turn:
             raise _error(f"{location}: chat template renders assistant message {i} as empty text", "template_error")
         # The turn cannot start before the message it answers: skip past that message's content.
         lower = _after_message(messages, i - 1, full_text, search_from)
         expected = _common_prefix_length(prompt, full_text)
-        if expected >= lower and full_text.startswith(turn, expected):
+        found = full_text.find(content, lower, expected + len(content)) if content else -1
+        expected = found if lower <= found < expected else expected  # prompt shared the content's first words
+        anchors = [expected] if expected >= lower else []
+        start, end = -1, -1
+        if anchors and full_text.startswith(turn, expected):
             start = expected
         else:
             start = full_text.find(turn, lower)
+        if start < 0 and i > 0:
+            # The turn as the last message carries something it drops mid-conversation (Qwen3's empty think
+            # block, a think block kept only after the last query): find where the turn starts in the full text
+            # (after the generation prompt's header) and align the longest tail of the turn there.
+            no_prompt = render(tokenizer, messages[:i], template, tools=tools, location=location)
+            header = prompt[_common_prefix_length(no_prompt, prompt):]
+            found = full_text.find(header, lower) if header.strip() else -1
+            if found >= 0:
+                anchors.append(found + len(header))
+            for anchor in anchors:
+                dropped = _aligned_tail(turn, full_text, anchor)
+                if dropped is not None:
+                    start, end = anchor, anchor + len(turn) - dropped
+                    break
+                matched_end = _match_ignoring_whitespace(turn, full_text, anchor)
+                if matched_end is not None:  # e.g. Nemotron-Nano-v2 puts a newline before its end token mid-way
+                    start, end = anchor, matched_end
+                    break
         if start >= 0:
-            end = start + len(turn)
+            end = end if end >= 0 else start + len(turn)
             end += len(_end_of_turn_before_next_user(messages, i, full_text, end, first_user, ids, offsets,
                                                      edges, tokenizer))
             spans[i] = (start, end)
@@ -182,6 +209,34 @@ def assistant_spans(tokenizer, messages: list[dict], template: str, full_text: s
         spans[i] = (start, end)
         search_from = end
     return spans
+
+
+def _aligned_tail(turn: str, full_text: str, anchor: int, probe_length: int = 16) -> int | None:
+    """Smallest k > 0 with ``full_text[anchor:]`` starting with ``turn[k:]`` (None if there is none)."""
+    probe = full_text[anchor: anchor + min(probe_length, len(turn))]
+    if not probe.strip():
+        return None
+    k = turn.find(probe, 1)
+    while k >= 0:
+        if full_text.startswith(turn[k:], anchor):
+            return k
+        k = turn.find(probe, k + 1)
+    return None
+
+
+def _match_ignoring_whitespace(turn: str, full_text: str, anchor: int) -> int | None:
+    """End position in ``full_text`` of ``turn`` read from ``anchor`` when they differ only in whitespace."""
+    i, j = 0, anchor
+    while i < len(turn):
+        if j < len(full_text) and turn[i] == full_text[j]:
+            i, j = i + 1, j + 1
+        elif turn[i].isspace():
+            i += 1
+        elif j < len(full_text) and full_text[j].isspace():
+            j += 1
+        else:
+            return None
+    return j
 
 
 def _after_message(messages, j: int, full_text: str, search_from: int) -> int:
