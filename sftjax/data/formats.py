@@ -27,7 +27,7 @@ from sftjax.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
 ROLE_ALIASES = {
-    "system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+    "system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
     "model": "assistant", "bot": "assistant", "tool": "tool", "observation": "tool", "function": "tool",
     "ipython": "tool", "function_call": "assistant",
 }
