@@ -16,7 +16,7 @@ from flax import nnx  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from sftjax.errors import CheckpointError, SftjaxError  # noqa: E402
-from sftjax.models.loading import build_model, load_model, load_tokenizer, save_model  # noqa: E402
+from sftjax.models.loading import build_model, iter_hf_tensors, load_model, load_tokenizer, save_model  # noqa: E402
 
 VOCAB = 96
 
@@ -59,6 +59,16 @@ def test_build_model_from_state_dict_tensors(hf_dir):
     model, config = build_model(hf_model.config.to_dict(), tensors, dtype=jnp.float32, source="state_dict")
     assert config.num_layers == 2 and config.num_kv_heads == 2 and not config.tie_word_embeddings
     assert np.abs(_logits(model) - _hf_logits(hf_model)).max() <= 1e-4
+
+
+def test_iter_hf_tensors_reproduces_the_state_dict(hf_dir):
+    directory, hf_model = hf_dir
+    model, config = load_model(directory)
+    ours = dict(iter_hf_tensors(model, config))
+    state = hf_model.state_dict()
+    assert set(ours) == set(state)
+    for name, tensor in state.items():
+        np.testing.assert_array_equal(ours[name], tensor.numpy(), err_msg=name)
 
 
 def test_build_model_names_bad_shape_and_missing_tensor(hf_dir):

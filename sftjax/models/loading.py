@@ -9,8 +9,9 @@ parameter must be filled; otherwise a one-line CheckpointError names the tensor 
 from __future__ import annotations
 
 import importlib
+import json
 import pathlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -129,25 +130,13 @@ def _parameter_value(model: nnx.Module, path: str):
     return getattr(module, attribute).get_value()
 
 
-def save_model(model: Decoder, config: ModelConfig, out_dir, *, dtype=None, tokenizer=None,
-               max_shard_bytes: int = 5 * 10**9) -> pathlib.Path:
-    """Write a HF directory (safetensors shards + index, config.json, generation_config.json, tokenizer files)
-    that ``transformers.AutoModelForCausalLM.from_pretrained`` loads. ``dtype`` defaults to the model's."""
-    out_dir = pathlib.Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CheckpointError(f"{out_dir}: exists and is not a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    family = family_for_config(config)
-    target = np.dtype(jnp.dtype(dtype if dtype is not None else config.param_dtype))
-
+def _hf_tensor_entries(model: Decoder, config: ModelConfig, target: np.dtype):
+    """(HF name, nbytes, produce) per checkpoint tensor; ``produce`` gathers one tensor to host when called."""
     entries = []
-    for spec in family.weight_specs(config):
+    for spec in family_for_config(config).weight_specs(config):
         paths = [path for path, _, _ in spec.targets]
         shapes = [_parameter_value(model, p).shape for p in paths]
-        if spec.transpose:
-            shape = (sum(s[1] for s in shapes), shapes[0][0])
-        else:
-            shape = shapes[0]
+        shape = (sum(s[1] for s in shapes), shapes[0][0]) if spec.transpose else shapes[0]
 
         def produce(paths=paths, transpose=spec.transpose):
             parts = [np.asarray(jax.device_get(_parameter_value(model, p).astype(target))) for p in paths]
@@ -156,12 +145,30 @@ def save_model(model: Decoder, config: ModelConfig, out_dir, *, dtype=None, toke
             return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
         entries.append((spec.hf_name, int(np.prod(shape)) * target.itemsize, produce))
-    hf_io.write_safetensors(entries, out_dir, max_shard_bytes=max_shard_bytes)
+    return entries
+
+
+def iter_hf_tensors(model: Decoder, config: ModelConfig, *, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+    """The model as HF-named tensors ([out, in] linear layouts, LoRA merged), one at a time (for exporters)."""
+    target = np.dtype(jnp.dtype(dtype if dtype is not None else config.param_dtype))
+    for name, _, produce in _hf_tensor_entries(model, config, target):
+        yield name, produce()
+
+
+def save_model(model: Decoder, config: ModelConfig, out_dir, *, dtype=None, tokenizer=None,
+               max_shard_bytes: int = 5 * 10**9) -> pathlib.Path:
+    """Write a HF directory (safetensors shards + index, config.json, generation_config.json, tokenizer files)
+    that ``transformers.AutoModelForCausalLM.from_pretrained`` loads. ``dtype`` defaults to the model's.
+    Existing ``model*.safetensors`` files and index in ``out_dir`` are replaced; nothing else is touched."""
+    out_dir = pathlib.Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir}: exists and is not a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = np.dtype(jnp.dtype(dtype if dtype is not None else config.param_dtype))
+    hf_io.write_safetensors(_hf_tensor_entries(model, config, target), out_dir, max_shard_bytes=max_shard_bytes)
 
     hf_config = config.to_hf_dict()
     hf_config["dtype"] = target.name
-    import json
-
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     from transformers import GenerationConfig
 
