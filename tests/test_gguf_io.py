@@ -325,3 +325,181 @@ def test_tokenizer_matches_hf_files(smollm2_gguf, assets_dir):
     assert (ours.eos_token_id, ours.pad_token_id, ours.bos_token_id) == (
         reference.eos_token_id, reference.pad_token_id, reference.bos_token_id)
     assert len(ours) == len(reference) == 49152
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The SmolLM2 file through sftjax.load_model
+
+
+def test_smollm2_load_model_logits_match_torch(smollm2_read):
+    """sftjax.load_model on the alias vs a transformers Llama built from the same dequantized weights."""
+    import sftjax
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config, tensors = smollm2_read
+    reference = LlamaForCausalLM(LlamaConfig(**config)).eval()
+    reference.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=False)
+    reference.tie_weights()
+    model, _ = sftjax.load_model("smollm2-135m-instruct")
+    tokens = np.array([[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575,
+                        282, 4649, 47, 2, 198, 1, 520, 9531, 198]])
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(tokens), use_cache=False).logits.numpy()
+    ours = np.asarray(model(tokens))
+    assert np.abs(ours - expected).max() <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _random_llama(tied: bool, seed: int = 0):
+    """A random Llama as (config.json dict, HF state dict); weights large enough that q/k order matters."""
+    rng = np.random.default_rng(seed)
+    hidden, inter, heads, kv_heads, head_dim, vocab, layers = 64, 128, 4, 2, 16, 49152, 2
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+              "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+              "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "tie_word_embeddings": tied, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+              "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+
+    def normal(*shape, std=0.15):
+        return rng.normal(0.0, std, shape).astype(np.float32)
+
+    state = {"model.embed_tokens.weight": normal(vocab, hidden, std=1.0), "model.norm.weight": 1 + normal(hidden)}
+    if not tied:
+        state["lm_head.weight"] = normal(vocab, hidden)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        state.update({
+            p + "self_attn.q_proj.weight": normal(heads * head_dim, hidden, std=0.4),
+            p + "self_attn.k_proj.weight": normal(kv_heads * head_dim, hidden, std=0.4),
+            p + "self_attn.v_proj.weight": normal(kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": normal(hidden, heads * head_dim),
+            p + "mlp.gate_proj.weight": normal(inter, hidden),
+            p + "mlp.up_proj.weight": normal(inter, hidden),
+            p + "mlp.down_proj.weight": normal(hidden, inter),
+            p + "input_layernorm.weight": 1 + normal(hidden),
+            p + "post_attention_layernorm.weight": 1 + normal(hidden),
+        })
+    return config, state
+
+
+def _torch_logits(config, state, tokens):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(**config)).eval()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+    if config["tie_word_embeddings"]:
+        model.tie_weights()
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens), use_cache=False).logits.numpy()
+
+
+_TOKENS = np.array([[1, 9690, 198, 2683, 359, 253, 5356, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649]])
+
+
+@pytest.fixture(scope="module")
+def source_tokenizer(assets_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(assets_dir / "tokenizers" / "smollm2"))
+
+
+def _as_stored(array: np.ndarray, dtype: str) -> np.ndarray:
+    """What a 2-D weight becomes in a GGUF of ``dtype``, computed independently of the writer."""
+    if array.ndim == 1 or dtype == "f32":
+        return array
+    if dtype == "f16":
+        return array.astype(np.float16).astype(np.float32)
+    if dtype == "bf16":
+        return torch.from_numpy(array).to(torch.bfloat16).to(torch.float32).numpy()
+    return gguf.quants.dequantize(gguf.quants.quantize(array, Q.Q8_0), Q.Q8_0)
+
+
+@pytest.mark.parametrize("tied, dtype", [(True, "f32"), (False, "f16"), (True, "bf16"), (True, "q8_0")])
+def test_write_gguf_roundtrip_logits(tmp_path, source_tokenizer, tied, dtype):
+    """Decoder -> write_gguf -> sftjax.load_model gives transformers' logits on the weights rounded to ``dtype``."""
+    import sftjax
+    from sftjax.models.loading import build_model
+
+    config, state = _random_llama(tied)
+    expected = _torch_logits(config, {k: _as_stored(v, dtype) for k, v in state.items()}, _TOKENS)
+    model, model_config = build_model(config, state.items(), source="test")
+    path = gguf_io.write_gguf(model, model_config, source_tokenizer, tmp_path / "out.gguf", dtype=dtype)
+    assert not list(tmp_path.glob("*.partial"))
+    reloaded, reloaded_config = sftjax.load_model(path)
+    assert reloaded_config.tie_word_embeddings == tied
+    assert np.abs(np.asarray(reloaded(_TOKENS)) - expected).max() <= 1e-4
+    if dtype != "f32":  # and the rounding is visible: the test would notice a writer that ignored dtype
+        assert np.abs(_torch_logits(config, state, _TOKENS) - expected).max() > 1e-3
+
+
+def test_written_gguf_contents(tmp_path, source_tokenizer):
+    from sftjax.models.loading import build_model
+
+    config, state = _random_llama(tied=True)
+    model, model_config = build_model(config, state.items(), source="test")
+    path = gguf_io.write_gguf(model, model_config, source_tokenizer, tmp_path / "m.gguf", dtype="q8_0")
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" not in tensors and len(tensors) == 2 + 2 * 9
+    assert tensors["blk.1.attn_k.weight"].tensor_type == Q.Q8_0
+    assert [int(d) for d in tensors["blk.1.attn_k.weight"].shape] == [64, 32]  # GGUF order: [in, out]
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == Q.F32
+    # the stored q rows are llama.cpp's permutation of the HF rows
+    stored_q = gguf.quants.dequantize(tensors["blk.0.attn_q.weight"].data, Q.Q8_0)
+    hf_q = state["model.layers.0.self_attn.q_proj.weight"]
+    head0 = hf_q[:16]
+    np.testing.assert_allclose(stored_q[0:16:2], head0[:8], atol=0.01)
+    np.testing.assert_allclose(stored_q[1:16:2], head0[8:16], atol=0.01)
+    meta = gguf_io.read_gguf_metadata(path)
+    assert meta["general.architecture"] == "llama" and meta["general.file_type"] == 7
+    assert (meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"], meta["llama.block_count"],
+            meta["llama.embedding_length"], meta["llama.feed_forward_length"]) == (4, 2, 2, 64, 128)
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.eos_token_id"] == 2
+    assert meta["tokenizer.chat_template"] == source_tokenizer.chat_template
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == 49152
+    assert len(reader.fields["tokenizer.ggml.merges"].data) == 48900
+
+
+def test_written_gguf_reads_in_transformers(tmp_path, source_tokenizer):
+    """transformers' GGUF reader (an independent reader) gets the original model and tokenizer back."""
+    from transformers import AutoModelForCausalLM
+
+    from sftjax.models.loading import build_model
+
+    config, state = _random_llama(tied=False)
+    model, model_config = build_model(config, state.items(), source="test")
+    path = gguf_io.write_gguf(model, model_config, source_tokenizer, tmp_path / "m.gguf", dtype="f32")
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = theirs(torch.from_numpy(_TOKENS), use_cache=False).logits.numpy()
+    assert np.abs(logits - _torch_logits(config, state, _TOKENS)).max() <= 1e-4
+    ours = gguf_io.load_gguf_tokenizer(path)  # transformers' GGUF tokenizer converter underneath
+    for text in ["What is the capital of France?", "x = [1, 2]\n\n\tdone  ", "<|im_start|>user\nhé<|im_end|>"]:
+        expected = source_tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ours(text, add_special_tokens=False)["input_ids"] == expected
+    messages = [{"role": "user", "content": "Hi"}]
+    assert ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        source_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_write_gguf_refuses_other_architectures_and_tokenizers(tmp_path, source_tokenizer):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    config, state = _random_llama(tied=True)
+    qwen = {**config, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
+    with pytest.raises(CheckpointError) as error:
+        gguf_io.write_gguf_from_hf(qwen, state.items(), source_tokenizer, tmp_path / "q.gguf")
+    _assert_one_line(error, "Qwen2ForCausalLM", "Llama")
+    with pytest.raises(CheckpointError) as error:
+        gguf_io.write_gguf_from_hf(config, state.items(), source_tokenizer, tmp_path / "d.gguf", dtype="q4_0")
+    _assert_one_line(error, "q4_0")
+    word_level = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, "[UNK]")))
+    with pytest.raises(CheckpointError) as error:
+        gguf_io.write_gguf_from_hf(config, state.items(), word_level, tmp_path / "w.gguf")
+    _assert_one_line(error, "WordLevel")
+    assert not list(tmp_path.iterdir())
