@@ -70,33 +70,67 @@ def _publish(staged: pathlib.Path, out: pathlib.Path) -> None:
 # ------------------------------------------------------------------------------------------------ PEFT adapters
 
 
-def hf_module_names(model_config) -> dict[str, str]:
-    """Our Linear module path (``layers.0.attn.q_proj``) -> its Hugging Face module (``model.layers.0.self_attn.
-    q_proj``), for every linear weight stored unfused in the family's checkpoints."""
+def hf_module_parts(model_config) -> dict[str, tuple[str, int | None, int | None, int | None]]:
+    """Our Linear module path (``layers.0.attn.q_proj``) -> (its Hugging Face module, first row, end row, rows of
+    the fused HF weight); the rows are None for an unfused weight. Phi-3 stores q/k/v as one ``qkv_proj``."""
     from sftjax.models.registry import family_for_config
 
-    names = {}
+    parts = {}
     for spec in family_for_config(model_config).weight_specs(model_config):
-        if spec.transpose and len(spec.targets) == 1 and spec.hf_name.endswith(".weight"):
-            path, start, _ = spec.targets[0]
-            if start is None and path.endswith(".kernel"):
-                names[path[: -len(".kernel")]] = spec.hf_name[: -len(".weight")]
-    return names
+        if not (spec.transpose and spec.hf_name.endswith(".weight")):
+            continue
+        hf_module = spec.hf_name[: -len(".weight")]
+        total = max(stop for _, _, stop in spec.targets) if spec.targets[0][1] is not None else None
+        for path, start, stop in spec.targets:
+            if path.endswith(".kernel"):
+                parts[path[: -len(".kernel")]] = (hf_module, start, stop, total)
+    return parts
+
+
+def hf_module_names(model_config) -> dict[str, str]:
+    """Our Linear module path -> the Hugging Face module holding its weight."""
+    return {path: hf for path, (hf, _, _, _) in hf_module_parts(model_config).items()}
 
 
 def lora_adapters(model, model_config) -> dict[str, tuple[Any, Any, float]]:
-    """HF module name -> (A [in, r], B [r, out], scale) of every adapter in ``model``."""
+    """HF module name -> (A [in, R], B [R, out], scale) of every adapter in ``model``.
+
+    A fused HF module (Phi-3 ``qkv_proj``) gets one adapter of rank R = the sum of its parts' ranks: A stacks the
+    parts' A's, B is block-diagonal with each part's B in its rows, so ``A @ B`` is exactly the parts' updates side
+    by side (and zero for a part without adapter).
+    """
+    import jax.numpy as jnp
+
     from sftjax.train.lora import linear_modules
 
-    names = hf_module_names(model_config)
-    adapters = {}
+    locations = hf_module_parts(model_config)
+    grouped: dict[str, list] = {}
     for path, module in linear_modules(model).items():
         if getattr(module, "lora_a", None) is None:
             continue
-        if path not in names:
-            raise CheckpointError(f"LoRA adapter on {path} has no single Hugging Face module to name it in a PEFT "
-                                  f"adapter (fused weight in {model_config.architecture}); export --format hf instead")
-        adapters[names[path]] = (module.lora_a[...], module.lora_b[...], float(module.lora_scale))
+        if path not in locations:
+            raise CheckpointError(f"LoRA adapter on {path} has no Hugging Face module in "
+                                  f"{model_config.architecture} checkpoints; export --format hf instead")
+        hf_module, start, stop, total = locations[path]
+        grouped.setdefault(hf_module, []).append(
+            (module.lora_a[...], module.lora_b[...], float(module.lora_scale), start, stop, total))
+    adapters = {}
+    for hf_module, parts in grouped.items():
+        if parts[0][3] is None:
+            a_IR, b_RO, scale = parts[0][:3]
+            adapters[hf_module] = (a_IR, b_RO, scale)
+            continue
+        scale = parts[0][2]
+        if any(abs(p[2] - scale) > 1e-9 * abs(scale) for p in parts):
+            raise CheckpointError(f"LoRA parts of the fused {hf_module} have different scales")
+        total = parts[0][5]
+        a_IR = jnp.concatenate([p[0] for p in parts], axis=1)
+        b_RO = jnp.zeros((a_IR.shape[1], total), parts[0][1].dtype)
+        offset = 0
+        for _, b_part, _, start, stop, _ in parts:
+            b_RO = b_RO.at[offset: offset + b_part.shape[0], start:stop].set(b_part)
+            offset += b_part.shape[0]
+        adapters[hf_module] = (a_IR, b_RO, scale)
     return adapters
 
 
@@ -129,11 +163,17 @@ def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_mode
     if len(scales) != 1:
         raise CheckpointError(f"LoRA adapters have different scales {sorted(scales)}; PEFT needs one lora_alpha")
     scale = next(iter(adapters.values()))[2]
-    alpha = scale * (rank ** 0.5 if rslora else rank)
+
+    def alpha_for(r: int) -> float:  # PEFT's scale is alpha / r (alpha / sqrt(r) with rsLoRA)
+        return scale * (r ** 0.5 if rslora else r)
+
+    rank_pattern, alpha_pattern = {}, {}
     tensors = {}
     for name, (a_IR, b_RO, _) in adapters.items():
-        if a_IR.shape[1] != rank:
-            raise CheckpointError(f"adapter on {name} has rank {a_IR.shape[1]} but lora.r={rank}")
+        if a_IR.shape[1] != rank:  # a fused module: its rank is the sum of its parts'
+            pattern = name.replace(".", r"\.")
+            rank_pattern[pattern] = int(a_IR.shape[1])
+            alpha_pattern[pattern] = alpha_for(int(a_IR.shape[1]))
         target = np.dtype(jnp.dtype(dtype)) if dtype else np.dtype(a_IR.dtype)
         tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(
             np.asarray(jax.device_get(a_IR.astype(target))).T)
@@ -142,13 +182,13 @@ def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_mode
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / PEFT_WEIGHTS), metadata={"format": "pt"})
-    all_linear = sorted(hf_module_names(model_config).values())
+    all_linear = sorted(set(hf_module_names(model_config).values()))
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
         "r": rank,
-        "lora_alpha": alpha,
+        "lora_alpha": alpha_for(rank),
         "use_rslora": rslora,
         "lora_dropout": float(lora.get("dropout", 0.0)),
         "target_modules": _target_modules(list(adapters), all_linear),
@@ -157,8 +197,8 @@ def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_mode
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
     }
     (out_dir / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out_dir

@@ -258,3 +258,34 @@ def test_plain_model_directory_converts_to_hf(hf_base, tmp_path):
         assert torch.equal(a, b), name
     with pytest.raises(CheckpointError, match="without LoRA adapters"):
         ex.export(hf_base, tmp_path / "adapter", format="peft")
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "up_proj"]])
+def test_peft_adapter_on_fused_phi3_modules(tmp_path, targets):
+    """Phi-3 stores q/k/v (and gate/up) as one fused HF module: the adapter becomes one of summed rank there."""
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    base = transformers.Phi3ForCausalLM(config).float()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_(0.0, 0.2) if p.ndim > 1 else p.uniform_(0.8, 1.2)
+    base.save_pretrained(tmp_path / "phi3")
+    lora = LoraSection(enabled=True, r=2, alpha=4.0, target_modules=targets)
+    model, model_config = load_ours(tmp_path / "phi3")
+    add_random_lora(model, lora)
+    ours = our_logits(model)
+    out = ex.write_peft_adapter(model, model_config, tmp_path / "adapter", lora=vars(lora),
+                                base_model_name_or_path=str(tmp_path / "phi3"))
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    if targets == "all-linear":  # qkv_proj gets rank 3r, gate_up_proj 2r
+        assert set(adapter_config["rank_pattern"].values()) == {6, 4}
+    else:  # only the q rows / up rows of the fused weights change; the other rows of B are zero
+        assert adapter_config["rank_pattern"] == {}
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "phi3", dtype=torch.float32)
+    plain = torch_logits(reloaded)
+    via_peft = torch_logits(peft.PeftModel.from_pretrained(reloaded, out))
+    assert np.abs(via_peft - plain).max() > 1e-2
+    np.testing.assert_allclose(via_peft, ours, atol=1e-4, rtol=0)
