@@ -21,7 +21,7 @@ import yaml
 
 from sftjax.errors import ConfigError
 
-REMAT_POLICIES = ("none", "full", "save_dots", "offload")
+REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
 # Sections owned by other modules, kept as raw mappings and validated by their owners.
 FREE_SECTIONS = ("checkpoint",)
@@ -35,7 +35,7 @@ class ModelSection:
     init: dict | None = None  # ModelConfig fields of a random-init model (tests, demos)
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # master weights
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # forward/backward
-    remat: Literal["none", "full", "save_dots", "offload"] = "none"
+    remat: Literal["none", "full", "save_dots"] = "none"  # per decoder layer
     attention_implementation: str | None = None
     cross_entropy_implementation: str | None = None
     scan_layers: bool = False
@@ -289,6 +289,11 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
             raise bad
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)

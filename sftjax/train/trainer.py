@@ -1,0 +1,294 @@
+"""The training loop around the pure step functions.
+
+``Trainer(config)`` builds everything before anything compiles (mesh, model, tokenizer, data, adapters,
+optimizer), so a bad config or dataset fails fast with a one-line error. ``fit()`` then loops: assemble the
+global batch from this host's rows (``jax.make_array_from_process_local_data``, rows sharded over
+(data, fsdp)), dispatch the jitted step, and only every ``log_every`` steps fetch the (already dispatched)
+metrics of earlier steps, so the host never waits on the device step by step. Evaluation runs every
+``eval_every`` steps and at the end; the model is written at the end (merged weights or a PEFT adapter).
+
+Checkpointing plugs in through ``add_hook(fn)``: ``fn(trainer, step)`` runs after each dispatched step with
+``trainer.state`` (the TrainState), ``trainer.frozen`` and ``trainer.train_data`` (``get_state()``) in reach;
+``trainer.restore(state, data_state)`` resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import pathlib
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from sftjax.config import Config
+from sftjax.errors import ConfigError
+from sftjax.train import flops as flops_lib
+from sftjax.train.lora import apply_lora, split_model
+from sftjax.train.metrics import MetricsLogger, device_memory_bytes
+from sftjax.train.optim import make_optimizer
+from sftjax.train.step import LossOptions, TrainState, make_eval_step, make_train_step
+
+logger = logging.getLogger("sftjax.train")
+
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+def build_model(cfg: Config, *, mesh=None, tokenizer=None):
+    """(model, model_config) from ``model.path`` (loaded) or ``model.init`` (random init, seeded)."""
+    section = cfg.model
+    if section.init is not None:
+        from sftjax.models.config import ModelConfig
+        from sftjax.models.decoder import Decoder
+
+        spec = {k: tuple(v) if isinstance(v, list) else v for k, v in section.init.items()}
+        if "vocab_size" not in spec and tokenizer is not None:
+            spec["vocab_size"] = len(tokenizer)
+        spec.update(dtype=section.compute_dtype, param_dtype=section.param_dtype, remat=section.remat)
+        try:
+            model_config = ModelConfig(**spec)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model.init: {str(err).splitlines()[0]}") from None
+        model = Decoder(model_config, rngs=nnx.Rngs(params=cfg.train.seed))
+        if mesh is not None:
+            from sftjax.sharding import shard_model
+
+            shard_model(model, mesh)
+        return model, model_config
+    from sftjax.models.loading import load_model
+
+    model, model_config = load_model(section.path, dtype=_dtype(section.param_dtype), mesh=mesh)
+    model_config = model_config.replace(dtype=section.compute_dtype, remat=section.remat)
+    model.config = model_config
+    model.remat = section.remat
+    return model, model_config
+
+
+def _set_kernel_defaults(cfg: Config) -> None:
+    from pallas_kernels import dispatch
+
+    dispatch.set_default_implementation("attention", cfg.model.attention_implementation)
+    dispatch.set_default_implementation("cross_entropy", cfg.model.cross_entropy_implementation)
+
+
+class Trainer:
+    """Fine-tunes ``config``'s model on its data; ``fit()`` runs the loop, ``evaluate()`` one evaluation."""
+
+    def __init__(self, config: Config, *, model=None, model_config=None, tokenizer=None, train_data=None,
+                 eval_data=None):
+        self.config = cfg = config
+        train = cfg.train
+        self.mesh_sizes = cfg.check_devices(jax.device_count())
+        from sftjax.sharding import make_mesh
+
+        self.mesh = make_mesh(**self.mesh_sizes)
+        _set_kernel_defaults(cfg)
+        self.tokenizer = tokenizer
+        if self.tokenizer is None and (cfg.tokenizer.path or cfg.model.path):
+            from sftjax.models.loading import load_tokenizer
+
+            self.tokenizer = load_tokenizer(cfg.tokenizer.path or cfg.model.path)
+        self.train_data, self.eval_data, self.data_stats = train_data, eval_data, {}
+        if self.train_data is None:
+            if cfg.data is None:
+                raise ConfigError("data: the config has no data section (data.sources is required to train)")
+            if self.tokenizer is None:
+                raise ConfigError("tokenizer.path is required when the model is randomly initialized (model.init)")
+            from sftjax.data.pipeline import build_datasets
+
+            self.train_data, self.eval_data, self.data_stats = build_datasets(
+                cfg.data, self.tokenizer, global_batch_size=train.global_batch_size)
+        if model is None:
+            model, model_config = build_model(cfg, mesh=self.mesh, tokenizer=self.tokenizer)
+        self.model, self.model_config = model, model_config or model.config
+        self.lora_targets = apply_lora(self.model, cfg.lora, rngs=nnx.Rngs(params=train.seed + 1,
+                                                                            dropout=train.seed + 2))
+        if self.lora_targets:
+            from sftjax.sharding import shard_model
+
+            shard_model(self.model, self.mesh)
+        self.graphdef, trainable, self.frozen = split_model(self.model, cfg.lora)
+
+        self.total_steps = self._total_steps()
+        self.tx, self.schedule = make_optimizer(cfg.optim, self.total_steps)
+        self.state = TrainState.create(trainable, self.tx)
+        shardings = jax.tree.map(lambda x: x.sharding, trainable)
+        options = LossOptions(logit_softcap=self.model_config.final_logit_softcap, z_loss=cfg.optim.z_loss,
+                              compute_dtype=_dtype(cfg.model.compute_dtype),
+                              cross_entropy_implementation=cfg.model.cross_entropy_implementation,
+                              dropout=cfg.lora.enabled and cfg.lora.dropout > 0)
+        self.train_step = make_train_step(self.graphdef, self.tx, self.schedule, options,
+                                          max_grad_norm=cfg.optim.max_grad_norm, param_shardings=shardings)
+        self.eval_step = make_eval_step(self.graphdef, options)
+        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(None, ("data", "fsdp"), None))
+        self.eval_sharding = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp"), None))
+        self.hooks: list[Callable] = []
+        self.rng = jax.random.key(train.seed)
+        self.start_step = 0
+        num_params = sum(x.size for x in jax.tree.leaves(nnx.state(self.model, nnx.Param)))
+        self.num_params = int(num_params)
+        self.num_trainable = int(sum(x.size for x in jax.tree.leaves(trainable)))
+
+    # ------------------------------------------------------------------------------------------ setup helpers
+
+    def _total_steps(self) -> int:
+        train = self.config.train
+        if train.steps is not None:
+            return train.steps
+        steps_per_epoch = getattr(self.train_data, "steps_per_epoch", None)
+        if not steps_per_epoch:
+            raise ConfigError("train.epochs needs a dataset that knows its steps per epoch; give train.steps")
+        return max(1, math.ceil(train.epochs * steps_per_epoch))
+
+    def add_hook(self, hook: Callable) -> None:
+        """``hook(trainer, step)`` after every dispatched step (e.g. a checkpoint manager's maybe_save)."""
+        self.hooks.append(hook)
+
+    def restore(self, state: TrainState, data_state: dict | None = None) -> None:
+        """Resume from a saved TrainState (and data iterator state)."""
+        self.state = state
+        self.start_step = int(jax.device_get(state.step))
+        if data_state is not None and hasattr(self.train_data, "set_state"):
+            self.train_data.set_state(data_state)
+
+    def global_batch(self, local: dict) -> dict:
+        """Host-local [local_rows, L] arrays -> global [accum, micro_rows, L] arrays sharded over (data, fsdp)."""
+        accum = self.config.train.accum_steps
+        out = {}
+        for key in BATCH_KEYS:
+            value = np.asarray(local[key], np.int32)
+            rows, length = value.shape
+            if rows % accum:
+                raise ConfigError(f"train.micro_batch_size: {rows} local rows do not split into {accum} micro-batches")
+            value = value.reshape(accum, rows // accum, length)
+            out[key] = jax.make_array_from_process_local_data(self.batch_sharding, value)
+        return out
+
+    # ----------------------------------------------------------------------------------------------- the loop
+
+    def fit(self) -> dict:
+        """Train ``total_steps`` steps; returns the last logged train metrics and the final eval metrics."""
+        cfg = self.config.train
+        out_dir = pathlib.Path(cfg.output_dir)
+        log = MetricsLogger(out_dir, total_steps=self.total_steps, tensorboard=cfg.tensorboard,
+                            progress=cfg.progress, initial_step=self.start_step)
+        peak = cfg.peak_flops or flops_lib.device_peak_flops()
+        seq_len = int(self.config.data.max_length) if self.config.data is not None else None
+        data_iter = iter(self.train_data)
+        pending: list[dict] = []
+        scheduled = None  # a logging window (step, metrics), written after the next step is dispatched
+        last_train, last_eval = {}, {}
+        # Timing is measured between host syncs (fetching step N's metrics waits for step N on device), so
+        # asynchronous dispatch does not inflate throughput. The first window includes compilation.
+        sync = {"time": time.perf_counter(), "step": self.start_step}
+
+        def flush():
+            nonlocal scheduled, last_train
+            if scheduled is not None:
+                at, window = scheduled
+                fetched = jax.device_get(window)
+                now = time.perf_counter()
+                last_train = self._summarize(fetched, now - sync["time"], at - sync["step"], seq_len, peak)
+                sync.update(time=now, step=at)
+                log.log(at, last_train)
+                scheduled = None
+
+        try:
+            for step in range(self.start_step, self.total_steps):
+                local = next(data_iter)
+                seq_len = seq_len or int(np.asarray(local["tokens"]).shape[1])
+                batch = self.global_batch(local)
+                self.state, metrics = self.train_step(self.state, self.frozen, batch,
+                                                      jax.random.fold_in(self.rng, step))
+                flush()  # the previous window's metrics: step N+1 is already dispatched
+                pending.append(metrics)
+                for hook in self.hooks:
+                    hook(self, step + 1)
+                log.advance()
+                last = step + 1 == self.total_steps
+                if (step + 1) % cfg.log_every == 0 or last:
+                    scheduled, pending = (step + 1, pending), []
+                if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+                    if self.eval_data is not None:
+                        flush()
+                        last_eval = self.evaluate()
+                        log.log(step + 1, last_eval, prefix="eval/")
+                        sync.update(time=time.perf_counter(), step=step + 1)
+            flush()
+        finally:
+            log.close()
+        if cfg.save != "none" and jax.process_index() == 0:
+            self.save(out_dir / "final")
+        return {"train": last_train, "eval": last_eval}
+
+    def _summarize(self, fetched, elapsed, steps, seq_len, peak) -> dict:
+        tokens = sum(float(m["trained_tokens"]) for m in fetched)
+        last = fetched[-1]
+        all_tokens = steps * self.config.train.global_batch_size * (seq_len or 0)
+        out = {
+            "loss": float(last["loss"]),
+            "grad_norm": float(last["grad_norm"]),
+            "learning_rate": float(last["learning_rate"]),
+            "step_time_s": elapsed / max(steps, 1),
+            "tokens_per_s": all_tokens / max(elapsed, 1e-9),
+            "trained_tokens_per_s": tokens / max(elapsed, 1e-9),
+            "skipped_steps": float(sum(int(m["skipped"]) for m in fetched)),
+            "nonfinite_steps": float(jax.device_get(self.state.nonfinite_steps)),
+        }
+        if seq_len and peak:
+            per_token = flops_lib.model_flops_per_token(self.model_config, num_params=self.num_params,
+                                                        num_trainable_params=self.num_trainable, seq_len=seq_len)
+            out["mfu"] = per_token * out["tokens_per_s"] / (peak * jax.device_count())
+        out.update(device_memory_bytes())
+        return out
+
+    def evaluate(self) -> dict:
+        """Loss, perplexity and token accuracy over the eval data (at most train.eval_batches batches)."""
+        if self.eval_data is None:
+            return {}
+        loss_sum = tokens = correct = 0.0
+        results = []
+        for index, local in enumerate(self.eval_data):
+            if self.config.train.eval_batches is not None and index >= self.config.train.eval_batches:
+                break
+            batch = {k: jax.make_array_from_process_local_data(self.eval_sharding, np.asarray(local[k], np.int32))
+                     for k in BATCH_KEYS}
+            results.append(self.eval_step(self.state.params, self.frozen, batch))
+        for r in jax.device_get(results):
+            loss_sum += float(r["loss_sum"])
+            tokens += float(r["trained_tokens"])
+            correct += float(r["correct_tokens"])
+        loss = loss_sum / tokens if tokens else 0.0
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / tokens if tokens
+                else 0.0, "trained_tokens": tokens}
+
+    # --------------------------------------------------------------------------------------------- outputs
+
+    def updated_model(self):
+        """The model with the current trained params (a new module; adapters not merged)."""
+        return nnx.merge(self.graphdef, self.state.params, self.frozen)
+
+    def save(self, out_dir) -> pathlib.Path:
+        """Write the trained model: merged HF weights, or a PEFT adapter (train.save=adapter)."""
+        model = self.updated_model()
+        out_dir = pathlib.Path(out_dir)
+        if self.config.train.save == "adapter" and self.lora_targets:
+            from sftjax.export import write_peft_adapter
+
+            lora = dataclasses.asdict(self.config.lora)
+            return write_peft_adapter(model, self.model_config, out_dir, lora=lora,
+                                      base_model_name_or_path=str(self.config.model.path or ""))
+        from sftjax.models.loading import save_model
+
+        return save_model(model, self.model_config, out_dir, dtype=self.config.model.param_dtype,
+                          tokenizer=self.tokenizer)
