@@ -151,9 +151,6 @@ def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_mode
     import numpy as np
     from safetensors.numpy import save_file
 
-    if lora.get("modules_to_save"):
-        raise CheckpointError(f"lora.modules_to_save={lora['modules_to_save']} is not supported by the PEFT export; "
-                              "use --format hf for a merged model")
     adapters = lora_adapters(model, model_config)
     if not adapters:
         raise CheckpointError("the checkpoint has no LoRA adapters (full fine-tuning?); use --format hf")
@@ -179,6 +176,9 @@ def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_mode
             np.asarray(jax.device_get(a_IR.astype(target))).T)
         tensors[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(
             np.asarray(jax.device_get(b_RO.astype(target))).T)
+    saved_modules, saved_tensors = modules_to_save_tensors(model, model_config, lora.get("modules_to_save") or [],
+                                                           set(adapters), dtype)
+    tensors.update({f"base_model.model.{name}": value for name, value in saved_tensors.items()})
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / PEFT_WEIGHTS), metadata={"format": "pt"})
@@ -196,12 +196,56 @@ def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_mode
         "fan_in_fan_out": False,
         "inference_mode": True,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": saved_modules or None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
     }
     (out_dir / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
+
+
+def modules_to_save_tensors(model, model_config, patterns: list[str], adapted: set[str], dtype: str | None = None):
+    """(HF module names, {HF tensor name: array}) of the fully trained modules (``lora.modules_to_save``).
+
+    PEFT stores such a module whole, under its HF tensor names, and swaps it in on load; a parameter matched by a
+    pattern brings its whole HF module (weight and bias) along.
+    """
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from sftjax.models.registry import family_for_config
+
+    if not patterns:
+        return [], {}
+    param_paths = [".".join(str(k) for k in path) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    chosen = {p for p in param_paths if any(re.search(pattern, p.replace(".", "/")) for pattern in patterns)}
+    specs = family_for_config(model_config).weight_specs(model_config)
+    modules = sorted({spec.hf_name.rsplit(".", 1)[0] for spec in specs
+                      if any(path in chosen for path, _, _ in spec.targets)})
+    if model_config.tie_word_embeddings and any(m.endswith("embed_tokens") for m in modules):
+        raise CheckpointError("lora.modules_to_save with tied embeddings cannot be written as a PEFT adapter; "
+                              "use --format hf")
+    clash = sorted(set(modules) & adapted)
+    if clash:
+        raise CheckpointError(f"{clash[0]} has both a LoRA adapter and lora.modules_to_save; use --format hf")
+    tensors = {}
+    for spec in specs:
+        if spec.hf_name.rsplit(".", 1)[0] not in modules:
+            continue
+        parts = []
+        for path, _, _ in spec.targets:
+            node = model
+            for key in path.split("."):
+                node = node[int(key)] if key.isdigit() else getattr(node, key)
+            value = node[...]
+            value = value.astype(jnp.dtype(dtype)) if dtype else value
+            parts.append(np.asarray(jax.device_get(value)).T if spec.transpose else np.asarray(jax.device_get(value)))
+        tensors[spec.hf_name] = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0))
+    return modules, tensors
 
 
 # ------------------------------------------------------------------------------------------------ from a checkpoint

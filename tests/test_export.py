@@ -289,3 +289,20 @@ def test_peft_adapter_on_fused_phi3_modules(tmp_path, targets):
     via_peft = torch_logits(peft.PeftModel.from_pretrained(reloaded, out))
     assert np.abs(via_peft - plain).max() > 1e-2
     np.testing.assert_allclose(via_peft, ours, atol=1e-4, rtol=0)
+
+
+def test_peft_adapter_with_modules_to_save(hf_base, tmp_path):
+    lora = LoraSection(enabled=True, r=4, alpha=8.0, target_modules=["q_proj", "v_proj"],
+                       modules_to_save=["lm_head", "embed_tokens", r"layers/1/mlp_norm"])
+    model, model_config = load_ours(hf_base)
+    add_random_lora(model, lora)
+    model.lm_head.kernel[...] = model.lm_head.kernel[...] * 1.3  # "fully trained" modules
+    model.embed_tokens.embedding[...] = model.embed_tokens.embedding[...] + 0.1
+    model.layers[1].mlp_norm.weight[...] = model.layers[1].mlp_norm.weight[...] * 0.5
+    ours = our_logits(model)
+    out = ex.write_peft_adapter(model, model_config, tmp_path / "adapter", lora=vars(lora),
+                                base_model_name_or_path=str(hf_base))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["lm_head", "model.embed_tokens", "model.layers.1.post_attention_layernorm"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
+    np.testing.assert_allclose(torch_logits(peft.PeftModel.from_pretrained(base, out)), ours, atol=1e-4, rtol=0)
