@@ -503,3 +503,13 @@ def test_write_gguf_refuses_other_architectures_and_tokenizers(tmp_path, source_
         gguf_io.write_gguf_from_hf(config, state.items(), word_level, tmp_path / "w.gguf")
     _assert_one_line(error, "WordLevel")
     assert not list(tmp_path.iterdir())
+
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(CheckpointError) as error:
+        gguf_io.load_gguf_tokenizer(tmp_path / "absent.gguf")
+    _assert_one_line(error, "absent.gguf")
+    path = _write_raw_gguf(tmp_path / "no_vocab.gguf", _tiny_llama_tensors())
+    with pytest.raises(CheckpointError) as error:
+        gguf_io.load_gguf_tokenizer(path)
+    _assert_one_line(error, str(path), "tokenizer")

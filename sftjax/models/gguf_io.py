@@ -318,26 +318,34 @@ def read_gguf_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], Itera
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):
-    """A transformers tokenizer built from the GGUF's embedded vocabulary, merges, special ids and chat template."""
+    """A transformers tokenizer built from the GGUF's embedded vocabulary, merges, special ids and chat template.
+
+    transformers' own GGUF converter builds it; the file is parsed a second time (slow for big vocabularies) only
+    to diagnose a failure or to fill in a chat template or special token the converter left out.
+    """
     from transformers import AutoTokenizer
 
     path = pathlib.Path(path)
-    reader = _open_reader(path)
-    if "tokenizer.ggml.tokens" not in reader.fields:
-        raise CheckpointError(f"{path}: GGUF file has no embedded tokenizer (key 'tokenizer.ggml.tokens' missing)")
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file {path} does not exist")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as error:
+        reader = _open_reader(path)  # names a corrupt file
+        if "tokenizer.ggml.tokens" not in reader.fields:
+            raise CheckpointError(
+                f"{path}: GGUF file has no embedded tokenizer (key 'tokenizer.ggml.tokens' missing)") from error
         raise CheckpointError(f"{path}: cannot build a tokenizer from the GGUF ({_one_line(error)})") from error
-    template = _field(reader, "tokenizer.chat_template")
-    if template and not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = template
-    tokens = reader.fields["tokenizer.ggml.tokens"]
-    for attribute, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                           ("pad_token", "padding_token_id"), ("unk_token", "unknown_token_id")):
-        token_id = _field(reader, f"tokenizer.ggml.{key}")
-        if token_id is not None and getattr(tokenizer, attribute) is None and 0 <= token_id < len(tokens.data):
-            setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(int(token_id)))
+    special = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"))
+    if not getattr(tokenizer, "chat_template", None) or any(getattr(tokenizer, a) is None for a, _ in special):
+        reader = _open_reader(path)
+        template = _field(reader, "tokenizer.chat_template")
+        if template and not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = template
+        for attribute, key in special:
+            token_id = _field(reader, f"tokenizer.ggml.{key}")
+            if token_id is not None and getattr(tokenizer, attribute) is None and 0 <= token_id < len(tokenizer):
+                setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(int(token_id)))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -364,21 +372,6 @@ def _gguf_name(hf_name: str) -> str:
             if hf_part == part and gguf_part != "attn_qkv":
                 return f"blk.{layer}.{gguf_part}.{kind}"
     raise CheckpointError(f"write_gguf: tensor {hf_name} has no GGUF name for the llama architecture")
-
-
-def _model_hf_tensors(model, config) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, float32 array in HF layout) for every parameter of a Decoder, LoRA adapters merged."""
-    import jax
-
-    from sftjax.models.loading import _parameter_value
-    from sftjax.models.registry import family_for_config
-
-    for spec in family_for_config(config).weight_specs(config):
-        parts = [np.asarray(jax.device_get(_parameter_value(model, path)), dtype=np.float32)
-                 for path, _, _ in spec.targets]
-        if spec.transpose:
-            parts = [part.T for part in parts]
-        yield spec.hf_name, parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
 
 def _tokenizer_pre(backend: dict) -> str:
@@ -553,8 +546,10 @@ def write_gguf(model, config, tokenizer, out_path, *, dtype: str = "f16", tokeni
     """Export a Llama-architecture Decoder (LoRA merged) with its tokenizer to a GGUF file llama.cpp can run.
 
     ``dtype``: "f16" (default), "bf16", "q8_0" or "f32"; norms stay float32. ``config`` is the model's
-    ModelConfig (or its config.json dict). The tokenizer must be byte-level BPE (``tokenizer=None`` writes none).
+    ModelConfig. The tokenizer must be byte-level BPE (``tokenizer=None`` writes none).
     """
-    hf_config = config if isinstance(config, dict) else config.to_hf_dict()
-    return write_gguf_from_hf(hf_config, _model_hf_tensors(model, config), tokenizer, out_path, dtype=dtype,
-                              tokenizer_pre=tokenizer_pre, name=name)
+    from sftjax.models.loading import iter_hf_tensors
+
+    hf_config = config.to_hf_dict()
+    return write_gguf_from_hf(hf_config, iter_hf_tensors(model, config, dtype=np.float32), tokenizer, out_path,
+                              dtype=dtype, tokenizer_pre=tokenizer_pre, name=name)
