@@ -91,8 +91,11 @@ def build_model(hf_config: dict, tensors: Iterable[tuple[str, np.ndarray]], *, d
                 part = part.T
             part = np.ascontiguousarray(part.astype(target_dtype, copy=False))
             variable = variables[path]
-            sharding = variable_sharding(variable, mesh) if mesh is not None else None
-            variable.set_value(jax.device_put(part, sharding) if sharding is not None else jnp.asarray(part))
+            if mesh is None:
+                variable.set_value(jnp.asarray(part))
+            else:  # each device (of this host) receives only its slice; works across hosts too
+                variable.set_value(jax.make_array_from_callback(
+                    part.shape, variable_sharding(variable, mesh), lambda index, part=part: part[index]))
         del array
     missing = [name for name in specs if name not in seen]
     if missing:
