@@ -82,3 +82,15 @@ def test_model_config_validates_switches():
         ModelConfig(num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="remat"):
         ModelConfig(remat="sometimes")
+
+
+def test_to_hf_dict_refuses_switches_the_architecture_cannot_express():
+    config = config_from_hf(dict(SMALL, architectures=["LlamaForCausalLM"]))
+    with pytest.raises(CheckpointError, match=r"LlamaForCausalLM checkpoints cannot express sliding_window=8"):
+        config.replace(sliding_window=8).to_hf_dict()
+    with pytest.raises(CheckpointError, match=r"qk_norm=True"):
+        config.replace(qk_norm=True).to_hf_dict()
+    assert config.replace(remat="full", dtype="bfloat16").to_hf_dict()["num_hidden_layers"] == 4
+    default = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=8)  # a randomly initialised model's config exports as Llama
+    assert default.to_hf_dict()["architectures"] == ["LlamaForCausalLM"]

@@ -105,7 +105,21 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_hf_dict(self) -> dict:
-        """The ``config.json`` dict transformers reads for this architecture."""
+        """The ``config.json`` dict transformers reads for this architecture.
+
+        Raises CheckpointError when the architecture cannot express a switch of this config (e.g. a sliding
+        window on a Llama): reading the dict back must give the same model, or the export would silently differ.
+        """
+        from sftjax.errors import CheckpointError
         from sftjax.models.registry import family_for_config
 
-        return family_for_config(self).config_to_hf(self)
+        family = family_for_config(self)
+        hf = family.config_to_hf(self)
+        back = family.config_from_hf(hf, source=f"{self.architecture} config")
+        runtime_only = {"hf_extra", "dtype", "param_dtype", "remat"}
+        lost = [f"{field.name}={getattr(self, field.name)!r}" for field in dataclasses.fields(self)
+                if field.name not in runtime_only and getattr(back, field.name) != getattr(self, field.name)]
+        if lost:
+            raise CheckpointError(f"model config: {self.architecture} checkpoints cannot express "
+                                  f"{', '.join(lost)}; choose an architecture that has these switches")
+        return hf
