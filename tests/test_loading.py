@@ -221,3 +221,7 @@ def test_load_tokenizer_missing_path(tmp_path):
     with pytest.raises(CheckpointError) as error:
         load_tokenizer(tmp_path / "none")
     assert "none" in _one_line(error)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError) as error:
+        load_tokenizer(tmp_path / "empty")
+    assert "empty" in _one_line(error) and "cannot load a tokenizer" in _one_line(error)

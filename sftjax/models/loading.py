@@ -195,6 +195,6 @@ def load_tokenizer(path_or_alias):
 
     try:
         return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    except Exception as error:  # transformers raises many types for unusable tokenizer files
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: cannot load a tokenizer ({message})") from None
