@@ -56,8 +56,9 @@ CASES = {
                                                  "original_max_position_embeddings": 16})),
 }
 
-# (HF parameter, our parameter path, HF rows or None): a few weights whose gradients are compared.
+
 def _grad_pairs(case: str):
+    """(HF parameter, our parameter path, HF rows or None): a few weights whose gradients are compared."""
     if case.startswith("phi3"):
         pairs = [("model.layers.0.self_attn.qkv_proj.weight", "layers.0.attn.q_proj.kernel", (0, 64)),
                  ("model.layers.1.mlp.gate_up_proj.weight", "layers.1.mlp.up_proj.kernel", (96, 192))]
