@@ -151,11 +151,14 @@ def train_step_fn(graphdef, tx: optax.GradientTransformation, schedule: Callable
 
 
 def make_train_step(graphdef, tx, schedule, options: LossOptions = LossOptions(), *,
-                    max_grad_norm: float | None = None, donate: bool = True, param_shardings=None):
+                    max_grad_norm: float | None = None, donate: bool = True, param_shardings=None,
+                    state_shardings=None):
     """Jitted train step; the state is donated (updated in place on device). Pass ``param_shardings``
-    whenever the params are sharded (see ``train_step_fn``)."""
+    whenever the params are sharded (see ``train_step_fn``), and ``state_shardings`` (the TrainState's
+    shardings) so the new state comes out exactly as the old one went in and the step never recompiles."""
     fn = train_step_fn(graphdef, tx, schedule, options, max_grad_norm, param_shardings)
-    return jax.jit(fn, donate_argnums=(0,) if donate else ())
+    out_shardings = (state_shardings, None) if state_shardings is not None else None
+    return jax.jit(fn, donate_argnums=(0,) if donate else (), out_shardings=out_shardings)
 
 
 def make_eval_step(graphdef, options: LossOptions = LossOptions()):

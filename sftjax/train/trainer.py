@@ -121,14 +121,15 @@ class Trainer:
 
         self.total_steps = self._total_steps()
         self.tx, self.schedule = make_optimizer(cfg.optim, self.total_steps)
-        self.state = TrainState.create(trainable, self.tx)
+        self.state = self._place(TrainState.create(trainable, self.tx))
         shardings = jax.tree.map(lambda x: x.sharding, trainable)
         options = LossOptions(logit_softcap=self.model_config.final_logit_softcap, z_loss=cfg.optim.z_loss,
                               compute_dtype=_dtype(cfg.model.compute_dtype),
                               cross_entropy_implementation=cfg.model.cross_entropy_implementation,
                               dropout=cfg.lora.enabled and cfg.lora.dropout > 0)
         self.train_step = make_train_step(self.graphdef, self.tx, self.schedule, options,
-                                          max_grad_norm=cfg.optim.max_grad_norm, param_shardings=shardings)
+                                          max_grad_norm=cfg.optim.max_grad_norm, param_shardings=shardings,
+                                          state_shardings=jax.tree.map(lambda x: x.sharding, self.state))
         self.eval_step = make_eval_step(self.graphdef, options)
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(None, ("data", "fsdp"), None))
         self.eval_sharding = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp"), None))
@@ -150,13 +151,26 @@ class Trainer:
             raise ConfigError("train.epochs needs a dataset that knows its steps per epoch; give train.steps")
         return max(1, math.ceil(train.epochs * steps_per_epoch))
 
+    def _place(self, tree):
+        """Every array on the mesh: sharded ones keep their layout, the rest (counters, scalars) replicated."""
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+
+        def place(x):
+            sharding = getattr(x, "sharding", None)
+            if isinstance(sharding, NamedSharding) and sharding.mesh == self.mesh:
+                return x
+            return jax.device_put(x, replicated)
+
+        return jax.tree.map(place, tree)
+
     def add_hook(self, hook: Callable) -> None:
         """``hook(trainer, step)`` after every dispatched step (e.g. a checkpoint manager's maybe_save)."""
         self.hooks.append(hook)
 
     def restore(self, state: TrainState, data_state: dict | None = None) -> None:
-        """Resume from a saved TrainState (and data iterator state)."""
-        self.state = state
+        """Resume from a saved TrainState (and data iterator state); it is placed like the fresh state."""
+        shardings = jax.tree.map(lambda x: x.sharding, self.state)
+        self.state = jax.device_put(state, shardings)
         self.start_step = int(jax.device_get(state.step))
         if data_state is not None and hasattr(self.train_data, "set_state"):
             self.train_data.set_state(data_state)

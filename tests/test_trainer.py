@@ -1,0 +1,58 @@
+"""The Trainer loop on the tiny CPU config: loss falls, eval runs, metrics and TensorBoard files are written,
+hooks see every step, the final model loads back."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+import jax
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def tiny_overrides(assets_dir, out_dir, *extra):
+    return [f"tokenizer.path={assets_dir / 'tokenizers' / 'smollm2'}",
+            f"data.sources=[{assets_dir / 'datasets' / 'instruction' / 'alpaca_tiny.json'}]",
+            f"train.output_dir={out_dir}", "train.progress=false", *extra]
+
+
+def test_fit_logs_evaluates_and_saves(assets_dir, tmp_path):
+    import sftjax
+
+    cfg = sftjax.load_config(REPO / "configs" / "tiny_cpu.yaml",
+                             overrides=tiny_overrides(assets_dir, tmp_path, "train.steps=12", "train.eval_every=6",
+                                                      "train.log_every=3"))
+    trainer = sftjax.Trainer(cfg)
+    assert trainer.mesh_sizes["data"] * trainer.mesh_sizes["fsdp"] == jax.device_count()
+    seen = []
+    trainer.add_hook(lambda t, step: seen.append((step, t.train_data.get_state()["step"])))
+    before = trainer.evaluate()
+    result = trainer.fit()
+    assert seen == [(s, s) for s in range(1, 13)]  # hook after every step, data state in step with it
+    assert trainer.train_step._cache_size() == 1
+
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval/loss" in r]
+    assert [r["step"] for r in train] == [3, 6, 9, 12]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5
+    assert evals[-1]["eval/loss"] < before["loss"]
+    for key in ("grad_norm", "learning_rate", "tokens_per_s", "trained_tokens_per_s", "mfu", "step_time_s",
+                "nonfinite_steps"):
+        assert key in train[-1] and np.isfinite(train[-1][key]), key
+    assert 0 < train[-1]["mfu"] < 1
+    assert evals[-1]["eval/perplexity"] == pytest.approx(np.exp(evals[-1]["eval/loss"]), rel=1e-6)
+    assert 0 <= evals[-1]["eval/token_accuracy"] <= 1
+    assert result["eval"]["loss"] == pytest.approx(evals[-1]["eval/loss"])
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+    model, model_config = sftjax.load_model(tmp_path / "final")
+    assert model_config.hidden_size == 64
+    trained = trainer.updated_model()
+    np.testing.assert_array_equal(np.asarray(model.embed_tokens.embedding[...]),
+                                  np.asarray(trained.embed_tokens.embedding[...]))
