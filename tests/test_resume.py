@@ -111,3 +111,64 @@ def test_trainer_sigkill_and_resume_is_bit_identical(tmp_path, assets_dir, lora)
     assert sorted(final_ref.files) == sorted(final_resumed.files)
     for name in final_ref.files:
         np.testing.assert_array_equal(final_resumed[name], final_ref[name], err_msg=name)
+
+
+STOP_ON_SIGTERM = """
+import pathlib, sys
+from sftjax.checkpoint import CheckpointManager, train_state_items
+from sftjax.config import load_config
+from sftjax.preemption import PreemptionGuard
+from sftjax.train.trainer import Trainer
+
+cfg = load_config(sys.argv[1])
+trainer = Trainer(cfg)
+manager = CheckpointManager(pathlib.Path(cfg.train.output_dir) / "checkpoints", cfg, save_every_steps=1000)
+
+def stop_hook(trainer, step):
+    if step == 2:
+        print("running", flush=True)
+    if guard.should_stop(step):
+        manager.save(step, train_state_items(trainer.state), data_state=trainer.train_data.get_state())
+        manager.close()
+        print(guard.stop_message(manager.directory / str(step)), flush=True)
+        print("STEP", step, flush=True)
+        raise SystemExit(0)  # until Trainer.fit polls the guard itself
+
+trainer.add_hook(stop_hook)
+with PreemptionGuard() as guard:
+    trainer.fit()
+"""
+
+
+def test_trainer_sigterm_writes_checkpoint_and_exits_zero(tmp_path, assets_dir):
+    import signal
+    import time
+
+    config = _config(tmp_path, assets_dir, "stopped", lora=True)
+    raw = json.loads(config.read_text())
+    raw["train"]["steps"] = 100000
+    config.write_text(json.dumps(raw))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(STOP_ON_SIGTERM), str(config)], env=env,
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if "running" in line or (not line and proc.poll() is not None):
+            break
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert time.monotonic() - sent < 60
+    step = int(out.split("STEP")[1])
+    checkpoint = tmp_path / "stopped" / "checkpoints" / str(step)
+    assert f"checkpoint written to {checkpoint}" in out and "SIGTERM received" in err
+
+    from sftjax import checkpoint as ckpt
+
+    with ckpt.CheckpointManager(checkpoint.parent) as manager:
+        meta = manager.read_meta(step)
+    assert manager.all_steps == [step] and meta["config"]["lora"]["enabled"] is True
