@@ -141,8 +141,18 @@ def test_keep_last_k_and_best_by_eval_loss(tmp_path):
 
 KILL_MID_SAVE = """
 import os, pathlib, signal, sys
+import asyncio
 import jax, jax.numpy as jnp
+from orbax.checkpoint._src.path import atomicity
 from sftjax.checkpoint import CheckpointManager
+
+# hold every commit (the rename of the temporary directory) back a little, so that on a fast disk too the kill
+# lands before step 2 is committed; the writes themselves are untouched
+_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+async def _slow_finalize(self, *args, **kwargs):
+    await asyncio.sleep(0.5)
+    return await _finalize(self, *args, **kwargs)
+atomicity.AtomicRenameTemporaryPath.finalize = _slow_finalize
 root = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else pathlib.Path({root!r})
 m = CheckpointManager(root, {{"model": {{"path": "m"}}}}, keep=5)
 m.save(1, {{"params": {{"w": jnp.arange(64, dtype=jnp.float32)}}}}, data_state={{"index": 1}})
