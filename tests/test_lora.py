@@ -141,3 +141,21 @@ def test_target_errors_list_module_names():
     model = our_model_from_torch(config, torch_llama(config))
     with pytest.raises(ConfigError, match="modules_to_save entry 'embeddings_typo'"):
         apply_lora(model, lora_section(modules_to_save=["embeddings_typo"]), rngs=nnx.Rngs(0))
+
+
+def test_lora_dropout_uses_the_step_rng():
+    config = tiny_model_config()
+    lora = lora_section(dropout=0.5)
+    model, _ = adapted_model(config, torch_llama(config), lora)
+    graphdef, trainable, frozen = split_model(model, lora)
+    from sftjax.train.optim import make_optimizer
+    from sftjax.train.step import LossOptions, TrainState, make_train_step
+
+    tx, schedule = make_optimizer(adamw(), 10)
+    step = make_train_step(graphdef, tx, schedule, LossOptions(dropout=True), donate=False)
+    state = TrainState.create(trainable, tx)
+    batch = pack_rows(make_examples(0, 8), rows=4, per_row=2)
+    losses = [float(step(state, frozen, batch, jax.random.key(k))[1]["loss"]) for k in (0, 0, 1)]
+    assert losses[0] == losses[1] and losses[0] != losses[2]
+    plain = make_train_step(graphdef, tx, schedule, LossOptions(dropout=False), donate=False)
+    assert float(plain(state, frozen, batch, jax.random.key(0))[1]["loss"]) not in losses

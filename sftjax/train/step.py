@@ -71,7 +71,8 @@ def forward_loss(graphdef, trainable, frozen, batch: dict, rng, options: LossOpt
     frozen = cast_floating(frozen, options.compute_dtype)
     model = nnx.merge(graphdef, trainable, frozen)
     if options.dropout and rng is not None:
-        nnx.reseed(model, dropout=rng)
+        # dropout layers draw from a 'dropout' stream, or 'default' when built from nnx.Rngs(seed)
+        nnx.reseed(model, dropout=rng, default=jax.random.fold_in(rng, 1))
     hidden_BLD = model.hidden_states(batch["tokens"], positions_BL=batch["positions"],
                                      segment_ids_BL=batch["segment_ids"], deterministic=not options.dropout)
     return fused_linear_cross_entropy(hidden_BLD, model.head_weight(), batch["targets"], batch["loss_mask"],
