@@ -27,6 +27,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,7 +57,7 @@ def _check_output(out: pathlib.Path, overwrite: bool) -> None:
 def _publish(staged: pathlib.Path, out: pathlib.Path) -> None:
     """Move the finished export into place, replacing the old output only now."""
     if out.exists():
-        backup = out.with_name(out.name + ".old-" + next(tempfile._get_candidate_names()))
+        backup = out.with_name(f"{out.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(out, backup)
         os.replace(staged, out)
         if backup.is_dir():
