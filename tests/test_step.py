@@ -337,3 +337,20 @@ def _shard_like_fsdp(mesh):
         return jax.device_put(x, NamedSharding(mesh, P(*spec)))
 
     return place
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(setup):
+    config, hf, examples = setup
+    batch = pack_rows(examples, rows=4, per_row=2)
+    model = our_model_from_torch(config, hf)
+    graphdef, trainable, frozen = split_model(model, LoraSection())
+    tx, schedule = make_optimizer(sgd(0.1), 10)
+    step = make_train_step(graphdef, tx, schedule, LossOptions(compute_dtype=jnp.bfloat16), donate=False)
+    state = TrainState.create(trainable, tx)
+    new_state, metrics = step(state, frozen, batch, jax.random.key(0))
+    reference = torch_loss(hf, examples).item()
+    assert abs(float(metrics["loss"]) - reference) < 2e-2 * reference  # bf16 rounding, not a different model
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new_state.params))
+    moved = [not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new_state.params))]
+    assert all(moved)  # float32 master weights take updates smaller than a bf16 ulp
