@@ -35,6 +35,7 @@ manager = CheckpointManager(run_dir / "checkpoints", cfg, save_every_steps=3, ke
 restored = manager.restore_latest(abstract_like(train_state_items(trainer.state)))
 if restored is not None:
     trainer.restore(train_state_from_items(trainer.state, restored.state), restored.data_state)
+    trainer.start_step = restored.step  # the loop's step; TrainState.step does not count skipped (empty) steps
     print("resumed", restored.step, flush=True)
 
 def checkpoint_hook(trainer, step):
