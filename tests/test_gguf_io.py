@@ -513,3 +513,136 @@ def test_tokenizer_errors(tmp_path):
     with pytest.raises(CheckpointError) as error:
         gguf_io.load_gguf_tokenizer(path)
     _assert_one_line(error, str(path), "tokenizer")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Other architectures: a GGUF written the way llama.cpp's converter does (the gguf package's own HF -> GGUF name
+# table; Gemma norms stored as 1 + w) from a random transformers model, read back and run through sftjax.
+
+_OTHER_ARCHITECTURES = {
+    "qwen2": ("QWEN2", {}),
+    "qwen3": ("QWEN3", {}),
+    "gemma2": ("GEMMA2", dict(tie_word_embeddings=True, attn_logit_softcapping=20.0, final_logit_softcapping=15.0,
+                              sliding_window=4, query_pre_attn_scalar=8, hidden_activation="gelu_pytorch_tanh")),
+    "phi3": ("PHI3", dict(num_key_value_heads=4, pad_token_id=0)),
+}
+
+
+def _random_transformers_model(model_type: str, extra: dict):
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    settings = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=8, max_position_embeddings=128, rms_norm_eps=1e-5,
+                    rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    config = CONFIG_MAPPING[model_type](**{**settings, **extra})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.normal_(0.0, 0.3 if parameter.ndim > 1 else 0.2)
+            if parameter.ndim == 1 and "norm" in name and model_type != "gemma2":
+                parameter.add_(1.0)
+    return model
+
+
+def _write_like_llama_cpp(path, model_type: str, arch_name: str, model):
+    arch = getattr(gguf.MODEL_ARCH, arch_name)
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_key_length(8)
+    writer.add_value_length(8)
+    writer.add_rope_dimension_count(8)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    if model_type == "gemma2":
+        writer.add_attn_logit_softcapping(20.0)
+        writer.add_final_logit_softcapping(15.0)
+        writer.add_sliding_window(4)
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    for name, value in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        array = value.numpy().astype(np.float32)
+        if model_type == "gemma2" and name.endswith("norm.weight"):
+            array = array + 1.0
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("model_type", sorted(_OTHER_ARCHITECTURES))
+def test_other_architectures_read_back_exactly(tmp_path, model_type):
+    import sftjax
+
+    arch_name, extra = _OTHER_ARCHITECTURES[model_type]
+    reference = _random_transformers_model(model_type, extra)
+    path = _write_like_llama_cpp(tmp_path / "m.gguf", model_type, arch_name, reference)
+    config, tensors = gguf_io.read_gguf_checkpoint(path)
+    tensors = dict(tensors)
+    expected = {k: v.numpy() for k, v in reference.state_dict().items()}
+    if reference.config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    assert set(tensors) == set(expected) and config["model_type"] == model_type
+    for name, value in expected.items():
+        np.testing.assert_allclose(tensors[name], value, atol=1e-6, err_msg=name)
+    tokens = np.array([[1, 5, 9, 33, 7, 100, 3, 60, 2, 11]])
+    with torch.no_grad():
+        logits = reference(torch.from_numpy(tokens), use_cache=False).logits.numpy()
+    model, _ = sftjax.load_model(path)
+    assert np.abs(np.asarray(model(tokens)) - logits).max() <= 1e-4
+
+
+@pytest.mark.parametrize("name, pre", [("llama3/hf", "llama-bpe"), ("qwen2/hf", "qwen2")])
+def test_tokenizer_roundtrip_through_gguf_metadata(tmp_path, assets_dir, name, pre):
+    """Vocabulary/merges/pre-tokenizer written by write_gguf come back as the same tokenizer (llama.cpp's names)."""
+    from transformers import AutoTokenizer
+
+    source = AutoTokenizer.from_pretrained(str(assets_dir / "tokenizers" / name))
+    path = tmp_path / "tok.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    gguf_io._add_tokenizer(writer, source, len(source), path, None)
+    writer.add_tensor("token_embd.weight", np.zeros((len(source), 1), np.float32))  # placeholder tensor
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert gguf_io.read_gguf_metadata(path)["tokenizer.ggml.pre"] == pre
+    ours = gguf_io.load_gguf_tokenizer(path)
+    texts = ["The year 1234567 had 89 days; it's 3.14159!", "  indented\n\n\tcode(x)  \r\n", "naïve 日本語 😀 ÀÉÎ",
+             "<|im_start|>user hi<|im_end|><|eot_id|>", "I'LL don't WE'RE"]
+    for text in texts:
+        assert ours(text, add_special_tokens=False)["input_ids"] == source(text, add_special_tokens=False)[
+            "input_ids"], text
+        assert ours(text)["input_ids"] == source(text)["input_ids"], text
+        ids = source(text, add_special_tokens=False)["input_ids"]
+        assert ours.decode(ids) == source.decode(ids)
+    messages = [{"role": "user", "content": "Hi"}]
+    assert ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        source.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert (ours.bos_token_id, ours.eos_token_id) == (source.bos_token_id, source.eos_token_id)
+
+
+def test_gguf_tokenizer_needs_no_torch(smollm2_gguf):
+    """The demo installs no PyTorch: reading the SmolLM2 tokenizer must not import it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from sftjax.models.gguf_io import load_gguf_tokenizer\n"
+            f"tok = load_gguf_tokenizer({str(smollm2_gguf)!r})\n"
+            "print(tok('What is the capital of France?')['input_ids'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[1780, 314, 260, 3575, 282, 4649, 47]"

@@ -159,9 +159,8 @@ def _hf_config(reader, path: pathlib.Path, tensor_names: set[str]) -> dict[str, 
     }
     for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                              ("pad_token_id", "padding_token_id")):
-        value = _field(reader, f"tokenizer.ggml.{gguf_key}")
-        if value is not None:
-            config[hf_key] = int(value)
+        value = _field(reader, f"tokenizer.ggml.{gguf_key}")  # absent: None, not a config class's default
+        config[hf_key] = None if value is None else int(value)
     _add_rope_scaling(reader, arch, config, path)
     sliding_window = _field(reader, f"{arch}.attention.sliding_window")
     if arch in _GEMMA_ARCHITECTURES:
@@ -317,35 +316,88 @@ def read_gguf_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], Itera
 # Tokenizer
 
 
+def _pre_tokenizer(pre: str):
+    """The tokenizers pre-tokenizer for llama.cpp's pre-tokenizer name of a byte-level BPE vocabulary."""
+    from tokenizers import Regex, pre_tokenizers
+
+    regex = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}.get(pre)
+    if regex is None:  # "gpt-2", "smollm", "default", ...: GPT-2's own regex inside ByteLevel
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def _byte_level_bpe_tokenizer(reader, path: pathlib.Path):
+    """A PreTrainedTokenizerFast for a "gpt2" (byte-level BPE) GGUF vocabulary, built with ``tokenizers``.
+
+    (transformers' own GGUF converter needs PyTorch, which sftjax does not depend on.)
+    """
+    import gguf
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = [str(token) for token in _field(reader, "tokenizer.ggml.tokens")]
+    types = list(_field(reader, "tokenizer.ggml.token_type", [int(gguf.TokenType.NORMAL)] * len(tokens)))
+    merges = [tuple(str(merge).split(" ", 1)) for merge in _field(reader, "tokenizer.ggml.merges", [])]
+    pre = str(_field(reader, "tokenizer.ggml.pre", "default"))
+    vocab = {token: index for index, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        duplicated = next(token for index, token in enumerate(tokens) if vocab[token] != index)
+        raise CheckpointError(f"{path}: tokenizer.ggml.tokens lists '{duplicated}' twice")
+    model = models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False,
+                       ignore_merges=pre in ("llama-bpe", "llama3", "qwen2"))
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = _pre_tokenizer(pre)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_tokens([AddedToken(tokens[i], special=types[i] == gguf.TokenType.CONTROL, normalized=False)
+                          for i in range(len(tokens))
+                          if types[i] in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)])
+
+    def token(key: str) -> str | None:
+        index = _field(reader, f"tokenizer.ggml.{key}")
+        return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
+
+    bos, eos = token("bos_token_id"), token("eos_token_id")
+    add_bos, add_eos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False)), bool(
+        _field(reader, "tokenizer.ggml.add_eos_token", False))
+    if (add_bos and bos) or (add_eos and eos):
+        single = " ".join(([f"{bos}:0"] if add_bos and bos else []) + ["$A:0"] + (
+            [f"{eos}:0"] if add_eos and eos else []))
+        specials = [(t, vocab[t]) for t, on in ((bos, add_bos), (eos, add_eos)) if on and t]
+        tokenizer.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
+    else:
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, unk_token=token("unknown_token_id"),
+        pad_token=token("padding_token_id"), chat_template=_field(reader, "tokenizer.chat_template"),
+        clean_up_tokenization_spaces=False)
+
+
 def load_gguf_tokenizer(path: str | os.PathLike):
     """A transformers tokenizer built from the GGUF's embedded vocabulary, merges, special ids and chat template.
 
-    transformers' own GGUF converter builds it; the file is parsed a second time (slow for big vocabularies) only
-    to diagnose a failure or to fill in a chat template or special token the converter left out.
+    Byte-level BPE vocabularies ("gpt2": SmolLM2, Llama 3, Qwen2, ...) are built here with ``tokenizers``; others
+    (SentencePiece "llama", ...) go through transformers' GGUF converter, which needs PyTorch.
     """
-    from transformers import AutoTokenizer
-
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"GGUF file {path} does not exist")
+    reader = _open_reader(path)
+    if "tokenizer.ggml.tokens" not in reader.fields:
+        raise CheckpointError(f"{path}: GGUF file has no embedded tokenizer (key 'tokenizer.ggml.tokens' missing)")
+    kind = _field(reader, "tokenizer.ggml.model")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        if kind == "gpt2":
+            tokenizer = _byte_level_bpe_tokenizer(reader, path)
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            template = _field(reader, "tokenizer.chat_template")
+            if template and not getattr(tokenizer, "chat_template", None):
+                tokenizer.chat_template = template
+    except CheckpointError:
+        raise
     except Exception as error:
-        reader = _open_reader(path)  # names a corrupt file
-        if "tokenizer.ggml.tokens" not in reader.fields:
-            raise CheckpointError(
-                f"{path}: GGUF file has no embedded tokenizer (key 'tokenizer.ggml.tokens' missing)") from error
-        raise CheckpointError(f"{path}: cannot build a tokenizer from the GGUF ({_one_line(error)})") from error
-    special = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"))
-    if not getattr(tokenizer, "chat_template", None) or any(getattr(tokenizer, a) is None for a, _ in special):
-        reader = _open_reader(path)
-        template = _field(reader, "tokenizer.chat_template")
-        if template and not getattr(tokenizer, "chat_template", None):
-            tokenizer.chat_template = template
-        for attribute, key in special:
-            token_id = _field(reader, f"tokenizer.ggml.{key}")
-            if token_id is not None and getattr(tokenizer, attribute) is None and 0 <= token_id < len(tokenizer):
-                setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(int(token_id)))
+        raise CheckpointError(f"{path}: cannot build a '{kind}' tokenizer from the GGUF ({_one_line(error)})") from error
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
