@@ -361,7 +361,6 @@ class CheckpointManager:
         self.compatibility_keys = tuple(compatibility_keys)
         self._last_save_time = time.monotonic()
         self._pending_step: int | None = None
-        self._state_items: tuple[str, ...] | None = None
 
         policies = [preservation.LatestN(n=keep)]
         if keep_best:
@@ -450,6 +449,7 @@ class CheckpointManager:
             raise self._save_error(step, err) from err
         self._pending_step = int(step)
         self._last_save_time = time.monotonic()
+        log.info("checkpoint step %d: writing to %s in the background", step, self.directory / str(step))
         return True
 
     def save(self, step: int, state: Mapping[str, Any], **kwargs) -> bool:
@@ -582,6 +582,7 @@ class CheckpointManager:
         except Exception as err:  # noqa: BLE001
             raise CheckpointError(f"checkpoint {step_dir} is corrupt or unreadable: {_one_line(err)}") from err
         state = {name: restored[name] for name in abstract_state}
+        log.info("restored checkpoint %s", step_dir)
         return Restored(
             state=state,
             data_state=restored[DATA_ITEM],
