@@ -82,7 +82,7 @@ def test_lora_step_matches_peft(rslora):
         assert_close_relative(ours.lora_b[...], theirs.lora_B["default"].weight.detach().numpy().T)
 
 
-def test_frozen_weights_bit_identical_and_adapter_sized_optimizer_state():
+def test_frozen_weights_bit_identical_and_adapter_sized_optimizer_state(tmp_path):
     config = tiny_model_config()
     hf = torch_llama(config)
     lora = lora_section(target_modules="all-linear", modules_to_save=[])
@@ -112,6 +112,12 @@ def test_frozen_weights_bit_identical_and_adapter_sized_optimizer_state():
     tokens = jnp.asarray(batch["tokens"])
     kwargs = dict(positions_BL=jnp.asarray(batch["positions"]), segment_ids_BL=jnp.asarray(batch["segment_ids"]))
     adapted_logits = np.asarray(final(tokens, **kwargs))
+    from sftjax.models.loading import load_model, save_model
+
+    save_model(final, config, tmp_path / "merged")  # the trainer's train.save=merged path
+    exported, _ = load_model(tmp_path / "merged")
+    assert not jax.tree.leaves(nnx.state(exported, nnx.LoRAParam))
+    np.testing.assert_allclose(np.asarray(exported(tokens, **kwargs)), adapted_logits, rtol=1e-5, atol=1e-5)
     assert merge_lora(final) == len(names)
     assert not jax.tree.leaves(nnx.state(final, nnx.LoRAParam))
     np.testing.assert_allclose(np.asarray(final(tokens, **kwargs)), adapted_logits, rtol=1e-5, atol=1e-5)
