@@ -56,3 +56,20 @@ def test_fit_logs_evaluates_and_saves(assets_dir, tmp_path):
     trained = trainer.updated_model()
     np.testing.assert_array_equal(np.asarray(model.embed_tokens.embedding[...]),
                                   np.asarray(trained.embed_tokens.embedding[...]))
+
+
+def test_model_flops_per_token_by_hand():
+    from sftjax.models.config import ModelConfig
+    from sftjax.train.flops import PEAK_FLOPS, device_peak_flops, model_flops_per_token
+
+    # Llama-2-7B shapes: 6N + 12 * layers * heads * head_dim * L is the PaLM-style count for full fine-tuning
+    config = ModelConfig(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, head_dim=128)
+    embed = 32000 * 4096
+    num_params = 6_738_415_616
+    full = model_flops_per_token(config, num_params=num_params, num_trainable_params=num_params, seq_len=4096)
+    assert full == 6 * (num_params - embed) + 12 * 32 * 32 * 128 * 4096
+    # LoRA: no weight gradients for the frozen matmuls (4N) plus 2x the adapters
+    lora = model_flops_per_token(config, num_params=num_params, num_trainable_params=1_000_000, seq_len=4096)
+    assert lora == 4 * (num_params - embed) + 2 * 1_000_000 + 12 * 32 * 32 * 128 * 4096
+    assert PEAK_FLOPS["h100"] == 989e12 and PEAK_FLOPS["tpu v5p"] == 459e12
+    assert device_peak_flops() > 1e8  # measured on the CPU test device
