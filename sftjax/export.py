@@ -268,9 +268,8 @@ def model_from_checkpoint(source, *, step: int | None = None):
             raise CheckpointError(f"no complete checkpoint in {root}")
         meta = manager.read_meta(step)
         run_config = meta.get("config") or {}
-        model_section = run_config.get("model") or {}
         lora = LoraSection(**(run_config.get("lora") or {}))
-        model, model_config = _base_model(model_section, lora, meta, root / str(step))
+        model, model_config = _base_model(run_config, lora, meta, root / str(step))
         if lora.enabled:
             apply_lora(model, lora, rngs=nnx.Rngs(0))
         trainable = nnx.state(model, trainable_filter(lora))
@@ -281,12 +280,13 @@ def model_from_checkpoint(source, *, step: int | None = None):
     return model, model_config, run_config, meta
 
 
-def _base_model(model_section: Mapping, lora, meta: Mapping, step_dir: pathlib.Path):
+def _base_model(run_config: Mapping, lora, meta: Mapping, step_dir: pathlib.Path):
     import jax.numpy as jnp
 
     from sftjax import checkpoint as ckpt
     from sftjax.models.loading import load_model
 
+    model_section = run_config.get("model") or {}
     dtype = jnp.dtype(model_section.get("param_dtype") or "float32")
     base_ref = meta.get("base_model") or {}
     path = base_ref.get("path") or model_section.get("path")
@@ -306,6 +306,12 @@ def _base_model(model_section: Mapping, lora, meta: Mapping, step_dir: pathlib.P
         from sftjax.models.decoder import Decoder
 
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in model_section["init"].items()}
+        if "vocab_size" not in fields:  # training took it from the tokenizer
+            tokenizer = _tokenizer_for(run_config)
+            if tokenizer is None:
+                raise CheckpointError(f"checkpoint {step_dir}: model.init has no vocab_size and the run's tokenizer "
+                                      "cannot be loaded to infer it")
+            fields["vocab_size"] = len(tokenizer)
         config = ModelConfig(**{**fields, "dtype": dtype.name, "param_dtype": dtype.name})
         return Decoder(config, rngs=nnx.Rngs(0)), config  # every parameter is restored from the checkpoint
     raise CheckpointError(f"checkpoint {step_dir} config has neither model.path nor model.init")

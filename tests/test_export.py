@@ -306,3 +306,24 @@ def test_peft_adapter_with_modules_to_save(hf_base, tmp_path):
     assert config["modules_to_save"] == ["lm_head", "model.embed_tokens", "model.layers.1.post_attention_layernorm"]
     base = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
     np.testing.assert_allclose(torch_logits(peft.PeftModel.from_pretrained(base, out)), ours, atol=1e-4, rtol=0)
+
+
+def test_random_init_full_finetune_checkpoint_to_hf(tmp_path, assets_dir):
+    """model.init without vocab_size: training took the vocabulary size from the tokenizer, so does export."""
+    from sftjax.models.config import ModelConfig
+    from sftjax.models.decoder import Decoder
+
+    init = {"hidden_size": 16, "intermediate_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+            "head_dim": 8, "max_position_embeddings": 64, "tie_word_embeddings": True}
+    tokenizer_dir = assets_dir / "tokenizers" / "smollm2"
+    vocab = len(transformers.AutoTokenizer.from_pretrained(tokenizer_dir))
+    model = Decoder(ModelConfig(vocab_size=vocab, **init), rngs=nnx.Rngs(7))
+    ours = our_logits(model)
+    lora = LoraSection(enabled=False)
+    config = {"model": {"init": init, "param_dtype": "float32"}, "tokenizer": {"path": str(tokenizer_dir)},
+              "lora": vars(lora)}
+    with ckpt.CheckpointManager(tmp_path / "run" / "checkpoints", config) as m:
+        m.save(4, {"params": nnx.state(model, nnx.Param)})
+    out = ex.export(tmp_path / "run", tmp_path / "hf", format="hf")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    np.testing.assert_allclose(torch_logits(exported), ours, atol=1e-4, rtol=0)
