@@ -604,7 +604,25 @@ def test_other_architectures_read_back_exactly(tmp_path, model_type):
     assert np.abs(np.asarray(model(tokens)) - logits).max() <= 1e-4
 
 
-@pytest.mark.parametrize("name, pre", [("llama3/hf", "llama-bpe"), ("qwen2/hf", "qwen2")])
+_PRE_TOKENIZER_TEXTS = ["The year 1234567 had 89 days; it's 3.14159!", "  indented\n\n\tcode(x)  \r\n",
+                        "naïve 日本語 😀 ÀÉÎ", "I'LL don't WE'RE", "a\u00a0b   c\n \n"]
+
+
+@pytest.mark.parametrize("name, pre", [("llama3/hf", "llama-bpe"), ("qwen2/hf", "qwen2"), ("smollm2", "gpt-2")])
+def test_pre_tokenizer_names(assets_dir, name, pre):
+    """llama.cpp's pre-tokenizer name is recognised from tokenizer.json and rebuilt to split text the same way."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    source = AutoTokenizer.from_pretrained(str(assets_dir / "tokenizers" / name))
+    assert gguf_io._tokenizer_pre(json.loads(source.backend_tokenizer.to_str())) == pre
+    rebuilt = gguf_io._pre_tokenizer(pre)
+    for text in _PRE_TOKENIZER_TEXTS:
+        assert rebuilt.pre_tokenize_str(text) == source.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
+
+
+@pytest.mark.parametrize("name, pre", [("llama3/hf", "llama-bpe")])
 def test_tokenizer_roundtrip_through_gguf_metadata(tmp_path, assets_dir, name, pre):
     """Vocabulary/merges/pre-tokenizer written by write_gguf come back as the same tokenizer (llama.cpp's names)."""
     from transformers import AutoTokenizer
@@ -620,9 +638,7 @@ def test_tokenizer_roundtrip_through_gguf_metadata(tmp_path, assets_dir, name, p
     writer.close()
     assert gguf_io.read_gguf_metadata(path)["tokenizer.ggml.pre"] == pre
     ours = gguf_io.load_gguf_tokenizer(path)
-    texts = ["The year 1234567 had 89 days; it's 3.14159!", "  indented\n\n\tcode(x)  \r\n", "naïve 日本語 😀 ÀÉÎ",
-             "<|im_start|>user hi<|im_end|><|eot_id|>", "I'LL don't WE'RE"]
-    for text in texts:
+    for text in _PRE_TOKENIZER_TEXTS + ["<|im_start|>user hi<|im_end|><|eot_id|>"]:
         assert ours(text, add_special_tokens=False)["input_ids"] == source(text, add_special_tokens=False)[
             "input_ids"], text
         assert ours(text)["input_ids"] == source(text)["input_ids"], text

@@ -17,6 +17,7 @@ Every problem with a file is a one-line :class:`~sftjax.errors.CheckpointError` 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -83,14 +84,22 @@ def _one_line(error: BaseException) -> str:
 
 
 def _open_reader(path: pathlib.Path):
-    import gguf
-
+    """A GGUFReader (memory-mapped). Parsing a large vocabulary's metadata takes seconds, so the last two files
+    are kept open: ``load_model`` and ``load_tokenizer`` on one file parse it once."""
     if not path.is_file():
         raise CheckpointError(f"GGUF file {path} does not exist")
+    stat = path.stat()
     try:
-        return gguf.GGUFReader(path, "r")
+        return _cached_reader(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     except Exception as error:  # the reader raises ValueError/IndexError/struct errors on damaged files
         raise CheckpointError(f"{path}: not a readable GGUF file, corrupt or truncated ({_one_line(error)})") from error
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(resolved_path: str, mtime_ns: int, size: int):
+    import gguf
+
+    return gguf.GGUFReader(resolved_path, "r")
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
