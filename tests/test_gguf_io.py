@@ -662,3 +662,26 @@ def test_gguf_tokenizer_needs_no_torch(smollm2_gguf):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[1780, 314, 260, 3575, 282, 4649, 47]"
+
+
+def test_llama3_rope_scaling_roundtrip(tmp_path):
+    """Llama-3.1-style RoPE travels as llama.cpp's rope_freqs tensor and is recognised again on reading."""
+    import sftjax
+
+    config, state = _random_llama(tied=True)
+    config = {**config, "vocab_size": 128, "max_position_embeddings": 131072,
+              "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    config.pop("rope_theta")
+    state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"][:128]
+    path = gguf_io.write_gguf_from_hf(config, state.items(), None, tmp_path / "l3.gguf", dtype="f32")
+    assert "rope_freqs.weight" in {t.name for t in gguf.GGUFReader(str(path)).tensors}
+    read_config, tensors = gguf_io.read_gguf_checkpoint(path)
+    assert read_config["rope_parameters"] == config["rope_parameters"]
+    assert "rope_freqs.weight" not in dict(tensors)
+    tokens = np.array([[1, 5, 9, 33, 7, 100, 3, 60, 2, 11]])
+    expected = _torch_logits(config, state, tokens)
+    default_rope = {**config, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}
+    assert np.abs(_torch_logits(default_rope, state, tokens) - expected).max() > 1e-3  # the scaling matters here
+    model, _ = sftjax.load_model(path)
+    assert np.abs(np.asarray(model(tokens)) - expected).max() <= 1e-4
