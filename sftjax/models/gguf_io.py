@@ -500,7 +500,7 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int, out_path: pathlib.Path, t
         writer.add_chat_template(template)
 
 
-def _encode_tensor(name: str, array: np.ndarray, dtype: str):
+def _encode_tensor(array: np.ndarray, dtype: str):
     """(data, raw ggml type or None) as GGUFWriter wants it; 1-D tensors stay float32 (llama.cpp's convention)."""
     import gguf
 
@@ -587,7 +587,7 @@ def write_gguf_from_hf(hf_config: dict, tensors: Iterable[tuple[str, np.ndarray]
             array = _rope_rows_to_ggml(np.asarray(array), heads)
         elif hf_name.endswith("k_proj.weight"):
             array = _rope_rows_to_ggml(np.asarray(array), kv_heads)
-        data, raw_type = _encode_tensor(gguf_name, np.asarray(array, dtype=np.float32), dtype)
+        data, raw_type = _encode_tensor(np.asarray(array, dtype=np.float32), dtype)
         writer.add_tensor(gguf_name, data, raw_dtype=raw_type)
         seen.add(gguf_name)
     if "token_embd.weight" not in seen:
@@ -596,8 +596,11 @@ def write_gguf_from_hf(hf_config: dict, tensors: Iterable[tuple[str, np.ndarray]
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-    finally:
         writer.close()
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, out_path)  # a crash never leaves a half-written file under the final name
     return out_path
 
