@@ -231,7 +231,8 @@ def test_k_quants_against_scalar_reference(tmp_path, kind, block_bytes, scale_of
         raw[:, offset:offset + 2] = np.frombuffer(
             rng.uniform(0.001, 0.1, size=rows * blocks_per_row).astype(np.float16).tobytes(), np.uint8).reshape(-1, 2)
     decoded = _decoded(_write_raw_gguf(tmp_path / "k.gguf", {"w.weight": (raw.reshape(rows, -1), kind)}))["w.weight"]
-    expected = np.array([reference(bytes(block)) for block in raw], dtype=np.float64).reshape(rows, 256 * blocks_per_row)
+    expected = np.array([reference(bytes(block)) for block in raw], dtype=np.float64)
+    expected = expected.reshape(rows, 256 * blocks_per_row)
     assert decoded.shape == expected.shape
     np.testing.assert_allclose(decoded, expected, rtol=1e-5, atol=1e-5)
 

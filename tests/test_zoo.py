@@ -33,7 +33,8 @@ def test_missing_package_says_what_to_install(monkeypatch):
     monkeypatch.setitem(
         zoo.ALIASES,
         "ghost-model",
-        zoo.ModelAlias(package="sftjax_no_such_package", filename="m.gguf", pip_requirement="ghost==1.0", description=""),
+        zoo.ModelAlias(package="sftjax_no_such_package", filename="m.gguf", pip_requirement="ghost==1.0",
+                       description=""),
     )
     with pytest.raises(SftjaxError) as info:
         zoo.resolve_model_path("ghost-model")

@@ -198,7 +198,8 @@ def _add_rope_scaling(reader, arch: str, config: dict, path: pathlib.Path) -> No
     if scaling == "linear":
         config["rope_parameters"].update(rope_type="linear", factor=factor)
     elif scaling == "yarn":
-        original = int(_field(reader, f"{arch}.rope.scaling.original_context_length", config["max_position_embeddings"]))
+        original_key = f"{arch}.rope.scaling.original_context_length"
+        original = int(_field(reader, original_key, config["max_position_embeddings"]))
         config["rope_parameters"].update(rope_type="yarn", factor=factor, original_max_position_embeddings=original)
     else:
         raise CheckpointError(f"{path}: RoPE scaling type '{scaling}' in '{arch}.rope.scaling.type' is not supported")
@@ -406,7 +407,8 @@ def load_gguf_tokenizer(path: str | os.PathLike):
     except CheckpointError:
         raise
     except Exception as error:
-        raise CheckpointError(f"{path}: cannot build a '{kind}' tokenizer from the GGUF ({_one_line(error)})") from error
+        raise CheckpointError(
+            f"{path}: cannot build a '{kind}' tokenizer from the GGUF ({_one_line(error)})") from error
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
