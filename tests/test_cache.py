@@ -116,3 +116,15 @@ def test_parallel_tokenization_matches_serial_with_real_encoder(tmp_path, tokeni
     reference = encode_example({"prompt": row["question"], "completion": row["answer"]}, tokenizer, masking="auto")
     assert parallel.examples.example(57)["input_ids"].tolist() == list(reference["input_ids"])
     assert parallel.examples.example(57)["train_mask"].tolist() == list(reference["train_mask"])
+
+
+def test_conversation_without_assistant_turn_errors_unless_skipped(tmp_path, tokenizer):
+    """The real encoder's drop reasons follow on_bad_row: an error by default, counted when skipped."""
+    path = tmp_path / "chat.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    no_reply = {"messages": [{"role": "user", "content": "anyone there?"}]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(no_reply) + "\n")
+    with pytest.raises(DataError, match=r"chat.jsonl:2"):
+        run(path, tokenizer, tmp_path / "cache", encode_fn=None)
+    skipped = run(path, tokenizer, tmp_path / "cache", encode_fn=None, on_bad_row="skip")
+    assert len(skipped.examples) == 1 and sum(skipped.dropped.values()) == 1

@@ -144,8 +144,10 @@ def _encode_chunk(rows: list[tuple[str, dict]]):
             example = encode_fn(row, tokenizer, location=location, **kwargs)
         except DataError as err:
             reason = getattr(err, "reason", None)
-            is_drop = type(err).__name__ == "DroppedExample"
-            if is_drop or _worker["on_bad_row"] == "skip":
+            # Same policy as chat.encode_rows: in "error" mode only an example emptied by truncation is dropped
+            # quietly (counted); a row with no assistant turn or no trained token is bad input and raises.
+            truncated_away = (reason or "").endswith("after_truncation")
+            if truncated_away or _worker["on_bad_row"] == "skip":
                 dropped[reason or "bad_row"] += 1
                 continue
             return None, None, None, dropped, str(err)
