@@ -217,6 +217,20 @@ class Config:
                               f"{shards} batch shards (mesh data*fsdp over {device_count} devices)")
         return sizes
 
+    @property
+    def checkpoint(self):
+        """The ``checkpoint:`` section validated as a :class:`sftjax.checkpoint.CheckpointSection` (directory,
+        save_every_steps, save_every_minutes=30, keep=3, keep_best=0, resume=auto|never|<path>, async_save=true).
+
+        It stays raw in ``extra`` (the checkpoint module owns its fields) and is validated here, on first use,
+        which the trainer does before building anything."""
+        from sftjax.checkpoint import CheckpointSection
+
+        raw = self.extra.get("checkpoint")
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"checkpoint={raw!r} must be a mapping of checkpoint settings")
+        return CheckpointSection.from_dict(raw)
+
     def to_dict(self) -> dict:
         out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
                if f.name not in ("extra", "source_path")}

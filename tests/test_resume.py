@@ -1,9 +1,13 @@
-"""End-to-end exact resume with the real Trainer: a run of N steps, and a run SIGKILLed after a checkpoint then
-resumed to N, end with bit-identical parameters and identical per-step losses after the resume point (LoRA with
-dropout, and full fine-tuning; the data iterator resumes mid-epoch). The reference is the uninterrupted run.
+"""End-to-end checkpointing of ``sftjax train`` in subprocesses (the one exact-resume test path).
 
-The checkpoint manager is wired through ``Trainer.add_hook`` / ``Trainer.restore`` exactly as the report asks the
-trainer to do it, so this also documents the integration.
+* SIGKILL after a checkpoint exists, then the same command again: it resumes by itself (``resume: auto``) and
+  ends with bit-identical parameters/optimizer state and identical per-step losses compared with an
+  uninterrupted run (LoRA with dropout, and full fine-tuning; the data iterator resumes mid-epoch). The reference
+  is the uninterrupted run; every logged loss of the interrupted run, before and after the crash, must match it.
+* SIGTERM writes a checkpoint and exits 0 saying where; rerunning continues from it and finishes.
+
+The killed run hangs after step 5 (the test patches ``MetricsLogger.advance`` from outside the CLI), so the kill
+lands at a known point once checkpoint 3 is on disk; the CLI code itself runs unchanged.
 """
 
 from __future__ import annotations
@@ -11,76 +15,70 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+TINY = str(REPO / "configs" / "tiny_cpu.yaml")
 
-RUN = """
-import os, pathlib, signal, sys
-import jax, numpy as np
-from sftjax.checkpoint import CheckpointManager, abstract_like, train_state_from_items, train_state_items
-from sftjax.config import load_config
-from sftjax.train.trainer import Trainer
+CLI = """
+import sys, time
+hang_after = int(sys.argv[1])
+if hang_after > 0:
+    from sftjax.train import metrics
 
-config_path, kill_after = sys.argv[1], int(sys.argv[2])
-cfg = load_config(config_path)
-trainer = Trainer(cfg)
-run_dir = pathlib.Path(cfg.train.output_dir)
-manager = CheckpointManager(run_dir / "checkpoints", cfg, save_every_steps=3, keep=2)
-restored = manager.restore_latest(abstract_like(train_state_items(trainer.state)))
-if restored is not None:
-    trainer.restore(train_state_from_items(trainer.state, restored.state), restored.data_state)
-    trainer.start_step = restored.step  # the loop's step; TrainState.step does not count skipped (empty) steps
-    print("resumed", restored.step, flush=True)
+    advance = metrics.MetricsLogger.advance
+    seen = []
 
-def checkpoint_hook(trainer, step):
-    manager.maybe_save(step, train_state_items(trainer.state), data_state=trainer.train_data.get_state(),
-                       rng=trainer.rng)
-    if step == kill_after:
-        manager.wait()
-        os.kill(os.getpid(), signal.SIGKILL)
+    def advance_then_hang(self, steps=1):
+        advance(self, steps)
+        seen.append(steps)
+        if len(seen) == hang_after:
+            print("hanging", flush=True)
+            time.sleep(600)
 
-trainer.add_hook(checkpoint_hook)
-trainer.fit()
-manager.save(trainer.total_steps, train_state_items(trainer.state), data_state=trainer.train_data.get_state())
-manager.close()
-leaves = jax.tree_util.tree_flatten_with_path(train_state_items(trainer.state))[0]
-np.savez(run_dir / "final.npz", **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
-print("done", flush=True)
+    metrics.MetricsLogger.advance = advance_then_hang
+from sftjax.cli import main
+sys.exit(main(sys.argv[2:]))
 """
 
 
-def _config(tmp_path: pathlib.Path, assets_dir: pathlib.Path, name: str, lora: bool) -> pathlib.Path:
-    config = {
-        "model": {"init": {"architecture": "LlamaForCausalLM", "family": "llama", "hidden_size": 32,
-                           "intermediate_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-                           "head_dim": 8, "max_position_embeddings": 64, "tie_word_embeddings": False}},
-        "tokenizer": {"path": str(assets_dir / "tokenizers" / "smollm2")},
-        "data": {"sources": [str(assets_dir / "datasets" / "instruction" / "alpaca_tiny.json")],
-                 "max_length": 64, "packing": "best"},
-        "lora": {"enabled": lora, "r": 4, "alpha": 8.0, "dropout": 0.1 if lora else 0.0},
-        "optim": {"learning_rate": 1e-2, "warmup_steps": 2},
-        "train": {"steps": 8, "global_batch_size": 4, "micro_batch_size": 2, "log_every": 1, "seed": 3,
-                  "output_dir": str(tmp_path / name), "save": "none", "progress": False, "tensorboard": False,
-                  "mesh": {"data": -1, "fsdp": 1, "tensor": 1}},
-    }
-    path = tmp_path / f"{name}.json"  # JSON is valid YAML
-    path.write_text(json.dumps(config))
-    return path
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("jax_cache")
 
 
-def _run(config: pathlib.Path, kill_after: int, cache: pathlib.Path) -> subprocess.CompletedProcess:
+def _overrides(assets_dir, out_dir, *extra) -> list[str]:
+    return [f"tokenizer.path={assets_dir / 'tokenizers' / 'smollm2'}",
+            f"data.sources=[{assets_dir / 'datasets' / 'instruction' / 'alpaca_tiny.json'}]",
+            f"train.output_dir={out_dir}", "train.progress=false", "train.tensorboard=false", "train.save=none",
+            "model.init.hidden_size=32", "model.init.intermediate_size=64", "model.init.head_dim=8",
+            "model.init.max_position_embeddings=64", "data.eval_fraction=0", "train.steps=8",
+            "train.global_batch_size=4", "train.micro_batch_size=2", "train.log_every=1", "train.eval_every=0",
+            "train.seed=3", "optim.learning_rate=1e-2", "optim.warmup_steps=2", *extra]
+
+
+def _command(overrides, hang_after: int = -1) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(CLI), str(hang_after), "train", TINY, *overrides]
+
+
+def _env(cache: pathlib.Path) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
                JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(RUN), str(config), str(kill_after)], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    return env
+
+
+def _run(overrides, cache) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(overrides), env=_env(cache), capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
 
 
 def _losses(run_dir: pathlib.Path) -> list[tuple[int, float]]:
@@ -88,88 +86,97 @@ def _losses(run_dir: pathlib.Path) -> list[tuple[int, float]]:
     return [(row["step"], row["loss"]) for row in rows if "loss" in row]
 
 
+def _checkpoint_arrays(step_dir: pathlib.Path) -> dict[str, np.ndarray]:
+    """Every array of the params and opt_state items, read with orbax alone (not through sftjax)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    out = {}
+    with ocp.StandardCheckpointer() as reader:
+        for item in ("params", "opt_state"):
+            tree = reader.restore(step_dir / item)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+                out[item + jax.tree_util.keystr(path)] = np.asarray(leaf)
+    return out
+
+
+def _wait_for(predicate, proc, timeout=240.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_trainer_sigkill_and_resume_is_bit_identical(tmp_path, assets_dir, lora):
-    cache = tmp_path / "jax_cache"
-    reference = _run(_config(tmp_path, assets_dir, "reference", lora), -1, cache)
-    assert reference.returncode == 0 and "done" in reference.stdout, reference.stderr[-3000:]
-    crashed_config = _config(tmp_path, assets_dir, "crashed", lora)
-    killed = _run(crashed_config, 5, cache)
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    resumed = _run(crashed_config, -1, cache)
-    assert resumed.returncode == 0 and "resumed 3" in resumed.stdout, resumed.stderr[-3000:]
+def test_cli_sigkill_and_rerun_resumes_bit_identical(tmp_path, assets_dir, jax_cache, lora):
+    extra = ["checkpoint.save_every_steps=3", f"lora.enabled={str(lora).lower()}", "lora.r=4", "lora.alpha=8",
+             f"lora.dropout={0.1 if lora else 0.0}"]
+    reference = _run(_overrides(assets_dir, tmp_path / "reference", *extra), jax_cache)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    crashed = tmp_path / "crashed"
+    command = _command(_overrides(assets_dir, crashed, *extra), hang_after=5)
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(command, env=_env(jax_cache), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            assert _wait_for(lambda: (crashed / "checkpoints" / "3").is_dir(), proc), \
+                (tmp_path / "killed.log").read_text()[-3000:]
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=60) == -signal.SIGKILL
+        finally:
+            proc.kill()
+    assert not (crashed / "checkpoints" / "8").exists()
+    resumed = _run(_overrides(assets_dir, crashed, *extra), jax_cache)  # the very same command
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from checkpoint" in resumed.stderr and "at step 3 of 8" in resumed.stderr, resumed.stderr[-3000:]
 
     expected = dict(_losses(tmp_path / "reference"))
     assert sorted(expected) == list(range(1, 9)) and len(set(expected.values())) > 1
-    crashed_losses = _losses(tmp_path / "crashed")
-    after_resume = dict(crashed_losses[-5:])  # the resumed process appends steps 4..8 to the same log
-    assert sorted(after_resume) == [4, 5, 6, 7, 8]
-    assert after_resume == {step: expected[step] for step in range(4, 9)}
+    logged = _losses(crashed)  # the killed process's rows, then the resumed one's, appended
+    assert {step for step, _ in logged} == set(range(1, 9))
+    assert [step for step, _ in logged][-5:] == [4, 5, 6, 7, 8]
+    for step, loss in logged:
+        assert loss == expected[step], (step, loss, expected[step])
 
-    final_ref = np.load(tmp_path / "reference" / "final.npz")
-    final_resumed = np.load(tmp_path / "crashed" / "final.npz")
-    assert sorted(final_ref.files) == sorted(final_resumed.files)
-    for name in final_ref.files:
+    final_ref = _checkpoint_arrays(tmp_path / "reference" / "checkpoints" / "8")
+    final_resumed = _checkpoint_arrays(crashed / "checkpoints" / "8")
+    assert sorted(final_ref) == sorted(final_resumed) and any("lora" in k for k in final_ref) == lora
+    for name in final_ref:
         np.testing.assert_array_equal(final_resumed[name], final_ref[name], err_msg=name)
 
 
-STOP_ON_SIGTERM = """
-import pathlib, sys
-from sftjax.checkpoint import CheckpointManager, train_state_items
-from sftjax.config import load_config
-from sftjax.preemption import PreemptionGuard
-from sftjax.train.trainer import Trainer
+@pytest.mark.slow
+def test_cli_sigterm_writes_checkpoint_exits_zero_and_rerun_continues(tmp_path, assets_dir, jax_cache):
+    run_dir = tmp_path / "stopped"
+    overrides = _overrides(assets_dir, run_dir, "train.steps=100000", "lora.enabled=true", "lora.r=4")
+    with open(tmp_path / "stopped.out", "w") as stdout, open(tmp_path / "stopped.log", "w") as log:
+        proc = subprocess.Popen(_command(overrides), env=_env(jax_cache), cwd=REPO, stdout=stdout, stderr=log)
+        try:
+            metrics = run_dir / "metrics.jsonl"
+            assert _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc), \
+                (tmp_path / "stopped.log").read_text()[-3000:]
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 0, (tmp_path / "stopped.log").read_text()[-3000:]
+            assert time.monotonic() - sent < 60
+        finally:
+            proc.kill()
+    out = (tmp_path / "stopped.out").read_text()
+    assert "SIGTERM received" in (tmp_path / "stopped.log").read_text()
+    summary = json.loads(out[out.index("{"):])
+    step = summary["stopped_at"]
+    checkpoint = run_dir / "checkpoints" / str(step)
+    assert f"checkpoint written to {checkpoint}" in out and summary["checkpoint"] == str(checkpoint)
+    assert checkpoint.is_dir() and not (run_dir / "final").exists()
+    assert max(s for s, _ in _losses(run_dir)) == step  # the partial logging window was written
 
-cfg = load_config(sys.argv[1])
-trainer = Trainer(cfg)
-manager = CheckpointManager(pathlib.Path(cfg.train.output_dir) / "checkpoints", cfg, save_every_steps=1000)
-
-def stop_hook(trainer, step):
-    if step == 2:
-        print("running", flush=True)
-    if guard.should_stop(step):
-        manager.save(step, train_state_items(trainer.state), data_state=trainer.train_data.get_state())
-        manager.close()
-        print(guard.stop_message(manager.directory / str(step)), flush=True)
-        print("STEP", step, flush=True)
-        raise SystemExit(0)  # until Trainer.fit polls the guard itself
-
-trainer.add_hook(stop_hook)
-with PreemptionGuard() as guard:
-    trainer.fit()
-"""
-
-
-def test_trainer_sigterm_writes_checkpoint_and_exits_zero(tmp_path, assets_dir):
-    import signal
-    import time
-
-    config = _config(tmp_path, assets_dir, "stopped", lora=True)
-    raw = json.loads(config.read_text())
-    raw["train"]["steps"] = 100000
-    config.write_text(json.dumps(raw))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(STOP_ON_SIGTERM), str(config)], env=env,
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if "running" in line or (not line and proc.poll() is not None):
-            break
-    assert proc.poll() is None, proc.stderr.read()[-3000:]
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
-    assert time.monotonic() - sent < 60
-    step = int(out.split("STEP")[1])
-    checkpoint = tmp_path / "stopped" / "checkpoints" / str(step)
-    assert f"checkpoint written to {checkpoint}" in out and "SIGTERM received" in err
-
-    from sftjax import checkpoint as ckpt
-
-    with ckpt.CheckpointManager(checkpoint.parent) as manager:
-        meta = manager.read_meta(step)
-    assert manager.all_steps == [step] and meta["config"]["lora"]["enabled"] is True
+    # rerun to two steps past the stop: it continues from the SIGTERM checkpoint and finishes
+    finish = _run(_overrides(assets_dir, run_dir, f"train.steps={step + 2}", "lora.enabled=true", "lora.r=4"),
+                  jax_cache)
+    assert finish.returncode == 0, finish.stderr[-3000:]
+    assert f"at step {step} of {step + 2}" in finish.stderr
+    assert [s for s, _ in _losses(run_dir)][-2:] == [step + 1, step + 2]
+    assert (run_dir / "checkpoints" / str(step + 2)).is_dir()

@@ -7,9 +7,12 @@ global batch from this host's rows (``jax.make_array_from_process_local_data``, 
 metrics of earlier steps, so the host never waits on the device step by step. Evaluation runs every
 ``eval_every`` steps and at the end; the model is written at the end (merged weights or a PEFT adapter).
 
-Checkpointing plugs in through ``add_hook(fn)``: ``fn(trainer, step)`` runs after each dispatched step with
-``trainer.state`` (the TrainState), ``trainer.frozen`` and ``trainer.train_data`` (``get_state()``) in reach;
-``trainer.restore(state, data_state)`` resumes.
+Checkpointing (``checkpoint:`` section, :mod:`sftjax.checkpoint`): ``open_checkpoints()`` opens the run's
+checkpoint manager and applies ``checkpoint.resume`` (restoring state, data iterator position, RNG and the loop
+step); ``fit()`` then saves on the section's triggers, stops cleanly on SIGTERM/SIGINT after writing a checkpoint
+(:class:`sftjax.preemption.PreemptionGuard`), and writes a final checkpoint at the last step. A failed periodic
+save is logged and training goes on (the in-memory state is intact); a failed final save is an error. Without
+``open_checkpoints()`` the loop does not checkpoint. ``add_hook(fn)`` runs ``fn(trainer, step)`` after each step.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sftjax.config import Config
-from sftjax.errors import ConfigError
+from sftjax.errors import CheckpointError, ConfigError
 from sftjax.train import flops as flops_lib
 from sftjax.train.lora import apply_lora, split_model
 from sftjax.train.metrics import MetricsLogger, device_memory_bytes
@@ -88,6 +91,8 @@ class Trainer:
                  eval_data=None):
         self.config = cfg = config
         train = cfg.train
+        self.checkpoint_section = cfg.checkpoint  # validated before anything is built
+        self.checkpoints = None  # the CheckpointManager, once open_checkpoints() ran
         self.mesh_sizes = cfg.check_devices(jax.device_count())
         from sftjax.sharding import make_mesh
 
@@ -175,6 +180,75 @@ class Trainer:
         if data_state is not None and hasattr(self.train_data, "set_state"):
             self.train_data.set_state(data_state)
 
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def open_checkpoints(self):
+        """Open this run's checkpoint manager and apply ``checkpoint.resume``; returns the Restored or None.
+
+        ``resume: never`` refuses a checkpoint directory that already holds checkpoints: the new run's saves and
+        retention would delete them. Use another ``train.output_dir``/``checkpoint.directory`` or remove them.
+        """
+        from sftjax.checkpoint import abstract_like, restore_for_resume, train_state_from_items, train_state_items
+
+        section, cfg = self.checkpoint_section, self.config
+        base_model = None
+        if cfg.model.path:
+            from sftjax.checkpoint import fingerprint_model
+            from sftjax.models.zoo import resolve_model_path
+
+            resolved = resolve_model_path(cfg.model.path).absolute()
+            base_model = {"path": str(resolved), "fingerprint": fingerprint_model(resolved)}
+        manager = section.manager(cfg.train.output_dir, cfg, base_model=base_model)
+        try:
+            if section.resume in ("never", "none") and manager.all_steps:
+                raise CheckpointError(
+                    f"checkpoint.resume=never but {manager.directory} already holds checkpoints (steps "
+                    f"{manager.all_steps}); refusing to overwrite them: resume with checkpoint.resume=auto, or use "
+                    "another train.output_dir (or checkpoint.directory), or delete them yourself")
+            restored = restore_for_resume(section.resume, manager, abstract_like(train_state_items(self.state)))
+        except BaseException:
+            manager.close()
+            raise
+        self.checkpoints = manager
+        if restored is not None:
+            self.restore(train_state_from_items(self.state, restored.state), restored.data_state)
+            self.start_step = restored.step  # the loop's step: TrainState.step does not count skipped steps
+            if restored.rng is not None:
+                self.rng = restored.rng
+            logger.info("resumed from checkpoint %s at step %d of %d", restored.directory, restored.step,
+                        self.total_steps)
+        return restored
+
+    def _save_checkpoint(self, step: int, *, force: bool, metrics: dict | None = None) -> None:
+        """Start a checkpoint at ``step`` (on the triggers, or now when ``force``); a failure is logged, not raised:
+        the in-memory state is intact and the next save may succeed."""
+        from sftjax.checkpoint import train_state_items
+
+        try:
+            self.checkpoints.maybe_save(step, train_state_items(self.state), data_state=self.train_data.get_state(),
+                                        rng=self.rng, metrics=metrics, force=force)
+        except CheckpointError as err:
+            logger.error("%s; training continues", err)
+
+    def _final_checkpoint(self, step: int) -> pathlib.Path:
+        """Write the checkpoint at ``step`` and wait until it is committed (errors raise)."""
+        from sftjax.checkpoint import train_state_items
+
+        manager = self.checkpoints
+        try:
+            manager.wait()  # an earlier background save's error must not be mistaken for this one's
+        except CheckpointError as err:
+            logger.error("%s", err)
+        manager.save(step, train_state_items(self.state), data_state=self.train_data.get_state(), rng=self.rng)
+        manager.wait()
+        return manager.directory / str(step)
+
+    def close_checkpoints(self) -> None:
+        """Release the checkpoint manager (finishing any pending write)."""
+        if self.checkpoints is not None:
+            manager, self.checkpoints = self.checkpoints, None
+            manager.close()
+
     def global_batch(self, local: dict) -> dict:
         """Host-local [local_rows, L] arrays -> global [accum, micro_rows, L] arrays sharded over (data, fsdp)."""
         accum = self.config.train.accum_steps
@@ -191,7 +265,12 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- the loop
 
     def fit(self) -> dict:
-        """Train ``total_steps`` steps; returns the last logged train metrics and the final eval metrics."""
+        """Train up to ``total_steps`` steps; returns the last logged train metrics and the final eval metrics,
+        plus ``stopped_at``/``checkpoint`` when a stop signal ended the run early (no final model then)."""
+        import contextlib
+
+        from sftjax.preemption import PreemptionGuard
+
         cfg = self.config.train
         out_dir = pathlib.Path(cfg.output_dir)
         log = MetricsLogger(out_dir, total_steps=self.total_steps, tensorboard=cfg.tensorboard,
@@ -205,6 +284,7 @@ class Trainer:
         # Timing is measured between host syncs (fetching step N's metrics waits for step N on device), so
         # asynchronous dispatch does not inflate throughput. The first window includes compilation.
         sync = {"time": time.perf_counter(), "step": self.start_step}
+        stopped = {}
 
         def flush():
             nonlocal scheduled, last_train
@@ -217,33 +297,50 @@ class Trainer:
                 log.log(at, last_train)
                 scheduled = None
 
+        guard = PreemptionGuard() if self.checkpoints is not None else contextlib.nullcontext()
         try:
-            for step in range(self.start_step, self.total_steps):
-                local = next(data_iter)
-                seq_len = seq_len or int(np.asarray(local["tokens"]).shape[1])
-                batch = self.global_batch(local)
-                self.state, metrics = self.train_step(self.state, self.frozen, batch,
-                                                      jax.random.fold_in(self.rng, step))
-                flush()  # the previous window's metrics: step N+1 is already dispatched
-                pending.append(metrics)
-                for hook in self.hooks:
-                    hook(self, step + 1)
-                log.advance()
-                last = step + 1 == self.total_steps
-                if (step + 1) % cfg.log_every == 0 or last:
-                    scheduled, pending = (step + 1, pending), []
-                if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
-                    if self.eval_data is not None:
-                        flush()
-                        last_eval = self.evaluate()
-                        log.log(step + 1, last_eval, prefix="eval/")
-                        sync.update(time=time.perf_counter(), step=step + 1)
-            flush()
+            with guard:
+                for step in range(self.start_step, self.total_steps):
+                    local = next(data_iter)
+                    seq_len = seq_len or int(np.asarray(local["tokens"]).shape[1])
+                    batch = self.global_batch(local)
+                    self.state, metrics = self.train_step(self.state, self.frozen, batch,
+                                                          jax.random.fold_in(self.rng, step))
+                    flush()  # the previous window's metrics: step N+1 is already dispatched
+                    pending.append(metrics)
+                    done = step + 1
+                    for hook in self.hooks:
+                        hook(self, done)
+                    log.advance()
+                    last = done == self.total_steps
+                    if done % cfg.log_every == 0 or last:
+                        scheduled, pending = (done, pending), []
+                    evaluated = False
+                    if (cfg.eval_every and done % cfg.eval_every == 0) or last:
+                        if self.eval_data is not None:
+                            flush()
+                            last_eval, evaluated = self.evaluate(), True
+                            log.log(done, last_eval, prefix="eval/")
+                            sync.update(time=time.perf_counter(), step=done)
+                    if self.checkpoints is None or last:
+                        continue
+                    self._save_checkpoint(done, force=False,
+                                          metrics={"eval_loss": last_eval["loss"]} if evaluated else None)
+                    if guard.should_stop(done):
+                        if pending:  # log the partial window: the resumed run starts after it
+                            flush()
+                            scheduled, pending = (done, pending), []
+                        stopped = {"stopped_at": done, "checkpoint": str(self._final_checkpoint(done))}
+                        print(guard.stop_message(stopped["checkpoint"]), flush=True)
+                        break
+                flush()
+                if not stopped and self.checkpoints is not None:
+                    self._final_checkpoint(self.total_steps)
         finally:
             log.close()
-        if cfg.save != "none" and jax.process_index() == 0:
+        if not stopped and cfg.save != "none" and jax.process_index() == 0:
             self.save(out_dir / "final")
-        return {"train": last_train, "eval": last_eval}
+        return {"train": last_train, "eval": last_eval, **stopped}
 
     def _summarize(self, fetched, elapsed, steps, seq_len, peak) -> dict:
         tokens = sum(float(m["trained_tokens"]) for m in fetched)
