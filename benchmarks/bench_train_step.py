@@ -1,0 +1,285 @@
+"""One full fine-tuning optimizer step, sftjax vs the plain PyTorch loop, on the same weights and the same batch.
+
+What is measured (float32, CPU unless JAX/torch see an accelerator):
+
+* PyTorch baseline, the loop DESIGN.md names: a ``transformers`` Llama run eagerly on rows of ``max_length``
+  with a 4D block-diagonal causal mask per row (``use_cache=False``, per-segment position ids), masked-mean
+  cross-entropy over the trained tokens, ``torch.optim.AdamW``; torch threads = the machine's cores.
+* sftjax: ``make_train_step`` (forward + backward + optax AdamW, jitted, state donated) with every attention /
+  cross-entropy implementation pair that runs on the CPU, plus the automatic choice.
+
+Correctness first: the first step's loss of every sftjax configuration is compared with PyTorch's (relative
+difference printed and recorded). Then each configuration runs warm-up steps (compilation excluded) and the
+MEDIAN wall time of N device-synchronized steps; tokens/s count every position of the [rows, L] batch (padding
+included, as both frameworks compute it). All configurations run in ONE process, one after the other, so the
+ratios sftjax / PyTorch are comparable even on a shared machine; the load average is recorded before and after.
+``--profile`` also times the forward pass alone (loss only) per configuration, to split forward from backward.
+
+    python benchmarks/bench_train_step.py --quick      # < 2 min: 7M model, 2 rows, 5 timed steps
+    python benchmarks/bench_train_step.py              # 7M and 32M models, 4 rows, 10 timed steps
+Writes ``benchmarks/results/train_step_<device>.json`` (``--output`` to override).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import pallas_kernels  # noqa: E402
+from sftjax.config import LoraSection, OptimSection  # noqa: E402
+from sftjax.models.loading import build_model  # noqa: E402
+from sftjax.train.lora import split_model  # noqa: E402
+from sftjax.train.optim import make_optimizer  # noqa: E402
+from sftjax.train.step import LossOptions, TrainState, forward_loss, make_train_step  # noqa: E402
+
+MODELS = {
+    # ~7M parameters: the shape DESIGN.md's "Where the time goes" refers to
+    "llama_7m": dict(vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=64),
+    # ~32M parameters
+    "llama_32m": dict(vocab_size=16384, hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=64),
+}
+# (attention, cross_entropy) implementations that run on the CPU; "auto" = implementation=None
+CONFIGURATIONS = [("reference", "reference"), ("xla_chunked", "xla_chunked"), ("auto", "auto")]
+LEARNING_RATE, WEIGHT_DECAY = 1e-4, 0.1
+
+
+def hf_llama(spec: dict, max_length: int, seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**spec, max_position_embeddings=max_length, rms_norm_eps=1e-6,
+                                      rope_theta=10000.0, tie_word_embeddings=False, attention_bias=False,
+                                      mlp_bias=False, attn_implementation="sdpa")
+    config.architectures = ["LlamaForCausalLM"]
+    return transformers.LlamaForCausalLM(config).float()
+
+
+def packed_batch(rows: int, length: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Batch-contract arrays: 2-3 segments per row filling ~97% of it, the second half of each segment trained
+    (a prompt -> completion shape), targets the next token within the segment."""
+    rng = np.random.default_rng(seed)
+    batch = {k: np.zeros((rows, length), np.int32) for k in ("tokens", "targets", "loss_mask", "segment_ids",
+                                                                "positions")}
+    for row in range(rows):
+        count = int(rng.integers(2, 4))
+        used = int(length * rng.uniform(0.95, 1.0))
+        cuts = np.sort(rng.choice(np.arange(32, used - 32), count - 1, replace=False))
+        bounds = [0, *cuts.tolist(), used]
+        for segment, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
+            tokens = rng.integers(1, vocab, stop - start)
+            batch["tokens"][row, start:stop] = tokens
+            batch["targets"][row, start:stop - 1] = tokens[1:]
+            prompt = (stop - start) // 2
+            batch["loss_mask"][row, start + prompt:stop - 1] = 1
+            batch["segment_ids"][row, start:stop] = segment
+            batch["positions"][row, start:stop] = np.arange(stop - start)
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------- PyTorch
+def torch_block_causal_mask(segment_ids: np.ndarray) -> torch.Tensor:
+    """[B, 1, L, L] additive float mask: 0 where token i may see token j (same segment, j <= i), else -inf.
+    Padding (segment 0) sees earlier padding only, so no row of the softmax is empty."""
+    seg = torch.as_tensor(segment_ids, dtype=torch.long)
+    length = seg.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = (seg[:, :, None] == seg[:, None, :]) & causal
+    mask = torch.zeros(allowed.shape, dtype=torch.float32)
+    mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    return mask[:, None]
+
+
+def torch_runner(model, batch: dict[str, np.ndarray]):
+    inputs = dict(input_ids=torch.as_tensor(batch["tokens"], dtype=torch.long),
+                  position_ids=torch.as_tensor(batch["positions"], dtype=torch.long),
+                  attention_mask=torch_block_causal_mask(batch["segment_ids"]))
+    targets = torch.as_tensor(batch["targets"], dtype=torch.long)
+    mask = torch.as_tensor(batch["loss_mask"], dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=WEIGHT_DECAY)
+
+    def loss_fn():
+        logits = model(**inputs, use_cache=False).logits.float()
+        token_ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        return (token_ce * mask.flatten()).sum() / mask.sum().clamp(min=1.0)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    def forward():
+        with torch.no_grad():
+            return loss_fn().item()
+
+    return step, forward
+
+
+# ------------------------------------------------------------------------------------------------------ sftjax
+def sftjax_runner(hf_config: dict, weights: dict[str, np.ndarray], batch: dict[str, np.ndarray], attention: str,
+                  cross_entropy: str):
+    """(step() -> loss, forward() -> loss, compiled memory) for one implementation pair, on a fresh model."""
+    pallas_kernels.set_default_implementation("attention", attention)
+    pallas_kernels.set_default_implementation("cross_entropy", cross_entropy)
+    model, _ = build_model(hf_config, weights.items(), dtype=jnp.float32, source="benchmark")
+    graphdef, trainable, frozen = split_model(model, LoraSection())
+    optim = OptimSection(name="adamw", learning_rate=LEARNING_RATE, schedule="constant", weight_decay=WEIGHT_DECAY,
+                         no_decay=[], b1=0.9, b2=0.999, eps=1e-8)
+    tx, schedule = make_optimizer(optim, total_steps=1000)
+    options = LossOptions()
+    train_step = make_train_step(graphdef, tx, schedule, options)
+    device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    rng = jax.random.key(0)
+    holder = {"state": TrainState.create(trainable, tx)}
+
+    compiled = train_step.lower(holder["state"], frozen, device_batch, rng).compile()
+    analysis = compiled.memory_analysis()
+    memory = None if analysis is None else {
+        "temp_bytes": int(analysis.temp_size_in_bytes), "argument_bytes": int(analysis.argument_size_in_bytes),
+        "output_bytes": int(analysis.output_size_in_bytes)}
+
+    def step():
+        holder["state"], metrics = train_step(holder["state"], frozen, device_batch, rng)
+        return float(jax.block_until_ready(metrics["loss"]))
+
+    @jax.jit
+    def loss_only(params, frozen, batch):
+        result = forward_loss(graphdef, params, frozen, batch, None, options)
+        return result.loss_sum / jnp.maximum(result.token_count, 1.0)
+
+    def forward():
+        return float(jax.block_until_ready(loss_only(holder["state"].params, frozen, device_batch)))
+
+    return step, forward, memory
+
+
+def median_seconds(fn, warmup: int, repeats: int) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def parameter_count(weights: dict[str, np.ndarray]) -> int:
+    return int(sum(w.size for w in weights.values()))
+
+
+def bench_model(name: str, rows: int, length: int, warmup: int, repeats: int, profile: bool) -> dict:
+    spec = MODELS[name]
+    hf = hf_llama(spec, length)
+    hf_config = hf.config.to_dict()
+    weights = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}  # before torch trains
+    batch = packed_batch(rows, length, spec["vocab_size"])
+    tokens_per_step = rows * length
+    record = {"model": name, "config": spec, "parameters": parameter_count(weights),
+              "batch": {"rows": rows, "max_length": length, "tokens_per_step": tokens_per_step,
+                        "non_pad_tokens": int((batch["segment_ids"] > 0).sum()),
+                        "trained_tokens": int(batch["loss_mask"].sum()),
+                        "segments_per_row": [int(r.max()) for r in batch["segment_ids"]]},
+              "warmup_steps": warmup, "timed_steps": repeats, "results": []}
+
+    torch_step, torch_forward = torch_runner(hf, batch)
+    torch_first_loss = None
+    if profile:
+        record["pytorch_forward_median_s"] = median_seconds(torch_forward, 1, repeats)[0]
+    torch_first_loss = torch_step()
+    torch_median, torch_times = median_seconds(torch_step, max(warmup - 1, 0), repeats)
+    record["pytorch"] = {"first_step_loss": torch_first_loss, "median_s": torch_median, "times_s": torch_times,
+                         "tokens_per_s": tokens_per_step / torch_median, "threads": torch.get_num_threads(),
+                         "peak_rss_mb_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    print(f"[{name}] pytorch: loss {torch_first_loss:.6f}  median {torch_median * 1e3:.0f} ms  "
+          f"{tokens_per_step / torch_median:.0f} tok/s", flush=True)
+    del hf, torch_step, torch_forward
+
+    for attention, cross_entropy in CONFIGURATIONS:
+        label = f"{attention}/{cross_entropy}"
+        step, forward, memory = sftjax_runner(hf_config, weights, batch, attention, cross_entropy)
+        start = time.perf_counter()
+        first_loss = step()  # compiles
+        compile_s = time.perf_counter() - start
+        median, times = median_seconds(step, max(warmup - 1, 0), repeats)
+        relative = abs(first_loss - torch_first_loss) / abs(torch_first_loss)
+        result = {"attention": attention, "cross_entropy": cross_entropy, "first_step_loss": first_loss,
+                  "loss_rel_diff_vs_pytorch": relative, "first_call_s": compile_s, "median_s": median,
+                  "times_s": times, "tokens_per_s": tokens_per_step / median,
+                  "speedup_vs_pytorch": torch_median / median, "compiled_memory": memory}
+        if profile:
+            forward()  # compiles
+            result["forward_median_s"] = median_seconds(forward, 0, repeats)[0]
+        record["results"].append(result)
+        flag = "OK" if relative < 1e-4 else "MISMATCH"
+        print(f"[{name}] sftjax {label}: loss {first_loss:.6f} (rel diff {relative:.1e} {flag})  median "
+              f"{median * 1e3:.0f} ms  {tokens_per_step / median:.0f} tok/s  x{torch_median / median:.2f} vs torch"
+              + (f"  temp {memory['temp_bytes'] / 2**20:.0f} MiB" if memory else ""), flush=True)
+    pallas_kernels.set_default_implementation("attention", None)
+    pallas_kernels.set_default_implementation("cross_entropy", None)
+    return record
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="7M model, 2 rows, 5 timed steps (< 2 min on 2 cores)")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None)
+    parser.add_argument("--rows", type=int, default=None)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps, the first one compiles")
+    parser.add_argument("--profile", action="store_true", help="also time the forward pass alone")
+    parser.add_argument("--output", type=pathlib.Path, default=None)
+    args = parser.parse_args()
+    models = args.models or (["llama_7m"] if args.quick else ["llama_7m", "llama_32m"])
+    rows = args.rows or (2 if args.quick else 4)
+    steps = args.steps or (5 if args.quick else 10)
+    torch.set_num_threads(os.cpu_count() or 1)
+    backend = jax.default_backend()
+
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    records = [bench_model(name, rows, args.length, args.warmup, steps, args.profile) for name in models]
+    report = {
+        "device": backend, "jax_devices": [str(d) for d in jax.devices()],
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "numpy": np.__version__, "python": platform.python_version()},
+        "dtype": "float32", "quick": args.quick, "profile": args.profile,
+        "optimizer": {"name": "adamw", "learning_rate": LEARNING_RATE, "weight_decay": WEIGHT_DECAY},
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "note": "medians of device-synchronized steps after warm-up; compare ratios within one run (shared CPU)",
+        "models": records,
+    }
+    output = args.output or REPO / "benchmarks" / "results" / f"train_step_{backend}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {output} ({report['wall_seconds']} s, load {load_before} -> {report['loadavg_after']})")
+    mismatched = [r for m in records for r in m["results"] if not r["loss_rel_diff_vs_pytorch"] < 1e-4]
+    return 1 if mismatched else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
