@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter; sftjax logs each save itself
     from sftjax.config import load_config  # validated before jax compiles anything
     from sftjax.train.trainer import Trainer
 
