@@ -4,6 +4,15 @@ Parameters carry logical axis names (``logical_axes`` metadata: ``embed``, ``voc
 ``head_dim``, ``mlp``, ``norm``). One rules table maps them to the mesh axes ``data``, ``fsdp``, ``tensor``:
 weights are split over ``fsdp`` along their model dimension and over ``tensor`` along heads / MLP / vocab.
 A dimension that the mesh axis does not divide is replicated instead, so any mesh works for any model.
+
+FSDP means a weight is stored split over ``fsdp`` but used whole: :func:`gather_for_compute` makes that gather
+explicit inside the model (every Linear/Embed/RMSNorm weight right before its use). Besides stating the intent,
+it keeps XLA off a mis-partitioning: in jax 0.10.2 (Shardy and GSPMD alike, so in the shared SPMD partitioner)
+the backward matmul of a weight whose output-side dimension is split over ``fsdp``, with the batch split over
+(data, fsdp) one row per shard, gets a collective-permute of the cotangent's batch shards and no permute back, so
+gradient rows of different shards swap (loss right, upstream gradients wrong).
+``scripts/repro_xla_spmd_row_swap.py`` is the standalone reproduction; ``tests/test_sharded_gradients.py``
+guards the workaround.
 """
 
 from __future__ import annotations
@@ -51,12 +60,27 @@ def partition_spec(logical_axes, shape, mesh: Mesh, rules: dict | None = None) -
     spec, used = [], set()
     for name, size in zip(logical_axes or (None,) * len(shape), shape):
         mesh_axis = rules.get(name) if name is not None else None
-        if mesh_axis is None or mesh_axis in used or size % mesh.shape[mesh_axis]:
+        if mesh_axis is None or mesh_axis not in mesh.shape or mesh_axis in used or size % mesh.shape[mesh_axis]:
             spec.append(None)
         else:
             spec.append(mesh_axis)
             used.add(mesh_axis)
     return PartitionSpec(*spec)
+
+
+def gather_for_compute(value, logical_axes, rules: dict | None = None):
+    """``value`` constrained to its rules layout with ``fsdp`` gathered: the explicit FSDP all-gather.
+
+    Why it exists: see the module docstring (an XLA SPMD bug swaps gradient rows without it). A no-op unless
+    ``value`` lives on a mesh with an ``fsdp`` axis of size > 1 (single device, eager or jitted, is untouched).
+    """
+    mesh = getattr(getattr(jax.typeof(value), "sharding", None), "mesh", None)
+    if mesh is None or mesh.empty or mesh.shape.get("fsdp", 1) == 1:
+        return value
+    rules = LOGICAL_RULES if rules is None else rules
+    compute_rules = {name: (None if axis == "fsdp" else axis) for name, axis in rules.items()}
+    spec = partition_spec(logical_axes, value.shape, mesh, compute_rules)
+    return jax.lax.with_sharding_constraint(value, NamedSharding(mesh, spec))
 
 
 def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: dict | None = None) -> NamedSharding:

@@ -18,6 +18,7 @@ from pallas_kernels.cross_entropy.api import project_logits
 from sftjax.models.config import ModelConfig
 from sftjax.models.layers import Embed, Linear, RMSNorm
 from sftjax.models.rope import apply_rope, rope_cos_sin
+from sftjax.sharding import gather_for_compute
 
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -138,10 +139,10 @@ class Decoder(nnx.Module):
                                   rngs=rngs)
 
     def head_weight(self):
-        """[D, V]: the lm_head kernel (LoRA merged if any), or the tied embedding transposed."""
+        """[D, V]: the lm_head kernel (LoRA merged if any), or the tied embedding transposed; fsdp-gathered."""
         if self.lm_head is None:
-            return self.embed_tokens.embedding[...].T
-        return self.lm_head.merged_kernel() if self.lm_head.lora_a is not None else self.lm_head.kernel[...]
+            return gather_for_compute(self.embed_tokens.embedding[...], ("vocab", "embed")).T
+        return self.lm_head.compute_kernel()
 
     def hidden_states(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None, deterministic: bool = True,
                       positions=None, segment_ids=None):

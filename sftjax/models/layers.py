@@ -2,6 +2,8 @@
 
 Every parameter carries its logical axis names in the ``logical_axes`` metadata (e.g. ``("embed", "mlp")``);
 ``sftjax.sharding`` maps them to mesh axes. Kernels are stored [in, out] (the transpose of PyTorch's layout).
+Each weight passes through ``gather_for_compute`` right before use: the FSDP all-gather, made explicit because
+XLA mis-partitions some backward matmuls without it (see ``sftjax.sharding``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from sftjax.sharding import gather_for_compute
 
 
 def param(value, logical_axes: tuple[str | None, ...]) -> nnx.Param:
@@ -48,23 +52,37 @@ class Linear(nnx.Module):
         self.lora_dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
 
     def merged_kernel(self):
-        """kernel + lora_scale * A @ B in the kernel's dtype (the kernel itself when no adapter)."""
-        kernel = self.kernel[...]
+        """kernel + lora_scale * A @ B in the kernel's dtype (the kernel itself when no adapter), as stored."""
+        return self._merge(self.kernel[...], self.lora_a, self.lora_b)
+
+    def compute_kernel(self):
+        """merged_kernel() for use inside the model: every factor fsdp-gathered first (see gather_for_compute)."""
+        in_axis, out_axis = self.logical_axes
+        kernel = gather_for_compute(self.kernel[...], self.logical_axes)
         if self.lora_a is None:
             return kernel
-        delta = (self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32)) * self.lora_scale
+        return self._merge(kernel, gather_for_compute(self.lora_a[...], (in_axis, None)),
+                           gather_for_compute(self.lora_b[...], (None, out_axis)))
+
+    def _merge(self, kernel, lora_a, lora_b):
+        if lora_a is None:
+            return kernel
+        delta = (lora_a[...].astype(jnp.float32) @ lora_b[...].astype(jnp.float32)) * self.lora_scale
         return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
 
     def __call__(self, x, *, deterministic: bool = True):
-        kernel = self.kernel[...]
-        y = jnp.dot(x, kernel.astype(x.dtype))
+        in_axis, out_axis = self.logical_axes
+        kernel = gather_for_compute(self.kernel[...].astype(x.dtype), self.logical_axes)
+        y = jnp.dot(x, kernel)
         if self.bias is not None:
-            y = y + self.bias[...].astype(x.dtype)
+            y = y + gather_for_compute(self.bias[...].astype(x.dtype), (out_axis,))
         if self.lora_a is not None:
             h = x
             if self.lora_dropout is not None:
                 h = self.lora_dropout(h, deterministic=deterministic)
-            lora = (h @ self.lora_a[...].astype(x.dtype)) @ self.lora_b[...].astype(x.dtype)
+            lora_a = gather_for_compute(self.lora_a[...].astype(x.dtype), (in_axis, None))
+            lora_b = gather_for_compute(self.lora_b[...].astype(x.dtype), (None, out_axis))
+            lora = (h @ lora_a) @ lora_b
             y = y + lora * jnp.asarray(self.lora_scale, x.dtype)
         return y
 
@@ -76,6 +94,7 @@ class RMSNorm(nnx.Module):
                  param_dtype=jnp.float32):
         self.eps = eps
         self.plus_one = plus_one
+        self.logical_axis = logical_axis
         init_value = jnp.zeros((dim,), param_dtype) if plus_one else jnp.ones((dim,), param_dtype)
         self.weight = param(init_value, (logical_axis,))
 
@@ -83,7 +102,7 @@ class RMSNorm(nnx.Module):
         dtype = x.dtype
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        weight = self.weight[...]
+        weight = gather_for_compute(self.weight[...], (self.logical_axis,))
         if self.plus_one:
             return (normed * (1.0 + weight.astype(jnp.float32))).astype(dtype)
         return weight.astype(dtype) * normed.astype(dtype)
@@ -97,7 +116,7 @@ class Embed(nnx.Module):
         self.embedding = param(init(rngs.params(), (vocab_size, dim), param_dtype), ("vocab", "embed"))
 
     def __call__(self, tokens_BL, *, dtype=None, scale: float | None = None):
-        table = self.embedding[...]
+        table = gather_for_compute(self.embedding[...], ("vocab", "embed"))
         x = jnp.take(table, tokens_BL, axis=0)
         if dtype is not None:
             x = x.astype(dtype)
