@@ -302,10 +302,10 @@ def test_sharded_step_matches_single_device(setup):
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (fake) devices")
     config, hf, _ = setup
-    # 2 micro-batches of 8 rows: 2 rows per (data, fsdp) shard. With a single row per shard, the Decoder's
-    # gradients under fsdp+tensor-sharded params come out wrong on CPU (reported upstream; the loss is right).
-    examples = make_examples(1, 16)
-    batch = {k: v.reshape(2, 8, LENGTH) for k, v in pack_rows(examples, rows=16, per_row=1).items()}
+    # 2 micro-batches of 4 rows: one row per (data, fsdp) shard, the layout where XLA's partitioner used to swap
+    # gradient rows (see sftjax.sharding.gather_for_compute and tests/test_sharded_gradients.py).
+    examples = make_examples(1, 8)
+    batch = {k: v.reshape(2, 4, LENGTH) for k, v in pack_rows(examples, rows=8, per_row=1).items()}
     model = our_model_from_torch(config, hf)
     step, state, frozen, _ = build_step(model, sgd(0.1), donate=False)
     single_state, single_metrics = step(state, frozen, batch, jax.random.key(0))
@@ -315,6 +315,7 @@ def test_sharded_step_matches_single_device(setup):
     step, state, frozen, _ = build_step(model, sgd(0.1), donate=False, place=_shard_like_fsdp(mesh))
     rows = NamedSharding(mesh, P(None, ("data", "fsdp")))
     sharded_batch = {k: jax.device_put(v, rows) for k, v in batch.items()}
+    assert sharded_batch["tokens"].addressable_shards[0].data.shape == (2, 1, LENGTH)
     sharded_state, metrics = step(state, frozen, sharded_batch, jax.random.key(0))
     assert len(metrics["loss"].sharding.device_set) == 8
     np.testing.assert_allclose(float(metrics["loss"]), float(single_metrics["loss"]), rtol=1e-6)
