@@ -5,8 +5,9 @@ any backend pass). Mesh (data=2, fsdp=2, tensor=2); x [4, L, D] has its rows spl
 shard; w1 [D, F] and w2 [F, D] are split (fsdp, tensor). In grad_x of sum((x @ w1 @ w2) ** 2) the partitioner
 puts a collective-permute {2<->4, 3<->5} on the cotangent before the w2-transpose matmul (to line the batch
 shards up with w2's fsdp groups) and never permutes back: rows 1 and 2 of the gradient come out swapped. With 2
-rows per shard, unsharded rows or replicated weights the result is right; gathering the weights over fsdp
-before the matmul (what FSDP means) avoids it. Dump with XLA_FLAGS=--xla_dump_to=DIR --xla_dump_hlo_pass_re=.*
+rows per shard, unsharded rows, weights split over fsdp only or tensor only, or rows split (fsdp, data) instead of
+(data, fsdp) the result is right; explicit jit in/out shardings or jax.set_mesh do not change it. Gathering the
+weights over fsdp before the matmul (what FSDP means) avoids it. Dump with XLA_FLAGS=--xla_dump_to=DIR --xla_dump_hlo_pass_re=.*
 and read the module after 'spmd-partitioning' to see the permute.
 
 Run: python scripts/repro_xla_spmd_row_swap.py  (prints whether the bug is present; exit status 0 either way)
