@@ -8,9 +8,9 @@ A dimension that the mesh axis does not divide is replicated instead, so any mes
 FSDP means a weight is stored split over ``fsdp`` but used whole: :func:`gather_for_compute` makes that gather
 explicit inside the model (every Linear/Embed/RMSNorm weight right before its use). Besides stating the intent,
 it keeps XLA off a mis-partitioning: in jax 0.10.2 (Shardy and GSPMD alike, so in the shared SPMD partitioner)
-the backward matmul of a weight whose output-side dimension is split over ``fsdp``, with the batch split over
+the input-gradient matmul (dy @ W.T) of a kernel W [in, out] split (fsdp, tensor), with the batch split over
 (data, fsdp) one row per shard, gets a collective-permute of the cotangent's batch shards and no permute back, so
-gradient rows of different shards swap (loss right, upstream gradients wrong).
+gradient rows of different shards swap (loss right, gradients upstream of W wrong).
 ``scripts/repro_xla_spmd_row_swap.py`` is the standalone reproduction; ``tests/test_sharded_gradients.py``
 guards the workaround.
 """
