@@ -11,8 +11,9 @@ What is measured (float32, CPU unless JAX/torch see an accelerator):
 Correctness first: the first step's loss of every sftjax configuration is compared with PyTorch's (relative
 difference printed and recorded). Then each configuration runs warm-up steps (compilation excluded) and the
 MEDIAN wall time of N device-synchronized steps; tokens/s count every position of the [rows, L] batch (padding
-included, as both frameworks compute it). All configurations run in ONE process, one after the other, so the
-ratios sftjax / PyTorch are comparable even on a shared machine; the load average is recorded before and after.
+included, as both frameworks compute it). All configurations live in ONE process and are timed in interleaved
+rounds (one step of each per round), so a change of load on a shared machine hits all of them alike and the
+ratios sftjax / PyTorch stay comparable; the load average is recorded before and after.
 ``--profile`` also times the forward pass alone (loss only) per configuration, to split forward from backward.
 
     python benchmarks/bench_train_step.py --quick      # < 2 min: 7M model, 2 rows, 5 timed steps
@@ -173,15 +174,17 @@ def sftjax_runner(hf_config: dict, weights: dict[str, np.ndarray], batch: dict[s
     return step, forward, memory
 
 
-def median_seconds(fn, warmup: int, repeats: int) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+def interleaved_medians(functions: dict, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Per-call wall times of every function, timed in rounds (each function once per round, in turn), so a
+    change of machine load during the run hits every configuration alike; ``warmup`` untimed rounds first."""
+    times = {label: [] for label in functions}
+    for round_index in range(warmup + repeats):
+        for label, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            if round_index >= warmup:
+                times[label].append(time.perf_counter() - start)
+    return times
 
 
 def parameter_count(weights: dict[str, np.ndarray]) -> int:
@@ -200,43 +203,49 @@ def bench_model(name: str, rows: int, length: int, warmup: int, repeats: int, pr
                         "non_pad_tokens": int((batch["segment_ids"] > 0).sum()),
                         "trained_tokens": int(batch["loss_mask"].sum()),
                         "segments_per_row": [int(r.max()) for r in batch["segment_ids"]]},
-              "warmup_steps": warmup, "timed_steps": repeats, "results": []}
+              "warmup_rounds": warmup, "timed_rounds": repeats, "timing": "interleaved rounds", "results": []}
 
     torch_step, torch_forward = torch_runner(hf, batch)
-    torch_first_loss = None
-    if profile:
-        record["pytorch_forward_median_s"] = median_seconds(torch_forward, 1, repeats)[0]
     torch_first_loss = torch_step()
-    torch_median, torch_times = median_seconds(torch_step, max(warmup - 1, 0), repeats)
-    record["pytorch"] = {"first_step_loss": torch_first_loss, "median_s": torch_median, "times_s": torch_times,
-                         "tokens_per_s": tokens_per_step / torch_median, "threads": torch.get_num_threads(),
-                         "peak_rss_mb_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    print(f"[{name}] pytorch: loss {torch_first_loss:.6f}  median {torch_median * 1e3:.0f} ms  "
-          f"{tokens_per_step / torch_median:.0f} tok/s", flush=True)
-    del hf, torch_step, torch_forward
-
+    print(f"[{name}] pytorch: first-step loss {torch_first_loss:.6f}", flush=True)
+    steps, forwards = {"pytorch": torch_step}, {"pytorch": torch_forward}
     for attention, cross_entropy in CONFIGURATIONS:
         label = f"{attention}/{cross_entropy}"
         step, forward, memory = sftjax_runner(hf_config, weights, batch, attention, cross_entropy)
         start = time.perf_counter()
         first_loss = step()  # compiles
         compile_s = time.perf_counter() - start
-        median, times = median_seconds(step, max(warmup - 1, 0), repeats)
         relative = abs(first_loss - torch_first_loss) / abs(torch_first_loss)
-        result = {"attention": attention, "cross_entropy": cross_entropy, "first_step_loss": first_loss,
-                  "loss_rel_diff_vs_pytorch": relative, "first_call_s": compile_s, "median_s": median,
-                  "times_s": times, "tokens_per_s": tokens_per_step / median,
-                  "speedup_vs_pytorch": torch_median / median, "compiled_memory": memory}
-        if profile:
-            forward()  # compiles
-            result["forward_median_s"] = median_seconds(forward, 0, repeats)[0]
-        record["results"].append(result)
+        steps[label], forwards[label] = step, forward
+        record["results"].append({"attention": attention, "cross_entropy": cross_entropy,
+                                  "first_step_loss": first_loss, "loss_rel_diff_vs_pytorch": relative,
+                                  "first_call_s": compile_s, "compiled_memory": memory})
         flag = "OK" if relative < 1e-4 else "MISMATCH"
-        print(f"[{name}] sftjax {label}: loss {first_loss:.6f} (rel diff {relative:.1e} {flag})  median "
-              f"{median * 1e3:.0f} ms  {tokens_per_step / median:.0f} tok/s  x{torch_median / median:.2f} vs torch"
-              + (f"  temp {memory['temp_bytes'] / 2**20:.0f} MiB" if memory else ""), flush=True)
+        print(f"[{name}] sftjax {label}: first-step loss {first_loss:.6f} (rel diff {relative:.1e} {flag})"
+              + (f"  compiled temp {memory['temp_bytes'] / 2**20:.0f} MiB" if memory else ""), flush=True)
     pallas_kernels.set_default_implementation("attention", None)
     pallas_kernels.set_default_implementation("cross_entropy", None)
+
+    step_times = interleaved_medians(steps, max(warmup - 1, 0), repeats)
+    forward_times = interleaved_medians(forwards, 1, repeats) if profile else {}
+    torch_median = statistics.median(step_times["pytorch"])
+    record["pytorch"] = {"first_step_loss": torch_first_loss, "median_s": torch_median,
+                         "times_s": step_times["pytorch"], "tokens_per_s": tokens_per_step / torch_median,
+                         "threads": torch.get_num_threads(),
+                         "peak_rss_mb_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if profile:
+        record["pytorch"]["forward_median_s"] = statistics.median(forward_times["pytorch"])
+    print(f"[{name}] pytorch: median {torch_median * 1e3:.0f} ms  {tokens_per_step / torch_median:.0f} tok/s",
+          flush=True)
+    for result in record["results"]:
+        label = f"{result['attention']}/{result['cross_entropy']}"
+        median = statistics.median(step_times[label])
+        result.update(median_s=median, times_s=step_times[label], tokens_per_s=tokens_per_step / median,
+                      speedup_vs_pytorch=torch_median / median)
+        if profile:
+            result["forward_median_s"] = statistics.median(forward_times[label])
+        print(f"[{name}] sftjax {label}: median {median * 1e3:.0f} ms  {tokens_per_step / median:.0f} tok/s  "
+              f"x{torch_median / median:.2f} vs pytorch", flush=True)
     return record
 
 
@@ -246,8 +255,8 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None)
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (median)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps, the first one compiles")
+    parser.add_argument("--steps", type=int, default=None, help="timed rounds (one step of each configuration per round; medians)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration, the first one compiles")
     parser.add_argument("--profile", action="store_true", help="also time the forward pass alone")
     parser.add_argument("--output", type=pathlib.Path, default=None)
     args = parser.parse_args()
