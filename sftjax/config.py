@@ -363,6 +363,7 @@ def config_from_dict(raw: dict, *, source_path: str | None = None) -> Config:
         validate = getattr(getattr(cfg, name), "validate", None)
         if validate is not None:
             validate()
+    cfg.checkpoint  # validates the checkpoint section now, so a typo fails with the rest of the config
     return cfg
 
 

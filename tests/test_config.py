@@ -40,11 +40,11 @@ def test_shipped_configs_load(name):
 
 def test_defaults_types_and_overrides():
     cfg = build("optim.learning_rate=3e-4", "lora.enabled=true", "lora.target_modules=[q_proj, v_proj]",
-                "train.mesh.fsdp=2", "checkpoint.every_steps=5")
+                "train.mesh.fsdp=2", "checkpoint.save_every_steps=5")
     assert cfg.optim.learning_rate == 3e-4 and isinstance(cfg.optim.learning_rate, float)
     assert cfg.lora.enabled and cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.train.accum_steps == 2 and cfg.train.mesh.fsdp == 2
-    assert cfg.extra["checkpoint"] == {"every_steps": 5}  # owned by the checkpoint module
+    assert cfg.extra["checkpoint"] == {"save_every_steps": 5} and cfg.checkpoint.save_every_steps == 5
     assert cfg.data.sources[0].path == "train.jsonl"
     assert cfg.to_dict()["optim"]["learning_rate"] == 3e-4
     assert build("optim.learning_rate=1").optim.learning_rate == 1.0  # int accepted for a float
@@ -97,3 +97,8 @@ def test_missing_pieces_and_bad_files(tmp_path):
         apply_overrides({}, ["novalue"])
     with pytest.raises(ConfigError, match="data.sources"):
         build("data.sources=[]")
+
+
+def test_checkpoint_section_is_validated_at_load():
+    with pytest.raises(ConfigError, match="every_steps"):
+        build("checkpoint.every_steps=5")
