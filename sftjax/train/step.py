@@ -89,8 +89,9 @@ def train_step_fn(graphdef, tx: optax.GradientTransformation, schedule: Callable
     """The un-jitted step ``(state, frozen, batch, rng) -> (state, metrics)``; see the module docstring.
 
     ``param_shardings`` (a pytree of shardings like the trainable params) pins the gradient accumulator to the
-    params' layout; without it, XLA's SPMD partitioner (jax 0.10, CPU) computes wrong accumulated gradients when
-    the batch and the params are both sharded over ``fsdp`` inside the accumulation loop.
+    params' layout, so the accumulator is never resharded between micro-batches. (Wrong gradients once seen with
+    fsdp-sharded batches and params came from an XLA partitioner bug worked around in the layers themselves:
+    see ``sftjax.sharding.gather_for_compute``.)
     """
 
     def constrain(tree):
