@@ -8,16 +8,18 @@ What is measured (float32, CPU unless JAX/torch see an accelerator):
 * sftjax: ``make_train_step`` (forward + backward + optax AdamW, jitted, state donated) with every attention /
   cross-entropy implementation pair that runs on the CPU, plus the automatic choice.
 
-Correctness first: the first step's loss of every sftjax configuration is compared with PyTorch's (relative
-difference printed and recorded). Then each configuration runs warm-up steps (compilation excluded) and the
-MEDIAN wall time of N device-synchronized steps; tokens/s count every position of the [rows, L] batch (padding
-included, as both frameworks compute it). All configurations live in ONE process and are timed in interleaved
-rounds (one step of each per round), so a change of load on a shared machine hits all of them alike and the
-ratios sftjax / PyTorch stay comparable; the load average is recorded before and after.
+Correctness first: the first step's loss and gradient global norm of every sftjax configuration are compared
+with PyTorch's (relative differences printed and recorded; the script exits 1 above 1e-4). At a fresh init the
+loss is close to log(vocab) whatever the weights, so the gradient norm is the sharper of the two checks. Then
+each configuration runs warm-up steps (compilation excluded) and the MEDIAN wall time of N device-synchronized
+steps; tokens/s count every position of the [rows, L] batch (padding included, as both frameworks compute it).
+All configurations live in ONE process and are timed in interleaved rounds (one step of each per round), so a
+change of load on a shared machine hits all of them alike and the ratios sftjax / PyTorch stay comparable; the
+load average is recorded before and after.
 ``--profile`` also times the forward pass alone (loss only) per configuration, to split forward from backward.
 
-    python benchmarks/bench_train_step.py --quick      # < 2 min: 7M model, 2 rows, 5 timed steps
-    python benchmarks/bench_train_step.py              # 7M and 32M models, 4 rows, 10 timed steps
+    python benchmarks/bench_train_step.py --quick      # ~1 min: 7M model, 2 rows, 5 timed rounds
+    python benchmarks/bench_train_step.py              # 7M and 32M models, 4 rows, 10 timed rounds
 Writes ``benchmarks/results/train_step_<device>.json`` (``--output`` to override).
 """
 
@@ -62,6 +64,8 @@ MODELS = {
 # (attention, cross_entropy) implementations that run on the CPU; "auto" = implementation=None
 CONFIGURATIONS = [("reference", "reference"), ("xla_chunked", "xla_chunked"), ("auto", "auto")]
 LEARNING_RATE, WEIGHT_DECAY = 1e-4, 0.1
+# the first step must agree with PyTorch: loss (same weights, same batch) and the gradient's global norm
+LOSS_RTOL, GRAD_NORM_RTOL = 1e-4, 1e-4
 
 
 def hf_llama(spec: dict, max_length: int, seed: int = 0):
@@ -122,12 +126,16 @@ def torch_runner(model, batch: dict[str, np.ndarray]):
         token_ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
         return (token_ce * mask.flatten()).sum() / mask.sum().clamp(min=1.0)
 
-    def step():
+    def step(with_grad_norm: bool = False):
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn()
         loss.backward()
+        grad_norm = None
+        if with_grad_norm:  # the global L2 norm of the gradient, before the update
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()])).item()
         optimizer.step()
-        return loss.item()
+        return (loss.item(), grad_norm) if with_grad_norm else loss.item()
 
     def forward():
         with torch.no_grad():
@@ -159,9 +167,10 @@ def sftjax_runner(hf_config: dict, weights: dict[str, np.ndarray], batch: dict[s
         "temp_bytes": int(analysis.temp_size_in_bytes), "argument_bytes": int(analysis.argument_size_in_bytes),
         "output_bytes": int(analysis.output_size_in_bytes)}
 
-    def step():
+    def step(with_grad_norm: bool = False):
         holder["state"], metrics = train_step(holder["state"], frozen, device_batch, rng)
-        return float(jax.block_until_ready(metrics["loss"]))
+        loss = float(jax.block_until_ready(metrics["loss"]))
+        return (loss, float(metrics["grad_norm"])) if with_grad_norm else loss
 
     @jax.jit
     def loss_only(params, frozen, batch):
@@ -206,22 +215,25 @@ def bench_model(name: str, rows: int, length: int, warmup: int, repeats: int, pr
               "warmup_rounds": warmup, "timed_rounds": repeats, "timing": "interleaved rounds", "results": []}
 
     torch_step, torch_forward = torch_runner(hf, batch)
-    torch_first_loss = torch_step()
-    print(f"[{name}] pytorch: first-step loss {torch_first_loss:.6f}", flush=True)
+    torch_first_loss, torch_grad_norm = torch_step(with_grad_norm=True)
+    print(f"[{name}] pytorch: first-step loss {torch_first_loss:.6f}  grad norm {torch_grad_norm:.6f}", flush=True)
     steps, forwards = {"pytorch": torch_step}, {"pytorch": torch_forward}
     for attention, cross_entropy in CONFIGURATIONS:
         label = f"{attention}/{cross_entropy}"
         step, forward, memory = sftjax_runner(hf_config, weights, batch, attention, cross_entropy)
         start = time.perf_counter()
-        first_loss = step()  # compiles
+        first_loss, grad_norm = step(with_grad_norm=True)  # compiles
         compile_s = time.perf_counter() - start
         relative = abs(first_loss - torch_first_loss) / abs(torch_first_loss)
+        grad_relative = abs(grad_norm - torch_grad_norm) / abs(torch_grad_norm)
         steps[label], forwards[label] = step, forward
         record["results"].append({"attention": attention, "cross_entropy": cross_entropy,
                                   "first_step_loss": first_loss, "loss_rel_diff_vs_pytorch": relative,
+                                  "first_step_grad_norm": grad_norm, "grad_norm_rel_diff_vs_pytorch": grad_relative,
                                   "first_call_s": compile_s, "compiled_memory": memory})
-        flag = "OK" if relative < 1e-4 else "MISMATCH"
-        print(f"[{name}] sftjax {label}: first-step loss {first_loss:.6f} (rel diff {relative:.1e} {flag})"
+        flag = "OK" if relative < LOSS_RTOL and grad_relative < GRAD_NORM_RTOL else "MISMATCH"
+        print(f"[{name}] sftjax {label}: first-step loss {first_loss:.6f} (rel diff {relative:.1e}), grad norm "
+              f"{grad_norm:.6f} (rel diff {grad_relative:.1e}) {flag}"
               + (f"  compiled temp {memory['temp_bytes'] / 2**20:.0f} MiB" if memory else ""), flush=True)
     pallas_kernels.set_default_implementation("attention", None)
     pallas_kernels.set_default_implementation("cross_entropy", None)
@@ -229,7 +241,8 @@ def bench_model(name: str, rows: int, length: int, warmup: int, repeats: int, pr
     step_times = interleaved_medians(steps, max(warmup - 1, 0), repeats)
     forward_times = interleaved_medians(forwards, 1, repeats) if profile else {}
     torch_median = statistics.median(step_times["pytorch"])
-    record["pytorch"] = {"first_step_loss": torch_first_loss, "median_s": torch_median,
+    record["pytorch"] = {"first_step_loss": torch_first_loss, "first_step_grad_norm": torch_grad_norm,
+                         "median_s": torch_median,
                          "times_s": step_times["pytorch"], "tokens_per_s": tokens_per_step / torch_median,
                          "threads": torch.get_num_threads(),
                          "peak_rss_mb_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -251,11 +264,12 @@ def bench_model(name: str, rows: int, length: int, warmup: int, repeats: int, pr
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="7M model, 2 rows, 5 timed steps (< 2 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="7M model, 2 rows, 5 timed rounds (~1 min on 2 cores)")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None)
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=None, help="timed rounds (one step of each configuration per round; medians)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed rounds (one step of each configuration per round; medians)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration, the first one compiles")
     parser.add_argument("--profile", action="store_true", help="also time the forward pass alone")
     parser.add_argument("--output", type=pathlib.Path, default=None)
@@ -286,7 +300,9 @@ def main() -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {output} ({report['wall_seconds']} s, load {load_before} -> {report['loadavg_after']})")
-    mismatched = [r for m in records for r in m["results"] if not r["loss_rel_diff_vs_pytorch"] < 1e-4]
+    mismatched = [r for m in records for r in m["results"]
+                  if not (r["loss_rel_diff_vs_pytorch"] < LOSS_RTOL
+                          and r["grad_norm_rel_diff_vs_pytorch"] < GRAD_NORM_RTOL)]
     return 1 if mismatched else 0
 
 
