@@ -54,9 +54,10 @@ def test_bad_config_is_one_line_before_compiling(assets_dir, tmp_path, capsys, m
 
     if "not divisible" in words and jax.device_count() % 3 == 0:
         pytest.skip("3 rows split evenly over this device count")
+    import sftjax.train.trainer as trainer_module  # import first: importing it while patched would keep the stub
+
     compiled = []
-    monkeypatch.setattr("sftjax.train.step.make_train_step", lambda *a, **k: compiled.append(1))
-    monkeypatch.setattr("sftjax.train.trainer.make_train_step", lambda *a, **k: compiled.append(1))
+    monkeypatch.setattr(trainer_module, "make_train_step", lambda *a, **k: compiled.append(1))
     assert main(["train", TINY, *overrides(assets_dir, tmp_path), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sftjax: error: ") and "\n" not in err, err

@@ -39,7 +39,7 @@ def finished_run(tmp_path_factory, assets_dir):
     """A 4-step LoRA run with checkpoints at 2 and 4 (the final one)."""
     run_dir = tmp_path_factory.mktemp("finished") / "run"
     assert main(["train", TINY, *overrides(assets_dir, run_dir, "train.steps=4",
-                                           "checkpoint.save_every_steps=2")]) == 0
+                                           "checkpoint.save_every_steps=2", "checkpoint.keep=3")]) == 0
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
     assert logged_steps(run_dir) == [1, 2, 3, 4]
     return run_dir
@@ -71,10 +71,10 @@ def test_config_checkpoint_property_uses_checkpoint_section_defaults():
     from sftjax.checkpoint import CheckpointSection
     from sftjax.config import load_config
 
+    # tiny_cpu.yaml sets save_every_steps, keep and resume; everything else takes the section's defaults.
     section = load_config(TINY, ["checkpoint.save_every_steps=100"]).checkpoint
-    assert section == CheckpointSection(save_every_steps=100)
-    assert (section.save_every_minutes, section.keep, section.keep_best, section.resume, section.async_save) == (
-        30.0, 3, 0, "auto", True)
+    assert section == CheckpointSection(save_every_steps=100, keep=2, resume="auto")
+    assert (section.save_every_minutes, section.keep_best, section.async_save) == (30.0, 0, True)
     with pytest.raises(ConfigError, match="checkpoint.save_every_minutes=-1"):
         load_config(TINY, ["checkpoint.save_every_minutes=-1"]).checkpoint
 
@@ -120,7 +120,7 @@ def test_more_steps_continue_from_the_final_checkpoint_and_append_metrics(finish
 
     run_dir = copy_run(finished_run, tmp_path)
     trainer = Trainer(load_config(TINY, overrides(assets_dir, run_dir, "train.steps=6",
-                                                  "checkpoint.save_every_steps=2")))
+                                                  "checkpoint.save_every_steps=2", "checkpoint.keep=3")))
     restored = trainer.open_checkpoints()
     assert restored.step == 4 and trainer.start_step == 4
     assert trainer.train_data.get_state()["step"] == 4  # the data iterator continues, not restarts
@@ -144,7 +144,7 @@ def test_failed_periodic_save_is_logged_and_training_goes_on(tmp_path, assets_di
     real_save = CheckpointManager.maybe_save
 
     def failing_periodic_save(self, step, state, *, force=False, **kwargs):
-        if not force:
+        if step < 3:  # the periodic saves of steps 1 and 2 fail; the final one (step 3) does not
             raise CheckpointError(f"saving checkpoint step {step} failed: no space left on device (errno 28)")
         return real_save(self, step, state, force=force, **kwargs)
 

@@ -324,8 +324,15 @@ class Trainer:
                             sync.update(time=time.perf_counter(), step=done)
                     if self.checkpoints is None or last:
                         continue
-                    self._save_checkpoint(done, force=False,
-                                          metrics={"eval_loss": last_eval["loss"]} if evaluated else None)
+                    if self.checkpoints.should_save(done):
+                        # Metrics of every step up to a checkpoint reach metrics.jsonl before it exists: a run
+                        # killed later resumes after this step and would never log those steps again.
+                        if pending:
+                            flush()
+                            scheduled, pending = (done, pending), []
+                        flush()
+                        self._save_checkpoint(done, force=True,
+                                              metrics={"eval_loss": last_eval["loss"]} if evaluated else None)
                     if guard.should_stop(done):
                         if pending:  # log the partial window: the resumed run starts after it
                             flush()
