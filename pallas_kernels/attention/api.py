@@ -5,13 +5,22 @@ Implementations: ``reference`` (dense jnp), ``xla_chunked`` (blockwise, O(L) mem
 ``cudnn`` (``jax.nn.dot_product_attention``), and ``pallas_gpu_interpret`` / ``splash_tpu_interpret``, the two
 Pallas kernels run by the interpreter (CPU; tests). ``implementation=None`` uses the configured default
 (:func:`pallas_kernels.set_default_implementation("attention", name)`), else the best for the backend.
+
+On a mesh, the Pallas kernels run per device inside ``shard_map`` (``pallas_kernels/sharding.py``): rows split
+over (``data``, ``fsdp``), heads over ``tensor`` when it divides both the query and the kv heads.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
+import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from pallas_kernels import dispatch
+from pallas_kernels import sharding as kernel_sharding
 from pallas_kernels.attention.reference import attention_reference
 
 IMPLEMENTATIONS = ("reference", "xla_chunked", "pallas_gpu", "pallas_gpu_interpret", "splash_tpu",
@@ -71,14 +80,63 @@ def attention(q, k, v, segment_ids, *, causal=True, sliding_window=None, logit_s
         from pallas_kernels.attention.xla_chunked import attention_xla_chunked
 
         return attention_xla_chunked(q, k, v, segment_ids, **options)
-    if name.startswith("pallas_gpu"):
-        from pallas_kernels.attention.pallas_gpu import attention_pallas_gpu
-
-        return attention_pallas_gpu(q, k, v, segment_ids, interpret=name.endswith("interpret"), **options)
-    if name.startswith("splash_tpu"):
-        from pallas_kernels.attention.splash_tpu import attention_splash_tpu
-
-        return attention_splash_tpu(q, k, v, segment_ids, interpret=name.endswith("interpret"), **options)
+    if name.startswith(("pallas_gpu", "splash_tpu")):
+        return _pallas_per_device(_pallas_kernel(name, options), q, k, v, segment_ids)
     from pallas_kernels.attention.cudnn import attention_cudnn
 
     return attention_cudnn(q, k, v, segment_ids, **options)
+
+
+def _pallas_kernel(name, options):
+    interpret = name.endswith("interpret")
+    if name.startswith("pallas_gpu"):
+        from pallas_kernels.attention.pallas_gpu import attention_pallas_gpu
+
+        return functools.partial(attention_pallas_gpu, interpret=interpret, **options)
+    from pallas_kernels.attention import splash_tpu
+
+    _build_splash_tables_at_compile_time(splash_tpu)
+    return functools.partial(splash_tpu.attention_splash_tpu, interpret=interpret, **options)
+
+
+def _build_splash_tables_at_compile_time(splash_tpu):
+    """Make ``splash_tpu._kernel`` build its kernel outside any trace.
+
+    Why: splash makes its block-mask tables with ``jnp.array``; built while tracing (under jit, or inside the
+    shard_map of this module) they are tracers of that trace, and the kernel ``splash_tpu`` caches keeps them.
+    The next trace that uses the cached kernel, e.g. shard_map's transpose of the forward, fails with an
+    UnexpectedTracerError. Under ``jax.ensure_compile_time_eval`` the tables are constants. (Belongs in
+    ``splash_tpu._kernel`` itself; applied here once, idempotently, until it moves there.)
+    """
+    build = splash_tpu._kernel
+    if getattr(build, "builds_at_compile_time", False):
+        return
+
+    @functools.wraps(build)
+    def build_at_compile_time(*args):
+        with jax.ensure_compile_time_eval():
+            return build(*args)
+
+    build_at_compile_time.builds_at_compile_time = True
+    splash_tpu._kernel = build_at_compile_time
+
+
+def _pallas_per_device(kernel, q, k, v, segment_ids):
+    """``kernel`` on each device's rows and heads when the inputs live on a mesh; a plain call otherwise.
+
+    Rows are independent and so are heads (a kv head serves the same contiguous block of query heads on every
+    device when ``tensor`` divides both head counts), so the per-device results are exactly slices of the whole.
+    """
+    mesh = kernel_sharding.find_mesh(q, k, v, segment_ids)
+    if mesh is None:
+        return kernel(q, k, v, segment_ids)
+    rows = kernel_sharding.split_axes(mesh, q.shape[0], kernel_sharding.ROW_AXES)
+    heads = kernel_sharding.split_axes(mesh, math.gcd(q.shape[2], k.shape[2]), (kernel_sharding.HEAD_AXIS,),
+                                       taken=rows)
+    if not rows and not heads:
+        return kernel(q, k, v, segment_ids)
+    row_entry, head_entry = kernel_sharding.spec_entry(rows), kernel_sharding.spec_entry(heads)
+    heads_spec = PartitionSpec(row_entry, None, head_entry, None)
+    return kernel_sharding.run_per_device(kernel, mesh, (heads_spec, heads_spec, heads_spec,
+                                                         PartitionSpec(row_entry, None)), heads_spec,
+                                          q, k, v, segment_ids)

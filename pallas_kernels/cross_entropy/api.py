@@ -5,13 +5,22 @@ tiles in XLA, every backend), ``pallas_gpu`` / ``pallas_tpu`` (XLA matmuls per t
 kernels for the softmax work), and ``pallas_gpu_interpret`` / ``pallas_tpu_interpret`` (the same kernels run
 by the interpreter on the CPU; tests). ``implementation=None`` uses the configured default
 (:func:`pallas_kernels.set_default_implementation("cross_entropy", name)`), else the best for the backend.
+
+On a mesh, the Pallas loss runs per device inside ``shard_map`` (``pallas_kernels/sharding.py``): token rows
+split over (``data``, ``fsdp``) and the sequence over ``tensor``, the weight whole on every device, the three
+sums psum'd.
 """
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from pallas_kernels import dispatch
+from pallas_kernels import sharding as kernel_sharding
 from pallas_kernels.cross_entropy.reference import (
     CrossEntropyResult,
     fused_linear_cross_entropy_reference,
@@ -75,7 +84,45 @@ def fused_linear_cross_entropy(hidden, weight, targets, loss_mask, *, logit_soft
     from pallas_kernels.cross_entropy.pallas_rows import fused_linear_cross_entropy_pallas
 
     platform = "gpu" if name.startswith("pallas_gpu") else "tpu"
-    interpret = name.endswith("interpret")
-    block_rows = 8 if platform == "tpu" else 16
-    return fused_linear_cross_entropy_pallas(hidden, weight, targets, loss_mask, platform=platform,
-                                             interpret=interpret, block_rows=block_rows, **options)
+    kernel = functools.partial(fused_linear_cross_entropy_pallas, platform=platform,
+                               interpret=name.endswith("interpret"), block_rows=8 if platform == "tpu" else 16,
+                               **options)
+    return _pallas_per_device(kernel, hidden, weight, targets, loss_mask)
+
+
+def _token_split(mesh, token_shape):
+    """Per token dimension, the mesh axes splitting it: rows over (data, fsdp) and ``tensor`` over the last
+    token dimension (the sequence of a [B, L] batch), else over the rows too; none where they do not divide."""
+    rows = kernel_sharding.split_axes(mesh, token_shape[0], kernel_sharding.ROW_AXES)
+    if len(token_shape) > 1:
+        sequence = kernel_sharding.split_axes(mesh, token_shape[-1], (kernel_sharding.HEAD_AXIS,))
+        if sequence:
+            return [rows] + [()] * (len(token_shape) - 2) + [sequence]
+    rows = kernel_sharding.split_axes(mesh, token_shape[0], kernel_sharding.ROW_AXES + (kernel_sharding.HEAD_AXIS,))
+    return [rows] + [()] * (len(token_shape) - 1)
+
+
+def _pallas_per_device(kernel, hidden, weight, targets, loss_mask):
+    """``kernel`` on each device's tokens with the whole weight, sums psum'd, when the inputs live on a mesh.
+
+    Every token's loss needs the whole vocabulary, so the weight is gathered into the map (its gradient is
+    summed over the devices by shard_map's transpose); tokens are independent, so any split of them is exact
+    up to float32 summation order. ``tensor`` splits tokens too: heads are no unit here, and the alternative
+    would be every ``tensor`` device computing the same loss.
+    """
+    mesh = kernel_sharding.find_mesh(hidden, weight, targets, loss_mask)
+    if mesh is None or not targets.shape:
+        return kernel(hidden, weight, targets, loss_mask)
+    token_axes = _token_split(mesh, targets.shape)
+    used = tuple(name for axes in token_axes for name in axes)
+    if not used:
+        return kernel(hidden, weight, targets, loss_mask)
+    tokens_spec = PartitionSpec(*(kernel_sharding.spec_entry(axes) for axes in token_axes))
+
+    def per_device(hidden, weight, targets, loss_mask):
+        sums = kernel(hidden, weight, targets, loss_mask)
+        return CrossEntropyResult(*(jax.lax.psum(total, used) for total in sums))
+
+    return kernel_sharding.run_per_device(per_device, mesh,
+                                          (PartitionSpec(*tokens_spec, None), PartitionSpec(), tokens_spec,
+                                           tokens_spec), PartitionSpec(), hidden, weight, targets, loss_mask)
