@@ -1,16 +1,23 @@
 """Memory-efficient blockwise attention in plain XLA (runs on every backend).
 
-Design: the sequence is cut into query blocks and key blocks. The forward pass walks, for each query block,
-only the key blocks the causal and sliding-window masks can reach (a loop with data-dependent bounds), and
-inside that range skips (``lax.cond``) every block whose segment/causal mask is empty for the whole batch. It
-keeps a running max, running sum and running output per query row (the "online softmax"), so only one
-[B, Hq, block_q, block_k] score tile is alive at a time: memory is O(L), not O(L^2).
+Design: the sequence is cut into query blocks and key blocks, so the [L, L] score matrix becomes a grid of
+tiles. Before any arithmetic, one cheap pass over the segment ids marks the tiles whose mask (causal, sliding
+window, same segment, for any row of the batch) is not empty, and lists them; the forward and backward passes
+are each a single loop over that list, so a packed row pays only for the tiles that its segments cover and no
+``lax.cond`` (with the copies of loop state it can cost) is needed to skip the others.
 
-The backward pass (``jax.custom_vjp``) stores only the output and the per-row log-sum-exp from the forward. It
-walks key blocks in the outer loop and the reachable query blocks in the inner loop, recomputes each tile's
-probabilities from the stored log-sum-exp, produces dk and dv for the key block directly and accumulates dq in
-an O(L) buffer. Masked scores are replaced by a finite large negative and probabilities are multiplied by the
-mask, so a block or row with no visible key gives zeros, never NaN.
+Inside the kernel the heads are laid out first, q as [B, K, G, L, D] (K key/value heads, G query heads per
+key/value head) and k, v as [B, K, L, D], so every tile product is a plain batched matmul over (B, K) and XLA
+inserts no transposes per tile.
+
+The forward pass visits the tiles query block by query block and keeps, per query row, a running max, running
+sum and running output (the "online softmax") in O(L) buffers; only one [B, K, G, block_q, block_k] score tile is
+alive at a time, so memory is O(L), not O(L^2). It stores only the output and the per-row log-sum-exp.
+
+The backward pass (``jax.custom_vjp``) visits the same tiles key block by key block, recomputes each tile's
+probabilities from the stored log-sum-exp and adds the tile's share into dq, dk and dv (all O(L) buffers updated
+in place). Masked scores are replaced by a finite large negative and probabilities are multiplied by the mask,
+so a row with no visible key gives zeros, never NaN.
 """
 
 from __future__ import annotations
@@ -45,16 +52,8 @@ def _tile_mask(seg_q_Bq, seg_k_Bk, q_start, k_start, causal, sliding_window):
     return mask
 
 
-def _scores(q_BqKGD, k_BkKD, scale, logit_softcap):
-    """Float32 [B, K, G, bq, bk] scores (soft-capped if asked)."""
-    s = jnp.einsum("bqkgd,bskd->bkgqs", q_BqKGD, k_BkKD, preferred_element_type=jnp.float32) * scale
-    if logit_softcap is not None:
-        s = jnp.tanh(s / logit_softcap) * logit_softcap
-    return s
-
-
 def _key_block_range(q_start, block_q, block_k, num_k_blocks, causal, sliding_window):
-    """[lo, hi) key blocks reachable from the query rows [q_start, q_start + block_q)."""
+    """[lo, hi) key blocks reachable from the query rows [q_start, q_start + block_q) (used by pallas_gpu)."""
     hi = jnp.minimum(num_k_blocks, (q_start + block_q - 1) // block_k + 1) if causal else num_k_blocks
     lo = 0
     if sliding_window is not None:
@@ -63,7 +62,7 @@ def _key_block_range(q_start, block_q, block_k, num_k_blocks, causal, sliding_wi
 
 
 def _query_block_range(k_start, block_q, block_k, num_q_blocks, causal, sliding_window):
-    """[lo, hi) query blocks that can see the key rows [k_start, k_start + block_k)."""
+    """[lo, hi) query blocks that can see the key rows [k_start, k_start + block_k) (used by pallas_gpu)."""
     lo = k_start // block_q if causal else 0
     hi = num_q_blocks
     if sliding_window is not None:
@@ -71,103 +70,115 @@ def _query_block_range(k_start, block_q, block_k, num_q_blocks, causal, sliding_
     return lo, hi
 
 
-def _forward(q, k, v, seg, causal, sliding_window, logit_softcap, scale, block_q, block_k):
-    """q [B, Lp, K, G, D], k/v [B, Lp, K, D], seg [B, Lp] -> (out like q in q's dtype, lse [B, K, G, Lp])."""
-    batch, length, num_kv, group, head_dim = q.shape
+def _visible_tiles(seg, causal, sliding_window, block_q, block_k):
+    """(tiles in query-major order, tiles in key-major order, count): flat indices qi * nk + kj of the
+    tiles whose mask is non-empty for some row, listed first; the rest of each list is never read."""
+    length = seg.shape[1]
     num_q_blocks, num_k_blocks = length // block_q, length // block_k
 
     def one_query_block(qi):
-        q_start = qi * block_q
-        q_blk = lax.dynamic_slice_in_dim(q, q_start, block_q, axis=1)
+        seg_q = lax.dynamic_slice_in_dim(seg, qi * block_q, block_q, axis=1)
+        mask = _tile_mask(seg_q, seg, qi * block_q, 0, causal, sliding_window)
+        return mask.reshape(seg.shape[0], block_q, num_k_blocks, block_k).any(axis=(0, 1, 3))
+
+    visible = lax.map(one_query_block, jnp.arange(num_q_blocks))  # [nq, nk]
+    count = jnp.sum(visible.astype(jnp.int32))
+    flat = jnp.arange(num_q_blocks * num_k_blocks, dtype=jnp.int32)
+    query_major = flat[jnp.argsort(~visible.reshape(-1), stable=True)]
+    key_major_flat = flat.reshape(num_q_blocks, num_k_blocks).T.reshape(-1)
+    key_major = key_major_flat[jnp.argsort(~visible.T.reshape(-1), stable=True)]
+    return query_major, key_major, count
+
+
+def _scores(q_BKGqD, k_BKkD, scale, logit_softcap):
+    """Float32 [B, K, G, bq, bk] scores (soft-capped if asked)."""
+    s = jnp.einsum("bkgqd,bksd->bkgqs", q_BKGqD, k_BKkD, preferred_element_type=jnp.float32) * scale
+    if logit_softcap is not None:
+        s = jnp.tanh(s / logit_softcap) * logit_softcap
+    return s
+
+
+def _forward(q, k, v, seg, causal, sliding_window, logit_softcap, scale, block_q, block_k):
+    """q [B, K, G, Lp, D], k/v [B, K, Lp, D], seg [B, Lp] -> (out like q in q's dtype, lse [B, K, G, Lp])."""
+    batch, num_kv, group, length, head_dim = q.shape
+    num_k_blocks = length // block_k
+    tiles, _, count = _visible_tiles(seg, causal, sliding_window, block_q, block_k)
+
+    def visit(i, carry):
+        m_all, l_all, acc_all = carry
+        qi, kj = tiles[i] // num_k_blocks, tiles[i] % num_k_blocks
+        q_start, k_start = qi * block_q, kj * block_k
         seg_q = lax.dynamic_slice_in_dim(seg, q_start, block_q, axis=1)
+        seg_k = lax.dynamic_slice_in_dim(seg, k_start, block_k, axis=1)
+        mask = _tile_mask(seg_q, seg_k, q_start, k_start, causal, sliding_window)[:, None, None]
+        q_blk = lax.dynamic_slice_in_dim(q, q_start, block_q, axis=3)
+        k_blk = lax.dynamic_slice_in_dim(k, k_start, block_k, axis=2)
+        v_blk = lax.dynamic_slice_in_dim(v, k_start, block_k, axis=2)
+        m = lax.dynamic_slice_in_dim(m_all, q_start, block_q, axis=3)
+        l = lax.dynamic_slice_in_dim(l_all, q_start, block_q, axis=3)
+        acc = lax.dynamic_slice_in_dim(acc_all, q_start, block_q, axis=3)
+        s = jnp.where(mask, _scores(q_blk, k_blk, scale, logit_softcap), _NEG)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        correction = jnp.exp(m - m_new)
+        l = l * correction + p.sum(-1)
+        pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32)
+        acc = acc * correction[..., None] + pv
+        return (lax.dynamic_update_slice_in_dim(m_all, m_new, q_start, axis=3),
+                lax.dynamic_update_slice_in_dim(l_all, l, q_start, axis=3),
+                lax.dynamic_update_slice_in_dim(acc_all, acc, q_start, axis=3))
 
-        def visit(kj, carry):
-            k_start = kj * block_k
-            seg_k = lax.dynamic_slice_in_dim(seg, k_start, block_k, axis=1)
-            mask = _tile_mask(seg_q, seg_k, q_start, k_start, causal, sliding_window)[:, None, None]
-
-            def update(carry):
-                m, l, acc = carry
-                k_blk = lax.dynamic_slice_in_dim(k, k_start, block_k, axis=1)
-                v_blk = lax.dynamic_slice_in_dim(v, k_start, block_k, axis=1)
-                s = jnp.where(mask, _scores(q_blk, k_blk, scale, logit_softcap), _NEG)
-                m_new = jnp.maximum(m, s.max(-1))
-                p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-                correction = jnp.exp(m - m_new)
-                l = l * correction + p.sum(-1)
-                pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32)
-                return m_new, l, acc * correction[..., None] + pv
-
-            return lax.cond(jnp.any(mask), update, lambda c: c, carry)
-
-        init = (jnp.full((batch, num_kv, group, block_q), _NEG, jnp.float32),
-                jnp.zeros((batch, num_kv, group, block_q), jnp.float32),
-                jnp.zeros((batch, num_kv, group, block_q, head_dim), jnp.float32))
-        lo, hi = _key_block_range(q_start, block_q, block_k, num_k_blocks, causal, sliding_window)
-        m, l, acc = lax.fori_loop(lo, hi, visit, init)
-        visible = l > 0
-        out = acc / jnp.where(visible, l, 1.0)[..., None]
-        lse = jnp.where(visible, m + jnp.log(jnp.where(visible, l, 1.0)), 0.0)
-        return jnp.einsum("bkgqd->bqkgd", out).astype(q.dtype), lse
-
-    out_blocks, lse_blocks = lax.map(one_query_block, jnp.arange(num_q_blocks))
-    # out_blocks [nq, B, bq, K, G, D] -> [B, Lp, K, G, D]; lse_blocks [nq, B, K, G, bq] -> [B, K, G, Lp]
-    out = jnp.moveaxis(out_blocks, 0, 1).reshape(q.shape)
-    lse = jnp.moveaxis(lse_blocks, 0, 3).reshape(batch, num_kv, group, length)
-    return out, lse
+    init = (jnp.full((batch, num_kv, group, length), _NEG, jnp.float32),
+            jnp.zeros((batch, num_kv, group, length), jnp.float32),
+            jnp.zeros(q.shape, jnp.float32))
+    m, l, acc = lax.fori_loop(0, count, visit, init)
+    visible = l > 0
+    out = acc / jnp.where(visible, l, 1.0)[..., None]
+    lse = jnp.where(visible, m + jnp.log(jnp.where(visible, l, 1.0)), 0.0)
+    return out.astype(q.dtype), lse
 
 
 def _backward(q, k, v, seg, out, lse, d_out, causal, sliding_window, logit_softcap, scale, block_q, block_k):
-    batch, length, num_kv, group, head_dim = q.shape
-    num_q_blocks, num_k_blocks = length // block_q, length // block_k
+    num_k_blocks = q.shape[3] // block_k
     low_precision = q.dtype != jnp.float32
-    delta = jnp.einsum("bqkgd,bqkgd->bkgq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    delta = jnp.einsum("bkgqd,bkgqd->bkgq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    _, tiles, count = _visible_tiles(seg, causal, sliding_window, block_q, block_k)
 
-    def one_key_block(dq, kj):
-        k_start = kj * block_k
-        k_blk = lax.dynamic_slice_in_dim(k, k_start, block_k, axis=1)
-        v_blk = lax.dynamic_slice_in_dim(v, k_start, block_k, axis=1)
+    def visit(i, carry):
+        dq, dk, dv = carry
+        qi, kj = tiles[i] // num_k_blocks, tiles[i] % num_k_blocks
+        q_start, k_start = qi * block_q, kj * block_k
+        seg_q = lax.dynamic_slice_in_dim(seg, q_start, block_q, axis=1)
         seg_k = lax.dynamic_slice_in_dim(seg, k_start, block_k, axis=1)
+        mask = _tile_mask(seg_q, seg_k, q_start, k_start, causal, sliding_window)[:, None, None]
+        q_blk = lax.dynamic_slice_in_dim(q, q_start, block_q, axis=3)
+        do_blk = lax.dynamic_slice_in_dim(d_out, q_start, block_q, axis=3)
+        lse_blk = lax.dynamic_slice_in_dim(lse, q_start, block_q, axis=3)
+        delta_blk = lax.dynamic_slice_in_dim(delta, q_start, block_q, axis=3)
+        k_blk = lax.dynamic_slice_in_dim(k, k_start, block_k, axis=2)
+        v_blk = lax.dynamic_slice_in_dim(v, k_start, block_k, axis=2)
+        s = _scores(q_blk, k_blk, scale, logit_softcap)
+        p = jnp.where(mask, jnp.exp(jnp.where(mask, s, _NEG) - lse_blk[..., None]), 0.0)
+        dv_blk = jnp.einsum("bkgqs,bkgqd->bksd", p.astype(d_out.dtype), do_blk, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bkgqd,bksd->bkgqs", do_blk, v_blk, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta_blk[..., None])
+        if logit_softcap is not None:
+            ds = ds * (1.0 - jnp.square(s / logit_softcap))
+        ds = ds * scale
+        if low_precision:
+            ds = ds.astype(q.dtype)
+        dk_blk = jnp.einsum("bkgqs,bkgqd->bksd", ds, q_blk, preferred_element_type=jnp.float32)
+        dq_blk = jnp.einsum("bkgqs,bksd->bkgqd", ds, k_blk, preferred_element_type=jnp.float32)
 
-        def visit(qi, carry):
-            q_start = qi * block_q
-            seg_q = lax.dynamic_slice_in_dim(seg, q_start, block_q, axis=1)
-            mask = _tile_mask(seg_q, seg_k, q_start, k_start, causal, sliding_window)[:, None, None]
+        def add(total, part, start, axis):
+            current = lax.dynamic_slice_in_dim(total, start, part.shape[axis], axis=axis)
+            return lax.dynamic_update_slice_in_dim(total, current + part, start, axis=axis)
 
-            def update(carry):
-                dq, dk, dv = carry
-                q_blk = lax.dynamic_slice_in_dim(q, q_start, block_q, axis=1)
-                do_blk = lax.dynamic_slice_in_dim(d_out, q_start, block_q, axis=1)
-                lse_blk = lax.dynamic_slice_in_dim(lse, q_start, block_q, axis=3)
-                delta_blk = lax.dynamic_slice_in_dim(delta, q_start, block_q, axis=3)
-                s = _scores(q_blk, k_blk, scale, logit_softcap)
-                p = jnp.where(mask, jnp.exp(jnp.where(mask, s, _NEG) - lse_blk[..., None]), 0.0)
-                dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(d_out.dtype), do_blk,
-                                     preferred_element_type=jnp.float32)
-                dp = jnp.einsum("bqkgd,bskd->bkgqs", do_blk, v_blk, preferred_element_type=jnp.float32)
-                ds = p * (dp - delta_blk[..., None])
-                if logit_softcap is not None:
-                    ds = ds * (1.0 - jnp.square(s / logit_softcap))
-                ds = ds * scale
-                if low_precision:
-                    ds = ds.astype(q.dtype)
-                dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, q_blk, preferred_element_type=jnp.float32)
-                dq_blk = lax.dynamic_slice_in_dim(dq, q_start, block_q, axis=1)
-                dq_blk = dq_blk + jnp.einsum("bkgqs,bskd->bqkgd", ds, k_blk, preferred_element_type=jnp.float32)
-                return lax.dynamic_update_slice_in_dim(dq, dq_blk, q_start, axis=1), dk, dv
+        return add(dq, dq_blk, q_start, 3), add(dk, dk_blk, k_start, 2), add(dv, dv_blk, k_start, 2)
 
-            return lax.cond(jnp.any(mask), update, lambda c: c, carry)
-
-        zeros_kv = jnp.zeros((batch, block_k, num_kv, head_dim), jnp.float32)
-        lo, hi = _query_block_range(k_start, block_q, block_k, num_q_blocks, causal, sliding_window)
-        dq, dk, dv = lax.fori_loop(lo, hi, visit, (dq, zeros_kv, zeros_kv))
-        return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
-
-    dq0 = jnp.zeros(q.shape, jnp.float32)
-    dq, (dk_blocks, dv_blocks) = lax.scan(one_key_block, dq0, jnp.arange(num_k_blocks))
-    dk = jnp.moveaxis(dk_blocks, 0, 1).reshape(k.shape)
-    dv = jnp.moveaxis(dv_blocks, 0, 1).reshape(v.shape)
-    return dq.astype(q.dtype), dk, dv
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    dq, dk, dv = lax.fori_loop(0, count, visit, init)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
@@ -210,11 +221,11 @@ def attention_xla_chunked(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, *, causal=True
     padded = -(-length // tile) * tile
     # Padded rows get segment -1: they see only each other and are cut off at the end.
     seg = _pad_length(segment_ids_BL.astype(jnp.int32), padded, value=-1)
-    q = _pad_length(q_BLHD, padded).reshape(batch, padded, num_kv_heads, group, head_dim)
-    k = _pad_length(k_BLKD, padded)
-    v = _pad_length(v_BLKD, padded)
-    out = _chunked(q, k, v, seg, causal, sliding_window, logit_softcap, scale, block_q, block_k)
-    return out.reshape(batch, padded, num_q_heads, head_dim)[:, :length]
+    q_BKGLD = _pad_length(q_BLHD, padded).reshape(batch, padded, num_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+    k_BKLD = _pad_length(k_BLKD, padded).transpose(0, 2, 1, 3)
+    v_BKLD = _pad_length(v_BLKD, padded).transpose(0, 2, 1, 3)
+    out = _chunked(q_BKGLD, k_BKLD, v_BKLD, seg, causal, sliding_window, logit_softcap, scale, block_q, block_k)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, padded, num_q_heads, head_dim)[:, :length]
 
 
 def _gcd(a, b):
