@@ -136,16 +136,18 @@ def test_attention_sharded_matches_unsharded_reference(mesh_shape, implementatio
 
 
 def test_attention_axes_that_do_not_divide_are_not_split():
-    """3 rows and 1 kv head on (2,2,2): neither rows nor heads can be split; the result is still exact."""
+    """6 rows and 1 kv head on (2,2,2): rows split over data only (fsdp would leave 1.5), heads not at all."""
     mesh = auto_mesh((2, 2, 2))
-    q, k, v, segment_ids, d_out = attention_inputs(seed=3, rows=2, kv_heads=1)
-    q, k, v, segment_ids, d_out = (jnp.concatenate([x, x[:1]]) for x in (q, k, v, segment_ids, d_out))
+    q, k, v, segment_ids, d_out = attention_inputs(seed=3, rows=6, kv_heads=1)
     expected_out, expected_grads = attention_forward_and_grads("reference")(q, k, v, segment_ids, d_out)
-    args = [jax.device_put(x, NamedSharding(mesh, P())) for x in (q, k, v, segment_ids, d_out)]
-    out, grads = attention_forward_and_grads("pallas_gpu_interpret")(*args)
+    args = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in (q, k, v, segment_ids, d_out)]
+    step = attention_forward_and_grads("pallas_gpu_interpret")
+    out, grads = step(*args)
     assert relative_error(out, expected_out) <= 1e-5
     for got, want in zip(grads, expected_grads):
         assert relative_error(got, want) <= 1e-5
+    assert_kernels_run_per_device(step, args, [(3, LENGTH, Q_HEADS, HEAD_DIM), (3, LENGTH, 1, HEAD_DIM),
+                                               (3, LENGTH, 1, HEAD_DIM), (3, LENGTH)])
 
 
 def cross_entropy_inputs(seed, untrained_row=True):
@@ -200,6 +202,26 @@ def test_cross_entropy_sharded_matches_unsharded_reference(mesh_shape, implement
     # only the weight is gathered (into every device's kernel call), never the activations
     for shape in all_gather_shapes(step.lower(*args).compile().as_text()):
         assert shape.endswith(f",{VOCAB}"), f"all-gather of f32[{shape}]"
+
+
+def test_cross_entropy_flat_tokens_split_over_every_axis():
+    """[T, D] hidden (no row/sequence structure): the 256 tokens split over all 8 devices."""
+    mesh = auto_mesh((2, 2, 2))
+    hidden, weight, targets, loss_mask = cross_entropy_inputs(seed=5)
+    hidden, targets, loss_mask = hidden.reshape(-1, HIDDEN), targets.reshape(-1), loss_mask.reshape(-1)
+    expected, expected_grads = cross_entropy_sums_and_grads("reference")(hidden, weight, targets, loss_mask)
+    tokens = NamedSharding(mesh, P(("data", "fsdp", "tensor")))
+    args = [jax.device_put(hidden, tokens), jax.device_put(weight, NamedSharding(mesh, P())),
+            jax.device_put(targets, tokens), jax.device_put(loss_mask, tokens)]
+    step = cross_entropy_sums_and_grads("pallas_gpu_interpret")
+    result, grads = step(*args)
+    assert relative_error(result.loss_sum, expected.loss_sum) <= 1e-5
+    assert float(result.correct_count) == float(expected.correct_count)
+    for got, want in zip(grads, expected_grads):
+        assert relative_error(got, want) <= 1e-5
+    local = ROWS * LENGTH // 8
+    assert_kernels_run_per_device(step, args, [(local, HIDDEN), (HIDDEN, VOCAB), (local,), (local,)])
+    assert all_gather_shapes(step.lower(*args).compile().as_text()) == []
 
 
 def test_find_mesh_and_split_axes():
