@@ -108,11 +108,13 @@ def _build_splash_tables_at_compile_time(splash_tpu):
     UnexpectedTracerError. Under ``jax.ensure_compile_time_eval`` the tables are constants. (Belongs in
     ``splash_tpu._kernel`` itself; applied here once, idempotently, until it moves there.)
     """
-    build = splash_tpu._kernel
-    if getattr(build, "builds_at_compile_time", False):
+    if getattr(splash_tpu._kernel, "builds_at_compile_time", False):
         return
+    # the uncached builder, with a cache of our own: an entry cached earlier by a direct call under a trace
+    # would hold that trace's tracers
+    build = getattr(splash_tpu._kernel, "__wrapped__", splash_tpu._kernel)
 
-    @functools.wraps(build)
+    @functools.lru_cache(maxsize=64)
     def build_at_compile_time(*args):
         with jax.ensure_compile_time_eval():
             return build(*args)
