@@ -9,7 +9,7 @@ What is measured (float32, CPU unless JAX/torch see an accelerator):
   cross-entropy implementation pair that runs on the CPU, plus the automatic choice.
 
 Correctness first: the first step's loss and gradient global norm of every sftjax configuration are compared
-with PyTorch's (relative differences printed and recorded; the script exits 1 above 1e-4). At a fresh init the
+with PyTorch's (relative differences printed and recorded; the script exits 1 above 1e-5). At a fresh init the
 loss is close to log(vocab) whatever the weights, so the gradient norm is the sharper of the two checks. Then
 each configuration runs warm-up steps (compilation excluded) and the MEDIAN wall time of N device-synchronized
 steps; tokens/s count every position of the [rows, L] batch (padding included, as both frameworks compute it).
@@ -65,7 +65,7 @@ MODELS = {
 CONFIGURATIONS = [("reference", "reference"), ("xla_chunked", "xla_chunked"), ("auto", "auto")]
 LEARNING_RATE, WEIGHT_DECAY = 1e-4, 0.1
 # the first step must agree with PyTorch: loss (same weights, same batch) and the gradient's global norm
-LOSS_RTOL, GRAD_NORM_RTOL = 1e-4, 1e-4
+LOSS_RTOL, GRAD_NORM_RTOL = 1e-5, 1e-5
 
 
 def hf_llama(spec: dict, max_length: int, seed: int = 0):
@@ -131,9 +131,11 @@ def torch_runner(model, batch: dict[str, np.ndarray]):
         loss = loss_fn()
         loss.backward()
         grad_norm = None
-        if with_grad_norm:  # the global L2 norm of the gradient, before the update
-            grad_norm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()])).item()
+        if with_grad_norm:  # the global L2 norm of the gradient, before the update, summed in float64:
+            # torch's float32 vector_norm of these gradients is off by ~2e-5 relative (7M model), too coarse
+            # for a 1e-4 check (the 32M model's float32 norm was off by 8e-5)
+            grad_norm = torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in model.parameters()])).item()
         optimizer.step()
         return (loss.item(), grad_norm) if with_grad_norm else loss.item()
 
