@@ -56,7 +56,7 @@ FORMAT_VERSION = 1
 # Config sections whose change makes a checkpoint unusable for this run (the weights would not fit or not mean
 # the same thing). Other differences (learning rate, steps, logging) are allowed on resume.
 DEFAULT_COMPATIBILITY_KEYS = (
-    "model.path", "model.init",
+    "model.path", "model.init", "model.scan_layers",
     "lora.enabled", "lora.r", "lora.alpha", "lora.rslora", "lora.target_modules", "lora.modules_to_save",
 )
 

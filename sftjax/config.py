@@ -21,7 +21,7 @@ import yaml
 
 from sftjax.errors import ConfigError
 
-REMAT_POLICIES = ("none", "full", "save_dots")
+REMAT_POLICIES = ("none", "full", "save_dots", "offload_dots")
 DTYPES = ("float32", "bfloat16", "float16")
 # Sections owned by other modules, kept as raw mappings and validated by their owners.
 FREE_SECTIONS = ("checkpoint",)
@@ -35,16 +35,14 @@ class ModelSection:
     init: dict | None = None  # ModelConfig fields of a random-init model (tests, demos)
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # master weights
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # forward/backward
-    remat: Literal["none", "full", "save_dots"] = "none"  # per decoder layer
+    remat: Literal["none", "full", "save_dots", "offload_dots"] = "none"  # per decoder layer (or scanned period)
     attention_implementation: str | None = None
     cross_entropy_implementation: str | None = None
-    scan_layers: bool = False
+    scan_layers: bool = False  # stack the layers and run them with lax.scan (faster compiles of deep models)
 
     def validate(self) -> None:
         if (self.path is None) == (self.init is None):
             raise ConfigError("model: give exactly one of model.path (checkpoint/alias) or model.init (random init)")
-        if self.scan_layers:
-            raise ConfigError("model.scan_layers=true is not supported yet; use false")
 
 
 @dataclasses.dataclass

@@ -102,7 +102,10 @@ def lora_adapters(model, model_config) -> dict[str, tuple[Any, Any, float]]:
     """
     import jax.numpy as jnp
 
+    from sftjax.models.scan import unstacked
     from sftjax.train.lora import linear_modules
+
+    model = unstacked(model)  # exported one module per layer
 
     locations = hf_module_parts(model_config)
     grouped: dict[str, list] = {}
@@ -218,6 +221,10 @@ def modules_to_save_tensors(model, model_config, patterns: list[str], adapted: s
     import numpy as np
     from flax import nnx
 
+    from sftjax.models.scan import unstacked
+
+    model = unstacked(model)  # exported one module per layer
+
     from sftjax.models.registry import family_for_config
 
     if not patterns:
@@ -272,9 +279,18 @@ def model_from_checkpoint(source, *, step: int | None = None):
         model, model_config = _base_model(run_config, lora, meta, root / str(step))
         if lora.enabled:
             apply_lora(model, lora, rngs=nnx.Rngs(0))
-        trainable = nnx.state(model, trainable_filter(lora))
+        scanned = bool((run_config.get("model") or {}).get("scan_layers"))
+        if scanned:  # the checkpoint holds the stacked layout the run trained in
+            from sftjax.models.scan import stack_layers
+
+            stack_layers(model)
+        trainable = nnx.state(model, trainable_filter(lora, scan_plan=getattr(model, "scan_plan", None)))
         restored = manager.restore(step, {"params": ckpt.abstract_like(trainable)}, check_config=False)
         nnx.update(model, restored.state["params"])
+        if scanned:
+            from sftjax.models.scan import unstacked
+
+            model = unstacked(model)
     finally:
         manager.close()
     return model, model_config, run_config, meta

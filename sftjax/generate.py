@@ -276,6 +276,10 @@ def generate_ids(model, prompt_ids: Sequence[int], *, max_new_tokens: int = 64, 
     import jax.numpy as jnp
     from flax import nnx
 
+    from sftjax.models.scan import unstacked
+
+    model = unstacked(model)  # the KV-cache decoder runs one module per layer
+
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:

@@ -34,6 +34,7 @@ LOGICAL_RULES: dict[str, str | None] = {
     "mlp": "tensor",
     "head_dim": None,
     "norm": None,
+    "layers": None,  # the stacked-layers axis of scanned models (sftjax.models.scan): never split
 }
 
 

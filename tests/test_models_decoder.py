@@ -28,7 +28,7 @@ def plain_loss_and_grads():
     return nnx.jit(nnx.value_and_grad(_loss))(Decoder(CONFIG, rngs=nnx.Rngs(0)))
 
 
-@pytest.mark.parametrize("policy", ["full", "save_dots"])
+@pytest.mark.parametrize("policy", ["full", "save_dots", "offload_dots"])
 def test_remat_gives_identical_loss_and_gradients(policy, plain_loss_and_grads):
     remat = Decoder(CONFIG.replace(remat=policy), rngs=nnx.Rngs(0))
     assert remat.remat == policy
@@ -37,6 +37,36 @@ def test_remat_gives_identical_loss_and_gradients(policy, plain_loss_and_grads):
     assert float(loss_a) == pytest.approx(float(loss_b), rel=1e-6)
     for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_offload_dots_keeps_matmul_outputs_in_host_memory(scan):
+    """The residuals of offload_dots live in pinned host memory (jaxpr memory space <host>); save_dots keeps them
+    on the device. (On the CPU both spaces are the same RAM, so only the program can show the difference.)"""
+    from sftjax.models.scan import stack_layers
+
+    def residual_spaces(remat):
+        model = Decoder(CONFIG.replace(num_layers=4, layer_types=None, remat=remat), rngs=nnx.Rngs(0))
+        if scan:
+            stack_layers(model)
+        graphdef, state = nnx.split(model)
+        return str(jax.make_jaxpr(jax.grad(lambda s: _loss(nnx.merge(graphdef, s))))(state))
+
+    assert "<host>" in residual_spaces("offload_dots")
+    assert "<host>" not in residual_spaces("save_dots")
+
+
+def test_offload_dots_without_pinned_host_memory_is_a_config_error(monkeypatch):
+    from sftjax.errors import ConfigError
+    from sftjax.models import decoder
+
+    class DeviceWithoutHostMemory:
+        def addressable_memories(self):
+            return [type("Memory", (), {"kind": "device"})()]
+
+    monkeypatch.setattr(decoder.jax, "devices", lambda *a: [DeviceWithoutHostMemory()])
+    with pytest.raises(ConfigError, match="offload_dots needs pinned host memory"):
+        decoder.remat_policy("offload_dots")
 
 
 def test_logits_are_head_of_hidden_states_and_default_positions():

@@ -180,3 +180,13 @@ def test_lora_tied_remat_one_row_per_shard(mesh, layout):
     assert_sharded_matches_one_device(
         mesh, lambda: build_model(tiny_config(tie_word_embeddings=True), remat="full", lora=lora), layout,
         "xla_chunked", "xla_chunked", lora=lora)
+
+
+def test_scanned_layers_one_row_per_shard(mesh):
+    """Stacked layers (model.scan_layers) run in a lax.scan body: the fsdp gather must still apply there."""
+    from sftjax.models.scan import stack_layers
+
+    lora = LoraSection(enabled=True, r=4, alpha=8.0, target_modules="all-linear", modules_to_save=["mlp_norm"])
+    assert_sharded_matches_one_device(
+        mesh, lambda: stack_layers(build_model(tiny_config(num_layers=3), remat="full", lora=lora)),
+        "logical_rules", "xla_chunked", "xla_chunked", lora=lora)

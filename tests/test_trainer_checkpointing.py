@@ -158,3 +158,26 @@ def test_failed_periodic_save_is_logged_and_training_goes_on(tmp_path, assets_di
     assert logged_steps(tmp_path / "run") == [1, 2, 3]
     assert "no space left on device" in caplog.text and "training continues" in caplog.text
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()] == ["3"]
+
+
+def test_lora_resume_refuses_a_changed_base_model(tmp_path, assets_dir, capsys):
+    """Adapters are trained against specific base weights: resuming them on other weights is refused."""
+    from flax import nnx
+
+    from sftjax.models.config import ModelConfig
+    from sftjax.models.decoder import Decoder
+    from sftjax.models.loading import save_model
+
+    config = ModelConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=True)
+    base = tmp_path / "base"
+    save_model(Decoder(config, rngs=nnx.Rngs(0)), config, base)
+    run_dir = tmp_path / "run"
+    args = overrides(assets_dir, run_dir, "model.init=", f"model.path={base}", "checkpoint.save_every_steps=2")
+    assert main(["train", TINY, *args, "train.steps=2"]) == 0
+    save_model(Decoder(config, rngs=nnx.Rngs(1)), config, base)  # same files, other weights
+    capsys.readouterr()
+    assert main(["train", TINY, *args, "train.steps=4"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was trained on base model" in err[0] and str(base) in err[0], err
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]

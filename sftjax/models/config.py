@@ -12,7 +12,7 @@ from typing import Any
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
-REMAT_POLICIES = ("none", "full", "save_dots")
+REMAT_POLICIES = ("none", "full", "save_dots", "offload_dots")
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 

@@ -27,10 +27,25 @@ _ACTIVATIONS = {
     "relu": jax.nn.relu,
 }
 
-_REMAT_POLICIES = {
-    "full": None,
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+REMAT_CHOICES = ("none", "full", "save_dots", "offload_dots")
+
+
+def remat_policy(name: str):
+    """The jax.checkpoint policy of a remat setting: 'full' saves nothing (recompute the layer), 'save_dots' keeps
+    the matmul outputs, 'offload_dots' keeps them in pinned host memory (needs a backend with that memory kind)."""
+    if name == "full":
+        return None
+    if name == "save_dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    if name == "offload_dots":
+        kinds = {memory.kind for memory in jax.devices()[0].addressable_memories()}
+        if "pinned_host" not in kinds:
+            from sftjax.errors import ConfigError
+
+            raise ConfigError(f"model.remat=offload_dots needs pinned host memory, which the {jax.default_backend()} "
+                              f"backend does not offer (memory kinds: {sorted(kinds)}); use save_dots or full")
+        return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    raise ValueError(f"remat {name!r} not in {REMAT_CHOICES}")
 
 
 class Attention(nnx.Module):
@@ -122,7 +137,9 @@ def _run_layer(layer: DecoderLayer, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, det
 
 
 class Decoder(nnx.Module):
-    """Decoder-only LM. ``remat`` ('none' | 'full' | 'save_dots') rematerializes each layer in the backward pass."""
+    """Decoder-only LM. ``remat`` ('none' | 'full' | 'save_dots' | 'offload_dots') rematerializes each layer in the
+    backward pass. ``layers`` is one module per layer, or stacked for ``lax.scan`` once
+    :func:`sftjax.models.scan.stack_layers` ran (then ``scan_plan`` says how; see that module)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, remat: str | None = None):
         c = config
@@ -131,6 +148,7 @@ class Decoder(nnx.Module):
         self.remat = remat or c.remat
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, param_dtype=pd, rngs=rngs)
         self.layers = nnx.List([DecoderLayer(c, i, rngs=rngs) for i in range(c.num_layers)])
+        self.scan_plan = None
         self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, plus_one=c.norm_plus_one, param_dtype=pd)
         if c.tie_word_embeddings:
             self.lm_head = None
@@ -156,9 +174,15 @@ class Decoder(nnx.Module):
         dtype = jnp.dtype(self.config.dtype)
         x = self.embed_tokens(tokens_BL, dtype=dtype, scale=self.config.embedding_scale)
         cos, sin = rope_cos_sin(self.config, positions_BL)
+        policy = remat_policy(self.remat) if self.remat != "none" else None
+        if self.scan_plan is not None:
+            from sftjax.models.scan import run_scanned
+
+            x = run_scanned(self, x, cos, sin, segment_ids_BL, deterministic, policy=policy, remat=self.remat != "none")
+            return self.norm(x)
         run = _run_layer
         if self.remat != "none":
-            run = nnx.remat(_run_layer, policy=_REMAT_POLICIES[self.remat], static_argnums=(5,))
+            run = nnx.remat(_run_layer, policy=policy, static_argnums=(5,))
         for layer in self.layers:
             x = run(layer, x, cos, sin, segment_ids_BL, deterministic)
         return self.norm(x)

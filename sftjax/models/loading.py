@@ -135,6 +135,9 @@ def _parameter_value(model: nnx.Module, path: str):
 
 def _hf_tensor_entries(model: Decoder, config: ModelConfig, target: np.dtype):
     """(HF name, nbytes, produce) per checkpoint tensor; ``produce`` gathers one tensor to host when called."""
+    from sftjax.models.scan import unstacked
+
+    model = unstacked(model)  # a scanned model is exported/run one module per layer
     entries = []
     for spec in family_for_config(config).weight_specs(config):
         paths = [path for path, _, _ in spec.targets]

@@ -65,6 +65,9 @@ def apply_lora(model, cfg: LoraSection, *, rngs: nnx.Rngs) -> list[str]:
     """Add adapters in place to the target modules; returns their dotted paths. No-op when disabled."""
     if not cfg.enabled:
         return []
+    if getattr(model, "scan_plan", None) is not None:
+        raise ConfigError("apply_lora: the model's layers are already stacked for scanning; add LoRA before "
+                          "sftjax.models.scan.stack_layers")
     modules = linear_modules(model)
     targets = select_targets(list(modules), cfg.target_modules)
     check_modules_to_save(model, cfg.modules_to_save)
@@ -85,23 +88,38 @@ def check_modules_to_save(model, patterns: list[str]) -> None:
                               f"(e.g. {', '.join(paths[:4])})")
 
 
-def trainable_filter(cfg: LoraSection):
-    """nnx filter selecting the variables that train (LoRA adapters or all params, plus modules_to_save)."""
+def trainable_filter(cfg: LoraSection, *, scan_plan=None):
+    """nnx filter selecting the variables that train (LoRA adapters or all params, plus modules_to_save).
+
+    ``modules_to_save`` patterns always match per-layer paths (``layers/3/mlp/...``); on a model with stacked
+    layers (``scan_plan``, see :mod:`sftjax.models.scan`) a stacked variable trains when its pattern matches every
+    layer it stacks, and a pattern that matches only some of them is a ConfigError (they share one array).
+    """
+    from sftjax.models.scan import unstacked_paths
+
     base = nnx.LoRAParam if cfg.enabled else nnx.Param
     patterns = [re.compile(p) for p in cfg.modules_to_save]
     if not patterns:
         return base
 
     def saved(path, value) -> bool:
-        name = "/".join(str(p) for p in path)
-        return isinstance(value, nnx.Param) and any(p.search(name) for p in patterns)
+        if not isinstance(value, nnx.Param):
+            return False
+        names = ["/".join(str(p) for p in layer_path) for layer_path in unstacked_paths(scan_plan, path)]
+        hits = [any(p.search(name) for p in patterns) for name in names]
+        if any(hits) and not all(hits):
+            raise ConfigError(f"lora.modules_to_save {cfg.modules_to_save} selects {names[hits.index(True)]} but not "
+                              f"{names[hits.index(False)]}; with model.scan_layers those layers share one stacked "
+                              "array: select all layers or none, or set model.scan_layers=false")
+        return all(hits)
 
     return nnx.Any(base, saved)
 
 
 def split_model(model, cfg: LoraSection):
     """(graphdef, trainable, frozen): the model's state split by ``trainable_filter``."""
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg), ...)
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg, scan_plan=getattr(model, "scan_plan", None)),
+                                            ...)
     return graphdef, trainable, frozen
 
 

@@ -33,6 +33,41 @@ def _clean(value):
     return value if math.isfinite(value) else str(value)
 
 
+def set_aside_stale_records(path: pathlib.Path, initial_step: int) -> pathlib.Path | None:
+    """Keep ``path`` (metrics.jsonl) a record of one run's history, nothing deleted.
+
+    A fresh run (``initial_step`` 0) in a directory that already has metrics moves the old file to
+    ``metrics.previous-<n>.jsonl``. A run resumed at step S keeps the records up to S and moves later ones (steps
+    the killed run logged after its last checkpoint, which the resumed run repeats) to
+    ``metrics.superseded.jsonl``. Returns where records were moved, or None.
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    if initial_step == 0:
+        index = 1
+        while (target := path.with_name(f"metrics.previous-{index}.jsonl")).exists():
+            index += 1
+        path.rename(target)
+        return target
+    keep, stale = [], []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            step = json.loads(line).get("step")
+        except ValueError:  # a line cut short by the kill: not a record
+            stale.append(line if line.endswith("\n") else line + "\n")
+            continue
+        (stale if isinstance(step, int) and step > initial_step else keep).append(line)
+    if not stale:
+        return None
+    superseded = path.with_name("metrics.superseded.jsonl")
+    with open(superseded, "a", encoding="utf-8") as handle:
+        handle.writelines(stale)
+    temporary = path.with_name("metrics.jsonl.tmp")
+    temporary.write_text("".join(keep), encoding="utf-8")
+    temporary.replace(path)  # atomic: a kill now leaves either the old or the new file
+    return superseded
+
+
 class MetricsLogger:
     """Append metric dicts to ``<dir>/metrics.jsonl`` and TensorBoard; show a tqdm bar with ETA."""
 
@@ -46,7 +81,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8")
+        path = self.output_dir / "metrics.jsonl"
+        set_aside_stale_records(path, initial_step)
+        self.jsonl = open(path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
 

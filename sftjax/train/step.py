@@ -72,7 +72,8 @@ def forward_loss(graphdef, trainable, frozen, batch: dict, rng, options: LossOpt
     model = nnx.merge(graphdef, trainable, frozen)
     if options.dropout and rng is not None:
         # dropout layers draw from a 'dropout' stream, or 'default' when built from nnx.Rngs(seed)
-        nnx.reseed(model, dropout=rng, default=jax.random.fold_in(rng, 1))
+        # match_shape: stacked (scanned) layers hold one key per layer, split from this step's key
+        nnx.reseed(model, dropout=rng, default=jax.random.fold_in(rng, 1), policy="match_shape")
     hidden_BLD = model.hidden_states(batch["tokens"], positions_BL=batch["positions"],
                                      segment_ids_BL=batch["segment_ids"], deterministic=not options.dropout)
     return fused_linear_cross_entropy(hidden_BLD, model.head_weight(), batch["targets"], batch["loss_mask"],

@@ -97,6 +97,10 @@ class Trainer:
         from sftjax.sharding import make_mesh
 
         self.mesh = make_mesh(**self.mesh_sizes)
+        if cfg.model.remat == "offload_dots":  # fail now, not at the first trace, on a backend without host memory
+            from sftjax.models.decoder import remat_policy
+
+            remat_policy(cfg.model.remat)
         _set_kernel_defaults(cfg)
         self.tokenizer = tokenizer
         if self.tokenizer is None and (cfg.tokenizer.path or cfg.model.path):
@@ -118,7 +122,12 @@ class Trainer:
         self.model, self.model_config = model, model_config or model.config
         self.lora_targets = apply_lora(self.model, cfg.lora, rngs=nnx.Rngs(params=train.seed + 1,
                                                                             dropout=train.seed + 2))
-        if self.lora_targets:
+        if cfg.model.scan_layers:
+            from sftjax.models.scan import stack_layers
+
+            stack_layers(self.model)
+            logger.info("scan over layers: %s", self.model.scan_plan)
+        if self.lora_targets or cfg.model.scan_layers:
             from sftjax.sharding import shard_model
 
             shard_model(self.model, self.mesh)
@@ -206,6 +215,8 @@ class Trainer:
                     f"{manager.all_steps}); refusing to overwrite them: resume with checkpoint.resume=auto, or use "
                     "another train.output_dir (or checkpoint.directory), or delete them yourself")
             restored = restore_for_resume(section.resume, manager, abstract_like(train_state_items(self.state)))
+            if restored is not None:
+                self._check_base_model(restored, base_model)
         except BaseException:
             manager.close()
             raise
@@ -218,6 +229,18 @@ class Trainer:
             logger.info("resumed from checkpoint %s at step %d of %d", restored.directory, restored.step,
                         self.total_steps)
         return restored
+
+    def _check_base_model(self, restored, base_model: dict | None) -> None:
+        """LoRA checkpoints hold only the adapters: resuming them on other base weights would silently train a
+        different model. (Full fine-tuning restores every weight, so the base does not matter there.)"""
+        saved = (restored.meta or {}).get("base_model") or {}
+        if not self.config.lora.enabled or not base_model or not saved.get("fingerprint"):
+            return
+        if saved["fingerprint"] != base_model["fingerprint"]:
+            raise CheckpointError(
+                f"checkpoint {restored.directory} was trained on base model {saved.get('path')} but model.path "
+                f"{base_model['path']} has other weights (fingerprint {saved['fingerprint']} -> "
+                f"{base_model['fingerprint']}); resume with the same base model or start a new run")
 
     def _save_checkpoint(self, step: int, *, force: bool, metrics: dict | None = None) -> None:
         """Start a checkpoint at ``step`` (on the triggers, or now when ``force``); a failure is logged, not raised:
@@ -393,8 +416,10 @@ class Trainer:
     # --------------------------------------------------------------------------------------------- outputs
 
     def updated_model(self):
-        """The model with the current trained params (a new module; adapters not merged)."""
-        return nnx.merge(self.graphdef, self.state.params, self.frozen)
+        """The model with the current trained params (a new module, one module per layer; adapters not merged)."""
+        from sftjax.models.scan import unstacked
+
+        return unstacked(nnx.merge(self.graphdef, self.state.params, self.frozen))
 
     def save(self, out_dir) -> pathlib.Path:
         """Write the trained model: merged HF weights, or a PEFT adapter (train.save=adapter)."""
