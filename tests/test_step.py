@@ -8,7 +8,6 @@ import pytest
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from sftjax.config import LoraSection, OptimSection

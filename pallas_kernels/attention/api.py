@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import math
 
-import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
@@ -95,32 +94,7 @@ def _pallas_kernel(name, options):
         return functools.partial(attention_pallas_gpu, interpret=interpret, **options)
     from pallas_kernels.attention import splash_tpu
 
-    _build_splash_tables_at_compile_time(splash_tpu)
     return functools.partial(splash_tpu.attention_splash_tpu, interpret=interpret, **options)
-
-
-def _build_splash_tables_at_compile_time(splash_tpu):
-    """Make ``splash_tpu._kernel`` build its kernel outside any trace.
-
-    Why: splash makes its block-mask tables with ``jnp.array``; built while tracing (under jit, or inside the
-    shard_map of this module) they are tracers of that trace, and the kernel ``splash_tpu`` caches keeps them.
-    The next trace that uses the cached kernel, e.g. shard_map's transpose of the forward, fails with an
-    UnexpectedTracerError. Under ``jax.ensure_compile_time_eval`` the tables are constants. (Belongs in
-    ``splash_tpu._kernel`` itself; applied here once, idempotently, until it moves there.)
-    """
-    if getattr(splash_tpu._kernel, "builds_at_compile_time", False):
-        return
-    # the uncached builder, with a cache of our own: an entry cached earlier by a direct call under a trace
-    # would hold that trace's tracers
-    build = getattr(splash_tpu._kernel, "__wrapped__", splash_tpu._kernel)
-
-    @functools.lru_cache(maxsize=64)
-    def build_at_compile_time(*args):
-        with jax.ensure_compile_time_eval():
-            return build(*args)
-
-    build_at_compile_time.builds_at_compile_time = True
-    splash_tpu._kernel = build_at_compile_time
 
 
 def _pallas_per_device(kernel, q, k, v, segment_ids):

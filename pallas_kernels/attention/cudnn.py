@@ -8,7 +8,6 @@ sliding window as its own flags). It has no logit soft-capping, so that case is 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 
 def attention_cudnn(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, *, causal=True, sliding_window=None,

@@ -19,6 +19,14 @@ from pallas_kernels.attention.xla_chunked import _pad_length
 
 @functools.lru_cache(maxsize=64)
 def _kernel(length, group, causal, sliding_window, logit_softcap, block, interpret):
+    """The cached splash kernel. Built under ``ensure_compile_time_eval``: splash makes its block-mask tables with
+    ``jnp.array``, and built inside a trace (jit, the shard_map of the api) they would be tracers of that trace,
+    kept by this cache and leaked into the next trace (UnexpectedTracerError)."""
+    with jax.ensure_compile_time_eval():
+        return _build_kernel(length, group, causal, sliding_window, logit_softcap, block, interpret)
+
+
+def _build_kernel(length, group, causal, sliding_window, logit_softcap, block, interpret):
     shape = (length, length)
     if sliding_window is not None:
         one_head = splash_mask.LocalMask(shape, window_size=(sliding_window - 1, 0 if causal else None), offset=0)
