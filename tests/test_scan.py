@@ -278,3 +278,17 @@ def test_scanned_run_resumes_after_preemption(assets_dir, tmp_path):
     with pytest.raises(sftjax.errors.CheckpointError, match="model.scan_layers: True -> False"):
         sftjax.Trainer(unscanned).open_checkpoints()
 
+
+
+def test_stacking_on_a_mesh_creates_each_stack_in_its_sharding():
+    from jax.sharding import PartitionSpec
+
+    from sftjax.sharding import make_mesh, shard_model
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2, devices=jax.devices()[:8])
+    model = shard_model(random_model(config()), mesh)
+    stack_layers(model)
+    up = model.layers[0][0].mlp.up_proj.kernel.get_value()
+    assert up.shape == (4, 32, 48) and up.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+    norm = model.layers[0][0].mlp_norm.weight.get_value()
+    assert norm.sharding.spec == PartitionSpec(None, None)

@@ -30,6 +30,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
 
 LAYERS_AXIS = "layers"
 MAX_PERIOD = 8
@@ -75,6 +76,19 @@ def _logical_axes(variable, ndim: int) -> tuple:
     return tuple(axes) if axes is not None else (None,) * ndim
 
 
+def _stack_values(values: list, logical_axes: tuple):
+    """``jnp.stack(values)``, created directly in its sharding by the rules when the values live on a mesh (so a
+    big model never holds a replicated stack on one device)."""
+    sharding = getattr(values[0], "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return jnp.stack(values)
+    from sftjax.sharding import partition_spec
+
+    shape = (len(values),) + tuple(values[0].shape)
+    target = NamedSharding(sharding.mesh, partition_spec(logical_axes, shape, sharding.mesh))
+    return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=target)(*values)
+
+
 def _stack_modules(modules: list) -> nnx.Module:
     """One module whose every variable is the stack of the modules' variables (which are released)."""
     graphdef = nnx.graphdef(modules[0])
@@ -82,8 +96,9 @@ def _stack_modules(modules: list) -> nnx.Module:
     stacked = {}
     for path, first in flats[0].items():
         variables = [flat[path] for flat in flats]
-        value = jnp.stack([v.get_value() for v in variables])
-        stacked[path] = first.replace(value, logical_axes=(LAYERS_AXIS,) + _logical_axes(first, value.ndim - 1))
+        axes = (LAYERS_AXIS,) + _logical_axes(first, first.get_value().ndim)
+        value = _stack_values([v.get_value() for v in variables], axes)
+        stacked[path] = first.replace(value, logical_axes=axes)
         for variable in variables:  # drop the per-layer copies now: peak memory is one variable group, not 2x
             variable.set_value(jnp.zeros((0,), value.dtype))
     return nnx.merge(graphdef, nnx.from_flat_state(stacked))
