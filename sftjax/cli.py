@@ -18,6 +18,8 @@ COMMANDS = {
     "data": ("sftjax.data.preview", "inspect a dataset: `sftjax data preview CONFIG`"),
     "generate": ("sftjax.generate", "generate text from a prompt with a model"),
     "export": ("sftjax.export", "export a run or checkpoint to hf / peft / gguf"),
+    "chat": ("sftjax.chat_cli", "talk with a model in the terminal (multi-turn, its chat template)"),
+    "plan": ("sftjax.plan", "estimate a config's memory per device and step time without training"),
 }
 
 
