@@ -165,6 +165,7 @@ class TrainSection:
     tensorboard: bool = True
     peak_flops: float | None = None  # per device; default from the device table
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    distributed: Literal["auto", "on", "off"] = "auto"  # join a multi-process job (sftjax.distributed)
 
     def validate(self) -> None:
         if self.steps is None and self.epochs is None:

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sftjax.errors import CheckpointError, ConfigError
+from sftjax.sharding import to_host, writes_files
 
 FORMATS = ("hf", "peft", "gguf")
 HF_DTYPES = {"float32": "float32", "f32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -149,8 +150,8 @@ def _target_modules(adapted: list[str], all_linear: list[str]) -> list[str] | st
 
 def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_model_name_or_path: str,
                        dtype: str | None = None) -> pathlib.Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for the adapters of ``model``."""
-    import jax
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for the adapters of ``model`` (with several
+    processes, every process calls this; process 0 writes)."""
     import jax.numpy as jnp
     import numpy as np
     from safetensors.numpy import save_file
@@ -176,14 +177,14 @@ def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_mode
             rank_pattern[pattern] = int(a_IR.shape[1])
             alpha_pattern[pattern] = alpha_for(int(a_IR.shape[1]))
         target = np.dtype(jnp.dtype(dtype)) if dtype else np.dtype(a_IR.dtype)
-        tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(
-            np.asarray(jax.device_get(a_IR.astype(target))).T)
-        tensors[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(
-            np.asarray(jax.device_get(b_RO.astype(target))).T)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(to_host(a_IR.astype(target)).T)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(to_host(b_RO.astype(target)).T)
     saved_modules, saved_tensors = modules_to_save_tensors(model, model_config, lora.get("modules_to_save") or [],
                                                            set(adapters), dtype)
     tensors.update({f"base_model.model.{name}": value for name, value in saved_tensors.items()})
     out_dir = pathlib.Path(out_dir)
+    if not writes_files():  # several processes: all gathered the tensors above, process 0 writes
+        return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / PEFT_WEIGHTS), metadata={"format": "pt"})
     all_linear = sorted(set(hf_module_names(model_config).values()))
@@ -216,7 +217,6 @@ def modules_to_save_tensors(model, model_config, patterns: list[str], adapted: s
     """
     import re
 
-    import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
@@ -251,7 +251,7 @@ def modules_to_save_tensors(model, model_config, patterns: list[str], adapted: s
                 node = node[int(key)] if key.isdigit() else getattr(node, key)
             value = node[...]
             value = value.astype(jnp.dtype(dtype)) if dtype else value
-            parts.append(np.asarray(jax.device_get(value)).T if spec.transpose else np.asarray(jax.device_get(value)))
+            parts.append(to_host(value).T if spec.transpose else to_host(value))
         tensors[spec.hf_name] = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0))
     return modules, tensors
 

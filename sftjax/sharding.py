@@ -84,6 +84,22 @@ def gather_for_compute(value, logical_axes, rules: dict | None = None):
     return jax.lax.with_sharding_constraint(value, NamedSharding(mesh, spec))
 
 
+def to_host(value) -> np.ndarray:
+    """The whole of ``value`` as a numpy array on this host. An array spread over several processes is gathered
+    with a collective, so with several processes every process must call this, for the same arrays, in the same
+    order (exporters do: all processes walk the tensors, process 0 writes)."""
+    if getattr(value, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(value))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+
+
+def writes_files() -> bool:
+    """Whether this process writes shared outputs (exported models, metrics): process 0 only."""
+    return jax.process_index() == 0
+
+
 def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: dict | None = None) -> NamedSharding:
     logical = variable.get_metadata().get("logical_axes")
     shape = variable.get_value().shape

@@ -24,6 +24,7 @@ from sftjax.models.config import ModelConfig
 from sftjax.models.decoder import Decoder
 from sftjax.models.layers import Linear
 from sftjax.models.registry import family_for_config, family_for_hf
+from sftjax.sharding import to_host, writes_files
 
 # Tensors some checkpoints carry that the model recomputes or does not need.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -145,7 +146,7 @@ def _hf_tensor_entries(model: Decoder, config: ModelConfig, target: np.dtype):
         shape = (sum(s[1] for s in shapes), shapes[0][0]) if spec.transpose else shapes[0]
 
         def produce(paths=paths, transpose=spec.transpose):
-            parts = [np.asarray(jax.device_get(_parameter_value(model, p).astype(target))) for p in paths]
+            parts = [to_host(_parameter_value(model, p).astype(target)) for p in paths]
             if transpose:
                 parts = [part.T for part in parts]
             return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
@@ -165,13 +166,19 @@ def save_model(model: Decoder, config: ModelConfig, out_dir, *, dtype=None, toke
                max_shard_bytes: int = 5 * 10**9) -> pathlib.Path:
     """Write a HF directory (safetensors shards + index, config.json, generation_config.json, tokenizer files)
     that ``transformers.AutoModelForCausalLM.from_pretrained`` loads. ``dtype`` defaults to the model's.
-    Existing ``model*.safetensors`` files and index in ``out_dir`` are replaced; nothing else is touched."""
+    Existing ``model*.safetensors`` files and index in ``out_dir`` are replaced; nothing else is touched.
+    With several processes every process calls this (the tensors are gathered collectively); process 0 writes."""
     out_dir = pathlib.Path(out_dir)
+    target = np.dtype(jnp.dtype(dtype if dtype is not None else config.param_dtype))
+    entries = _hf_tensor_entries(model, config, target)
+    if not writes_files():
+        for _, _, produce in entries:  # take part in each tensor's gather, in the writer's order
+            produce()
+        return out_dir
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"{out_dir}: exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = np.dtype(jnp.dtype(dtype if dtype is not None else config.param_dtype))
-    hf_io.write_safetensors(_hf_tensor_entries(model, config, target), out_dir, max_shard_bytes=max_shard_bytes)
+    hf_io.write_safetensors(entries, out_dir, max_shard_bytes=max_shard_bytes)
 
     hf_config = config.to_hf_dict()
     hf_config["dtype"] = target.name

@@ -91,6 +91,9 @@ class Trainer:
                  eval_data=None):
         self.config = cfg = config
         train = cfg.train
+        from sftjax.distributed import initialize
+
+        initialize(train.distributed)  # before anything touches the devices
         self.checkpoint_section = cfg.checkpoint  # validated before anything is built
         self.checkpoints = None  # the CheckpointManager, once open_checkpoints() ran
         self.mesh_sizes = cfg.check_devices(jax.device_count())
@@ -368,8 +371,8 @@ class Trainer:
                     self._final_checkpoint(self.total_steps)
         finally:
             log.close()
-        if not stopped and cfg.save != "none" and jax.process_index() == 0:
-            self.save(out_dir / "final")
+        if not stopped and cfg.save != "none":
+            self.save(out_dir / "final")  # every process takes part in gathering the weights; process 0 writes
         return {"train": last_train, "eval": last_eval, **stopped}
 
     def _summarize(self, fetched, elapsed, steps, seq_len, peak) -> dict:
