@@ -1,0 +1,680 @@
+"""``sftjax plan CONFIG [overrides]``: memory per device and step time of a run, estimated without training.
+
+What it does, in plain words: the model is built *abstractly* (``nnx.eval_shape``: shapes and dtypes, no
+weights; a ``model.path`` contributes only its ``config.json`` or GGUF metadata, never a weight file), LoRA is
+added and the layers stacked the way the trainer does it, and ``split_model`` says what trains. Every array then
+gets the per-device shard shape the real sharding rules give it (``sftjax.sharding.partition_spec`` on an
+abstract mesh of the planned size), so parameter, gradient and optimizer bytes are what the trainer allocates;
+the optimizer state comes from running the real optax ``init`` under ``jax.eval_shape``.
+
+Activation memory is a formula, not a measurement. Per micro-batch and device, with T = tokens per device
+(micro-batch rows / (data*fsdp) x max_length), b = bytes of the compute dtype, D = hidden size, and Q, K, F the
+query width (heads x head_dim), key/value width and MLP width *per device* (divided by ``tensor`` where it
+divides the heads / MLP, as the rules do), one decoder layer keeps for its backward pass, per token:
+
+* ``remat: none``      everything the backward needs: b x (4D + 2Q + 2K + 3F) (residual input, residual after
+                       attention, two norm outputs, q and attention output, k and v, gate, up and gate*up) plus
+                       4 x heads (float32 attention log-sum-exp), for every layer;
+* ``remat: full``      only the layer input, b x D per layer, plus the ``none`` set of one layer while it is
+                       recomputed in the backward pass;
+* ``remat: save_dots`` the layer input and every matmul output (q, k, v, o, gate, up, down):
+                       b x (3D + Q + 2K + 2F) per layer, plus one layer's ``none`` set during the backward;
+* ``remat: offload_dots`` like ``full`` on the device; the ``save_dots`` matmul outputs go to host memory
+                       (reported apart, they do not count against HBM).
+
+LoRA adds per adapted linear layer and token b x r (the ``x @ A`` product), b x in_features with dropout > 0
+(the dropped input), and b x out_features more under ``save_dots`` (the ``@ B`` matmul output). Outside the
+layers: the embedding output and final hidden states (b x D each per token) and the fused cross-entropy's working
+set (its float32 input gradient T x D, the head weight and its gradient whole [D, V] in the compute dtype, and
+float32 logit tiles: [T, V] for the ``reference`` implementation, [256, 4096] for ``xla_chunked``, [256, V] for
+the Pallas ones). Transients added on top: the float32 gradient accumulator and one micro-batch's gradient in
+the parameter dtype, a compute-dtype copy of all weights when it differs from the parameter dtype, and two
+layers' weights gathered whole when ``fsdp`` > 1. XLA's own scratch, fragmentation and fusion choices are not
+modelled: the verdict is an estimate; ``--compile`` puts XLA's numbers for the current backend next to it.
+
+Throughput: tokens per step = global_batch_size x max_length, model FLOPs per token from
+``sftjax.train.flops.model_flops_per_token``, step time = tokens x FLOPs / (devices x peak x MFU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sftjax.config import Config
+from sftjax.errors import ConfigError
+
+GiB = 1024 ** 3
+# HBM per chip (vendor datasheets; the A100 also exists with 40 GB).
+HBM_BYTES = {
+    "h100": 80 * GiB,
+    "a100": 80 * GiB,
+    "h200": 141 * 10 ** 9,
+    "tpu-v4": 32 * GiB,
+    "tpu-v5e": 16 * GiB,
+    "tpu-v5p": 95 * GiB,
+    "tpu-v6e": 32 * GiB,
+}
+DEVICE_KINDS = (*HBM_BYTES, "cpu")
+# --device name -> key of sftjax.train.flops.PEAK_FLOPS
+_PEAK_KEYS = {"h100": "h100", "a100": "a100", "h200": "h200", "tpu-v4": "tpu v4", "tpu-v5e": "tpu v5e",
+              "tpu-v5p": "tpu v5p", "tpu-v6e": "tpu v6e"}
+# substrings of jax's device_kind -> --device name (longest first wins)
+_KIND_NAMES = {"h100": "h100", "h200": "h200", "a100": "a100", "tpu v4": "tpu-v4", "tpu v5 lite": "tpu-v5e",
+               "tpu v5e": "tpu-v5e", "tpu v5p": "tpu-v5p", "tpu v5": "tpu-v5p", "tpu v6": "tpu-v6e"}
+JAX_GPU_MEMORY_FRACTION = 0.75  # jax preallocates this share of GPU memory unless told otherwise
+CE_CHUNKED_MIN_LOGITS = 1 << 22  # pallas_kernels.cross_entropy.api: below this the reference loss is used
+CE_BLOCK_T, CE_BLOCK_V = 256, 4096
+
+
+@dataclasses.dataclass
+class DeviceSpec:
+    """One accelerator as the plan sees it."""
+
+    name: str
+    memory_bytes: int  # per device
+    usable_fraction: float  # of memory_bytes that the program may use
+    peak_flops: float | None
+    note: str = ""
+
+    @property
+    def budget_bytes(self) -> int:
+        return int(self.memory_bytes * self.usable_fraction)
+
+
+@dataclasses.dataclass
+class Plan:
+    """The estimate for one config on ``devices`` devices of kind ``device.name``; all bytes are per device."""
+
+    device: DeviceSpec
+    devices: int
+    mesh: dict
+    architecture: str
+    params_base: int  # the model's own parameters
+    params_total: int  # plus LoRA adapters
+    params_trainable: int
+    memory: list  # (item, bytes, note) on the device
+    host_bytes: int  # offloaded activations (remat offload_dots)
+    tokens_per_device_micro: int
+    tokens_per_step: int
+    flops_per_token: float
+    mfu: float
+    step_time_s: float | None
+    steps: int | None
+    run_time_s: float | None
+    notes: list
+    compiled: dict | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(b for _, b, _ in self.memory)
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.device.budget_bytes
+
+    def largest(self, count: int = 3) -> list:
+        return sorted(self.memory, key=lambda item: -item[1])[:count]
+
+    def to_dict(self) -> dict:
+        return {
+            "estimate": True,
+            "device": dataclasses.asdict(self.device) | {"budget_bytes": self.device.budget_bytes},
+            "devices": self.devices, "mesh": self.mesh, "architecture": self.architecture,
+            "params": {"base": self.params_base, "total": self.params_total, "trainable": self.params_trainable},
+            "memory_per_device": {name: nbytes for name, nbytes, _ in self.memory},
+            "memory_notes": {name: note for name, _, note in self.memory if note},
+            "total_bytes_per_device": self.total_bytes, "host_bytes_per_device": self.host_bytes,
+            "fits": self.fits, "verdict": "FITS" if self.fits else "DOES NOT FIT",
+            "largest": [name for name, _, _ in self.largest()],
+            "throughput": {"tokens_per_step": self.tokens_per_step,
+                           "tokens_per_device_micro_batch": self.tokens_per_device_micro,
+                           "model_flops_per_token": self.flops_per_token, "mfu": self.mfu,
+                           "step_time_s": self.step_time_s, "steps": self.steps, "run_time_s": self.run_time_s},
+            "compiled": self.compiled,
+            "notes": self.notes,
+        }
+
+    def format(self) -> str:
+        """A readable table."""
+        d = self.device
+        mesh = " ".join(f"{axis}={size}" for axis, size in self.mesh.items())
+        share = 100 * self.params_trainable / max(self.params_total, 1)
+        lines = [(f"sftjax plan (an ESTIMATE, not a measurement): {self.architecture} on {self.devices} x "
+                  f"{d.name} (mesh {mesh})"),
+                 (f"parameters: {_count(self.params_base)} base, {_count(self.params_total)} with adapters, "
+                  f"{_count(self.params_trainable)} trainable ({share:.2f}%)"), "", "memory per device"]
+        for name, nbytes, note in self.memory:
+            lines.append(f"  {name:<40}{_size(nbytes):>12}  {note}")
+        lines.append(f"  {'total':<40}{_size(self.total_bytes):>12}")
+        if self.host_bytes:
+            lines.append(f"  {'offloaded to host memory':<40}{_size(self.host_bytes):>12}")
+        budget = f"{_size(d.budget_bytes)} usable of {_size(d.memory_bytes)}"
+        verdict = "FITS" if self.fits else "DOES NOT FIT"
+        largest = ", ".join(f"{name} {_size(nbytes)}" for name, nbytes, _ in self.largest())
+        note = f"; {d.note}" if d.note else ""
+        lines += ["", f"verdict: {verdict} ({_size(self.total_bytes)} estimated vs {budget}{note})",
+                  f"largest: {largest}", "",
+                  (f"tokens per step: {self.tokens_per_step:,} ({self.tokens_per_device_micro:,} per device per "
+                   f"micro-batch); model FLOPs per token: {self.flops_per_token:.4g}")]
+        if self.step_time_s is None:
+            lines.append("step time: unknown (no peak FLOP/s for this device)")
+        else:
+            lines.append(f"step time at MFU {self.mfu:.0%}: {_duration(self.step_time_s)}")
+        if self.steps is None:
+            lines.append("steps: depend on the dataset size (train.epochs); run time not estimated")
+        elif self.run_time_s is not None:
+            lines.append(f"run: {self.steps:,} steps, about {_duration(self.run_time_s)}")
+        if self.compiled:
+            where = f"{self.compiled['backend']}, {self.compiled['devices']} devices, per device"
+            lines += ["", f"XLA memory analysis of the compiled train step ({where}):"]
+            for key, value in self.compiled.items():
+                if key.endswith("_bytes"):
+                    lines.append(f"  {key:<40}{_size(value):>12}")
+        lines += [""] + [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _size(nbytes: int) -> str:
+    if nbytes >= GiB:
+        return f"{nbytes / GiB:.2f} GiB"
+    if nbytes >= 1024 ** 2:
+        return f"{nbytes / 1024 ** 2:.1f} MiB"
+    return f"{nbytes / 1024:.1f} KiB"
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit} ({n:,})"
+    return str(n)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.2f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# ------------------------------------------------------------------------------------------------ devices
+
+def _host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _gpu_usable_fraction() -> tuple[float, str]:
+    if os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "").lower() == "false":
+        return 1.0, "jax allocates on demand (XLA_PYTHON_CLIENT_PREALLOCATE=false)"
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", JAX_GPU_MEMORY_FRACTION))
+    return fraction, (f"jax preallocates {fraction:.0%} of GPU memory; raise it with "
+                      "XLA_PYTHON_CLIENT_MEM_FRACTION=.95")
+
+
+def device_spec(kind: str | None, devices: int) -> DeviceSpec:
+    """The spec of ``kind`` (one of DEVICE_KINDS), or of this machine's devices when None."""
+    from sftjax.train.flops import PEAK_FLOPS, device_peak_flops
+
+    if kind is None:
+        device = jax.devices()[0]
+        if device.platform == "cpu":
+            kind = "cpu"
+        else:
+            text = device.device_kind.lower()
+            kind = next((_KIND_NAMES[k] for k in sorted(_KIND_NAMES, key=len, reverse=True) if k in text), None)
+            if kind is None:  # an accelerator the tables do not know: ask the runtime
+                stats = device.memory_stats() or {}
+                fraction, note = (1.0, "") if device.platform != "gpu" else _gpu_usable_fraction()
+                return DeviceSpec(device.device_kind, int(stats.get("bytes_limit", 0)) or 1, fraction,
+                                  device_peak_flops(device), note)
+    if kind not in DEVICE_KINDS:
+        raise ConfigError(f"--device {kind!r} is not known; choose one of {', '.join(DEVICE_KINDS)}")
+    if kind == "cpu":
+        # (fake) CPU devices share the host's cores and RAM: each gets its share of both
+        peak = device_peak_flops() / max(devices, 1) if jax.default_backend() == "cpu" else None
+        return DeviceSpec("cpu", _host_memory_bytes() // max(devices, 1), 1.0, peak,
+                          "CPU devices share the host's RAM and cores; FLOP/s measured on this CPU")
+    fraction, note = _gpu_usable_fraction() if not kind.startswith("tpu") else (1.0, "")
+    return DeviceSpec(kind, HBM_BYTES[kind], fraction, PEAK_FLOPS[_PEAK_KEYS[kind]], note)
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+def model_config_of(cfg: Config):
+    """The ModelConfig of the run, from ``model.init`` or from ``model.path``'s config only (no weights read)."""
+    from sftjax.models.config import ModelConfig
+
+    section = cfg.model
+    runtime = {"dtype": section.compute_dtype, "param_dtype": section.param_dtype, "remat": section.remat}
+    if section.init is not None:
+        spec = {k: tuple(v) if isinstance(v, list) else v for k, v in section.init.items()}
+        if "vocab_size" not in spec:
+            if not (cfg.tokenizer.path or cfg.model.path):
+                raise ConfigError("model.init has no vocab_size and there is no tokenizer.path to take it from")
+            from sftjax.models.loading import load_tokenizer
+
+            spec["vocab_size"] = len(load_tokenizer(cfg.tokenizer.path or cfg.model.path))
+        spec.update(runtime)
+        try:
+            return ModelConfig(**spec)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model.init: {str(err).splitlines()[0]}") from None
+    from sftjax.models import hf_io
+    from sftjax.models.registry import family_for_hf
+    from sftjax.models.zoo import resolve_model_path
+
+    path = resolve_model_path(section.path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from sftjax.models.gguf_io import read_gguf_checkpoint
+
+        hf_config, tensors = read_gguf_checkpoint(path)  # metadata only: the tensor iterator is never started
+        del tensors
+        source = str(path)
+    else:
+        hf_config = hf_io.read_config_json(path)
+        source = str(path / "config.json")
+    return family_for_hf(hf_config, source=source).config_from_hf(hf_config, source=source).replace(**runtime)
+
+
+def abstract_model(cfg: Config, model_config):
+    """The trainer's model (LoRA added, layers stacked when ``model.scan_layers``) as shapes only."""
+    from sftjax.models.decoder import Decoder
+    from sftjax.train.lora import apply_lora
+
+    seed = cfg.train.seed
+
+    def build():
+        model = Decoder(model_config, rngs=nnx.Rngs(params=seed))
+        apply_lora(model, cfg.lora, rngs=nnx.Rngs(params=seed + 1, dropout=seed + 2))
+        if cfg.model.scan_layers:
+            from sftjax.models.scan import stack_layers
+
+            stack_layers(model)
+        return model
+
+    return nnx.eval_shape(build)
+
+
+def abstract_mesh(mesh_sizes: dict):
+    from sftjax.sharding import MESH_AXES
+
+    return jax.sharding.AbstractMesh(tuple(mesh_sizes[a] for a in MESH_AXES), MESH_AXES)
+
+
+def _itemsize(dtype) -> int:
+    try:
+        return jnp.dtype(dtype).itemsize
+    except TypeError:  # extended dtypes (PRNG keys): two uint32 words
+        return 8
+
+
+def shard_shape(shape, spec, mesh_sizes: dict) -> tuple[int, ...]:
+    """The per-device shape of an array of ``shape`` laid out by PartitionSpec ``spec``."""
+    out = []
+    for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+        out.append(size // math.prod(mesh_sizes[a] for a in axes))
+    return tuple(out)
+
+
+def _variable_specs(state, mesh) -> list[tuple[tuple, jax.ShapeDtypeStruct, object]]:
+    """(path, abstract value, PartitionSpec) per variable of an nnx.State, by the sharding rules."""
+    from sftjax.sharding import partition_spec
+
+    out = []
+    for path, variable in nnx.to_flat_state(state):
+        value = variable.get_value()
+        logical = variable.get_metadata().get("logical_axes")
+        out.append((tuple(path), value, partition_spec(logical, value.shape, mesh)))
+    return out
+
+
+def _bytes(entries, mesh_sizes, dtype=None) -> int:
+    return sum(math.prod(shard_shape(v.shape, spec, mesh_sizes)) * _itemsize(dtype or v.dtype)
+               for _, v, spec in entries)
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def optimizer_state_specs(opt_state, param_entries):
+    """(path, abstract leaf, PartitionSpec) per optimizer-state leaf: a leaf whose path ends with a parameter's
+    path and that has its shape is laid out like it (how ``zeros_like`` of a sharded array comes out); factored
+    statistics and counters are replicated."""
+    from jax.sharding import PartitionSpec
+
+    by_path = {tuple(str(p) for p in path): (value, spec) for path, value, spec in param_entries}
+    out = []
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+        names = [_key_name(k) for k in key_path]
+        if names and names[-1] == "value":
+            names = names[:-1]
+        spec = PartitionSpec()
+        for start in range(len(names)):
+            match = by_path.get(tuple(names[start:]))
+            if match is not None and tuple(match[0].shape) == tuple(leaf.shape):
+                spec = match[1]
+                break
+        out.append((tuple(names), leaf, spec))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ activations
+
+def _split(size: int, ways: int) -> int:
+    return size // ways if ways > 1 and size % ways == 0 else size
+
+
+def activation_items(cfg: Config, mc, mesh_sizes: dict, tokens: int, lora_linears: list) -> tuple[list, int]:
+    """(memory items, host bytes) of one micro-batch's activations per device; see the module docstring."""
+    b = _itemsize(cfg.model.compute_dtype)
+    tensor = mesh_sizes["tensor"]
+    heads_split = tensor if mc.num_heads % tensor == 0 and mc.num_kv_heads % tensor == 0 else 1
+    d = mc.hidden_size
+    q = mc.num_heads * mc.head_dim // heads_split
+    k = mc.num_kv_heads * mc.head_dim // heads_split
+    f = _split(mc.intermediate_size, tensor)
+    heads = mc.num_heads // heads_split
+    n = mc.num_layers
+    remat = cfg.model.remat
+
+    lora_none = lora_dots = 0  # elements per token, all layers
+    for in_features, out_features, layers in lora_linears:
+        lora_none += layers * (cfg.lora.r + (in_features if cfg.lora.dropout > 0 else 0))
+        lora_dots += layers * (cfg.lora.r + out_features)
+    lora_none, lora_dots = lora_none // n, lora_dots // n  # per layer
+    per_layer_none = b * (4 * d + 2 * q + 2 * k + 3 * f + lora_none) + 4 * heads
+    per_layer_dots = b * (3 * d + q + 2 * k + 2 * f + lora_dots)
+    items, host = [], 0
+    if remat == "none":
+        items.append(("activations (all layers)", n * tokens * per_layer_none,
+                      f"remat none: {per_layer_none} B/token/layer x {n} layers x {tokens} tokens"))
+    elif remat == "full":
+        items.append(("activations (layer inputs)", n * tokens * b * d, f"remat full: {b * d} B/token/layer"))
+        items.append(("activations (one layer recomputed)", tokens * per_layer_none, "backward of one layer"))
+    elif remat == "save_dots":
+        items.append(("activations (saved matmul outputs)", n * tokens * per_layer_dots,
+                      f"remat save_dots: {per_layer_dots} B/token/layer"))
+        items.append(("activations (one layer recomputed)", tokens * per_layer_none, "backward of one layer"))
+    else:  # offload_dots
+        items.append(("activations (layer inputs)", n * tokens * b * d, "remat offload_dots: dots on the host"))
+        items.append(("activations (one layer recomputed)", tokens * per_layer_none, "backward of one layer"))
+        host = n * tokens * (per_layer_dots - b * d)
+    items.append(("activations (embeddings, final hidden)", 2 * tokens * b * d, ""))
+    return items, host
+
+
+def cross_entropy_items(cfg: Config, mc, tokens_device: int, tokens_global: int, fsdp: int) -> list:
+    """The fused loss's working set per device (see the module docstring)."""
+    b = _itemsize(cfg.model.compute_dtype)
+    vocab, d = mc.vocab_size, mc.hidden_size
+    name = cfg.model.cross_entropy_implementation or (
+        "reference" if tokens_global * vocab < CE_CHUNKED_MIN_LOGITS else "xla_chunked")
+    if name == "reference":
+        tile, what = tokens_device * vocab, "[T, V] logits"
+    elif name == "xla_chunked":
+        tile, what = CE_BLOCK_T * min(CE_BLOCK_V, vocab), f"[{CE_BLOCK_T}, {min(CE_BLOCK_V, vocab)}] tiles"
+    else:
+        tile, what = CE_BLOCK_T * vocab, f"[{CE_BLOCK_T}, V] row blocks"
+    gathered = fsdp > 1  # the head weight is gathered whole (fsdp) before the loss; else it is the param itself
+    working = 3 * 4 * tile + 4 * tokens_device * d + (2 if gathered else 1) * b * d * vocab
+    head = "head weight gathered and its gradient" if gathered else "head weight gradient"
+    return [("cross-entropy working set", working, f"{name}: float32 {what} x3, d_hidden, {head} [D, V]")]
+
+
+def _lora_linears(model, mesh_sizes) -> list[tuple[int, int, int]]:
+    """(in, out features per device, number of layers it stands for) of every adapted linear layer."""
+    from sftjax.train.lora import linear_modules
+
+    tensor = mesh_sizes["tensor"]
+    out = []
+    for module in linear_modules(model).values():
+        if getattr(module, "lora_a", None) is None:
+            continue
+        shape = module.kernel.get_value().shape  # [in, out], or [layers, in, out] when stacked for scanning
+        in_axis, out_axis = module.logical_axes
+        in_f = _split(shape[-2], tensor) if in_axis in ("heads", "mlp") else shape[-2]
+        out_f = _split(shape[-1], tensor) if out_axis in ("heads", "kv_heads", "mlp") else shape[-1]
+        out.append((in_f, out_f, shape[0] if len(shape) == 3 else 1))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+def _max_length(cfg: Config, seq_len: int | None) -> int:
+    if seq_len is not None:
+        return seq_len
+    if cfg.data is None:
+        raise ConfigError("data.max_length is unknown: the config has no data section; pass --seq-len N")
+    return int(cfg.data.max_length)
+
+
+def plan(config: Config, *, devices: int | None = None, device_kind: str | None = None, mfu: float = 0.4,
+         seq_len: int | None = None) -> Plan:
+    """Estimate memory per device and step time of ``config`` on ``devices`` x ``device_kind`` (default: this
+    machine's devices). Reads no weights and compiles nothing."""
+    from sftjax.train.flops import model_flops_per_token
+    from sftjax.train.lora import split_model
+    from sftjax.train.optim import make_optimizer
+
+    cfg = config
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"--mfu {mfu} must be in (0, 1]")
+    if devices is None:
+        if device_kind is None:
+            devices = jax.device_count()
+        else:  # the fixed mesh sizes (an axis of -1 takes one device)
+            mesh = cfg.train.mesh
+            devices = math.prod(v for v in (mesh.data, mesh.fsdp, mesh.tensor) if v != -1)
+    if devices < 1:
+        raise ConfigError(f"--devices {devices} must be >= 1")
+    mesh_sizes = cfg.check_devices(devices)
+    device = device_spec(device_kind, devices)
+    mc = model_config_of(cfg)
+    model = abstract_model(cfg, mc)
+    _, trainable, frozen = split_model(model, cfg.lora)
+    mesh = abstract_mesh(mesh_sizes)
+    train_entries = _variable_specs(trainable, mesh)
+    frozen_entries = _variable_specs(frozen, mesh)
+    params_all = [e for e in _variable_specs(nnx.state(model, nnx.Param), mesh)]
+    params_total = sum(math.prod(v.shape) for _, v, _ in params_all)
+    lora_count = sum(math.prod(v.shape) for _, v, _ in _variable_specs(nnx.state(model, nnx.LoRAParam), mesh))
+    trainable_count = sum(math.prod(v.shape) for _, v, _ in train_entries)
+
+    tx, _ = make_optimizer(cfg.optim, cfg.train.steps or 1000)
+    opt_entries = optimizer_state_specs(jax.eval_shape(tx.init, trainable), train_entries)
+    param_dtype = cfg.model.param_dtype
+    memory = [
+        ("frozen weights", _bytes(frozen_entries, mesh_sizes), f"{param_dtype}, sharded by the rules"),
+        ("trainable weights", _bytes(train_entries, mesh_sizes), f"{param_dtype} master copy"),
+        ("gradient accumulator", _bytes(train_entries, mesh_sizes, jnp.float32), "float32, like the params"),
+        ("gradient of one micro-batch", _bytes(train_entries, mesh_sizes), param_dtype),
+        ("optimizer state", _bytes(opt_entries, mesh_sizes), f"{cfg.optim.name} (optax init, eval_shape)"),
+    ]
+    if cfg.model.compute_dtype != param_dtype:
+        floating = [e for e in train_entries + frozen_entries if jnp.issubdtype(e[1].dtype, jnp.floating)]
+        memory.append(("weights cast to compute dtype", _bytes(floating, mesh_sizes, cfg.model.compute_dtype),
+                       f"{cfg.model.compute_dtype} copy for the forward/backward"))
+    if mesh_sizes["fsdp"] > 1:
+        no_fsdp = dict(mesh_sizes, fsdp=1)
+        layer_entries = [e for e in train_entries + frozen_entries if e[0] and str(e[0][0]) == "layers"]
+        one_layer = _bytes(layer_entries, no_fsdp, cfg.model.compute_dtype) // mc.num_layers
+        memory.append(("fsdp-gathered weights (2 layers)", 2 * one_layer, "gathered whole before use"))
+
+    max_length = _max_length(cfg, seq_len)
+    row_shards = mesh_sizes["data"] * mesh_sizes["fsdp"]
+    micro_rows = cfg.train.micro_batch_size
+    tokens_device = (micro_rows // row_shards) * max_length
+    activations, host_bytes = activation_items(cfg, mc, mesh_sizes, tokens_device, _lora_linears(model, mesh_sizes))
+    memory += activations
+    memory += cross_entropy_items(cfg, mc, tokens_device, micro_rows * max_length, mesh_sizes["fsdp"])
+    batch = 5 * 4 * cfg.train.global_batch_size // row_shards * max_length
+    memory.append(("batch", batch, "5 int32 [rows, L] arrays"))
+
+    tokens_per_step = cfg.train.global_batch_size * max_length
+    flops_per_token = model_flops_per_token(mc, num_params=params_total, num_trainable_params=trainable_count,
+                                            seq_len=max_length)
+    step_time = None
+    if device.peak_flops:
+        step_time = tokens_per_step * flops_per_token / (devices * device.peak_flops * mfu)
+    steps = cfg.train.steps
+    run_time = steps * step_time if steps is not None and step_time is not None else None
+    notes = [("memory is an estimate from shapes and formulas (see the `sftjax.plan` docstring); XLA scratch, "
+              "fragmentation and fusion are not modelled: keep ~10-20% headroom"),
+             f"throughput assumes MFU {mfu:.0%} (--mfu); step time = tokens x FLOPs/token / (devices x peak x MFU)"]
+    if steps is None:
+        notes.append(f"train.steps is not set: the number of steps depends on the dataset size "
+                     f"(train.epochs={cfg.train.epochs}); the run time is not estimated")
+    return Plan(device=device, devices=devices, mesh=mesh_sizes, architecture=mc.architecture,
+                params_base=params_total - lora_count, params_total=params_total, params_trainable=trainable_count,
+                memory=memory, host_bytes=host_bytes, tokens_per_device_micro=tokens_device,
+                tokens_per_step=tokens_per_step, flops_per_token=flops_per_token, mfu=mfu, step_time_s=step_time,
+                steps=steps, run_time_s=run_time, notes=notes)
+
+
+# ------------------------------------------------------------------------------------------------ --compile
+
+def compile_memory(config: Config, *, seq_len: int | None = None) -> dict:
+    """Lower and compile the real train step for this backend's devices from abstract inputs (no weights, no
+    data) and return XLA's ``memory_analysis()`` per device."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from pallas_kernels import dispatch
+    from sftjax.sharding import make_mesh
+    from sftjax.train.lora import split_model
+    from sftjax.train.optim import make_optimizer
+    from sftjax.train.step import LossOptions, TrainState, make_train_step
+
+    cfg = config
+    mesh_sizes = cfg.check_devices(jax.device_count())
+    mesh = make_mesh(**mesh_sizes)
+    if cfg.model.remat == "offload_dots":
+        from sftjax.models.decoder import remat_policy
+
+        remat_policy(cfg.model.remat)  # one-line error on a backend without pinned host memory
+    mc = model_config_of(cfg)
+    graphdef, trainable, frozen = split_model(abstract_model(cfg, mc), cfg.lora)
+    trainable_abs, frozen_abs = _place_state(trainable, mesh), _place_state(frozen, mesh)
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps or 1000)
+    state_abs = jax.eval_shape(lambda p: TrainState.create(p, tx), trainable)
+    train_entries = _variable_specs(trainable, mesh)
+    opt_entries = optimizer_state_specs(state_abs.opt_state, train_entries)
+    opt_leaves = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, spec))
+                  for _, leaf, spec in opt_entries]
+    opt_abs = jax.tree.unflatten(jax.tree.structure(state_abs.opt_state), opt_leaves)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+    state_abs = TrainState(step=scalar, params=trainable_abs, opt_state=opt_abs, nonfinite_steps=scalar)
+    options = LossOptions(logit_softcap=mc.final_logit_softcap, z_loss=cfg.optim.z_loss,
+                          compute_dtype=jnp.dtype(cfg.model.compute_dtype),
+                          cross_entropy_implementation=cfg.model.cross_entropy_implementation,
+                          dropout=cfg.lora.enabled and cfg.lora.dropout > 0)
+    step = make_train_step(graphdef, tx, schedule, options, max_grad_norm=cfg.optim.max_grad_norm,
+                           param_shardings=jax.tree.map(lambda x: x.sharding, trainable_abs),
+                           state_shardings=jax.tree.map(lambda x: x.sharding, state_abs))
+    length = _max_length(cfg, seq_len)
+    accum = cfg.train.accum_steps
+    batch_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None))
+    batch = {key: jax.ShapeDtypeStruct((accum, cfg.train.micro_batch_size, length), jnp.int32,
+                                       sharding=batch_sharding)
+             for key in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+    with dispatch.use_implementation("attention", cfg.model.attention_implementation), \
+            dispatch.use_implementation("cross_entropy", cfg.model.cross_entropy_implementation):
+        compiled = step.lower(state_abs, frozen_abs, batch, rng).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        raise ConfigError(f"--compile: the {jax.default_backend()} backend gives no memory analysis")
+    out = {"backend": jax.default_backend(), "devices": jax.device_count(), "mesh": mesh_sizes}
+    for field in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+                  "generated_code_size_in_bytes", "host_temp_size_in_bytes"):
+        value = getattr(analysis, field, None)
+        if value is not None:
+            out[field.replace("_size_in_bytes", "_bytes")] = int(value)
+    out["peak_estimate_bytes"] = (out.get("argument_bytes", 0) + out.get("output_bytes", 0)
+                                  - out.get("alias_bytes", 0) + out.get("temp_bytes", 0))
+    return out
+
+
+def _place_state(state, mesh):
+    """An nnx.State of abstract values given the rules' NamedShardings on ``mesh``."""
+    from jax.sharding import NamedSharding
+
+    from sftjax.sharding import partition_spec
+
+    def place(variable):
+        value = variable.get_value()
+        spec = partition_spec(variable.get_metadata().get("logical_axes"), value.shape, mesh)
+        return variable.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=NamedSharding(mesh, spec)))
+
+    return jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--devices", type=int, default=None,
+                        help="number of devices (default: this machine's, or the config's fixed mesh size)")
+    parser.add_argument("--device", choices=DEVICE_KINDS, default=None, help="device kind (default: this machine's)")
+    parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization (default 0.4)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: data.max_length)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also compile the real train step on this machine's devices and report XLA's memory "
+                             "analysis (slow for big models)")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML run config (see configs/)")
+    # REMAINDER, so that options may follow the overrides; run() separates them again
+    parser.add_argument("overrides", nargs=argparse.REMAINDER,
+                        help="overrides, as for `sftjax train` (e.g. train.mesh.fsdp=4), and options in any order")
+    _add_options(parser)
+
+
+def _split_overrides(args: argparse.Namespace) -> argparse.Namespace:
+    """Options that came after the config (inside ``overrides``) parsed and merged into ``args``."""
+    overrides, options = [], []
+    takes_value = False
+    for item in args.overrides or []:
+        if takes_value or item.startswith("-"):
+            options.append(item)
+            takes_value = not takes_value and item in _VALUE_OPTIONS
+        else:
+            overrides.append(item)
+    parser = argparse.ArgumentParser(prog="sftjax plan", add_help=False)
+    _add_options(parser)
+    try:
+        parsed = parser.parse_args(options)
+    except SystemExit:
+        raise ConfigError(f"plan: cannot parse the options {' '.join(options)} (see sftjax plan --help)") from None
+    merged = vars(args) | {k: v for k, v in vars(parsed).items() if v != parser.get_default(k)}
+    merged["overrides"] = overrides
+    return argparse.Namespace(**merged)
+
+
+_VALUE_OPTIONS = ("--devices", "--device", "--mfu", "--seq-len")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sftjax.config import load_config
+
+    args = _split_overrides(args)
+    cfg = load_config(args.config, overrides=args.overrides)
+    result = plan(cfg, devices=args.devices, device_kind=args.device, mfu=args.mfu, seq_len=args.seq_len)
+    if args.compile:
+        result.compiled = compile_memory(cfg, seq_len=args.seq_len)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
+    return 0
