@@ -21,6 +21,9 @@ How, in plain words:
   ``policy="match_shape"``), so dropout masks differ between scanned and unscanned runs; everything else is the
   same computation, and tests compare the two layouts' logits and gradients.
 * Remat applies to the scanned body (one period of layers), like ``nnx.remat`` per layer when unscanned.
+* Element-wise optimizers (AdamW, SGD) update a stacked array exactly as its layers one by one. Adafactor
+  factors a weight's two largest dimensions, which for a stack is still the layer's own two unless the number of
+  stacked layers exceeds one of them (e.g. LoRA's rank): then its second-moment statistics span layers.
 """
 
 from __future__ import annotations
