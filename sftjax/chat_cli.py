@@ -76,7 +76,7 @@ def _jitted():
     """(prefill, step), built on first use so that the CLI's import of this module does not import jax."""
     import jax
 
-    options = dict(static_argnames=("graphdef", "greedy"), donate_argnames=("cache",))
+    options = {"static_argnames": ("graphdef", "greedy"), "donate_argnames": ("cache",)}
     return jax.jit(_prefill_chunk, **options), jax.jit(_decode_step, **options)
 
 
@@ -220,7 +220,7 @@ class ChatSession:
         graphdef, state = nnx.split(self.model)
         # each reply gets its own key: the first equals generate(seed=seed), later ones differ from it
         key = jax.random.key(self.seed + self._replies)
-        sampling = dict(temperature=jnp.float32(self.temperature), top_p=jnp.float32(self.top_p), greedy=greedy)
+        sampling = {"temperature": jnp.float32(self.temperature), "top_p": jnp.float32(self.top_p), "greedy": greedy}
         token = None
         for start in range(0, padded, _PREFILL_CHUNK):
             pick_index = min(prompt_length - 1 - start, _PREFILL_CHUNK - 1)

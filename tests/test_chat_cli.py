@@ -140,13 +140,31 @@ def test_sampled_first_reply_equals_generate_with_the_seed(tiny):
     assert reply == gen.generate(model, tokenizer, "hi", max_new_tokens=8, temperature=0.9, top_p=0.8, seed=5)
 
 
+def test_dynamic_rope_replies_come_from_generate_without_cache(tiny):
+    """RoPE that depends on the sequence length cannot use the KV cache: replies come whole, still right."""
+    _, tokenizer = tiny
+    from sftjax.models.decoder import Decoder
+
+    config = tiny[0].config.replace(rope_type="dynamic", rope_factor=2.0, max_position_embeddings=128)
+    model = Decoder(config, rngs=nnx.Rngs(2))
+    session = ChatSession(model, tokenizer, max_new_tokens=5)
+    pieces = []
+    first = session.send("hi", on_text=pieces.append)
+    assert not session.use_cache and "".join(pieces) == first
+    assert first == tokenizer.decode(gen.generate_ids(model, session.last_prompt_ids, max_new_tokens=5,
+                                                      stop_ids=session.stop_ids, use_cache=False),
+                                     skip_special_tokens=True)
+    session.send("and?")
+    assert session.last_prompt_ids == _reference_ids(tokenizer, session.history[:-1])
+
+
 def test_bad_settings_are_one_line_errors(tiny, assets_dir):
     from transformers import PreTrainedTokenizerFast
 
     model, tokenizer = tiny
     plain = PreTrainedTokenizerFast(tokenizer_file=str(assets_dir / "tokenizers" / "gpt2" / "tokenizer.json"))
-    for kwargs, tok in ((dict(), plain), (dict(max_new_tokens=64), tokenizer), (dict(top_p=0.0), tokenizer),
-                        (dict(chat_template="/no/such/template.jinja"), tokenizer)):
+    for kwargs, tok in (({}, plain), ({"max_new_tokens": 64}, tokenizer), ({"top_p": 0.0}, tokenizer),
+                        ({"chat_template": "/no/such/template.jinja"}, tokenizer)):
         with pytest.raises(ConfigError) as error:
             ChatSession(model, tok, **kwargs)
         assert "\n" not in str(error.value)
