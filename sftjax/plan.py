@@ -72,6 +72,7 @@ _KIND_NAMES = {"h100": "h100", "h200": "h200", "a100": "a100", "tpu v4": "tpu-v4
 JAX_GPU_MEMORY_FRACTION = 0.75  # jax preallocates this share of GPU memory unless told otherwise
 CE_CHUNKED_MIN_LOGITS = 1 << 22  # pallas_kernels.cross_entropy.api: below this the reference loss is used
 CE_BLOCK_T, CE_BLOCK_V = 256, 4096
+CPU_CHUNKED_MIN_LENGTH = 256  # pallas_kernels.attention.api: the CPU uses the dense reference below
 
 
 @dataclasses.dataclass
@@ -434,6 +435,31 @@ def cross_entropy_items(cfg: Config, mc, tokens_device: int, tokens_global: int,
     return [("cross-entropy working set", working, f"{name}: float32 {what} x3, d_hidden, {head} [D, V]")]
 
 
+def attention_items(cfg: Config, mc, mesh_sizes: dict, rows: int, length: int, device_name: str) -> list:
+    """The attention kernel's working set per device: the dense ``reference`` keeps float32 scores and
+    probabilities [rows, heads, L, L] (for every layer without remat, else for the layer being recomputed);
+    ``xla_chunked`` about three float32 [rows, heads, block, block] tiles; the Pallas/splash/cuDNN kernels O(L)."""
+    tensor = mesh_sizes["tensor"]
+    heads = mc.num_heads // tensor if mc.num_heads % tensor == 0 and mc.num_kv_heads % tensor == 0 else mc.num_heads
+    name = cfg.model.attention_implementation
+    if name in (None, "auto"):
+        if device_name.startswith("tpu"):
+            name = "splash_tpu"
+        elif device_name == "cpu":
+            name = "xla_chunked" if length >= CPU_CHUNKED_MIN_LENGTH else "reference"
+        else:
+            name = "xla_chunked"
+    if name == "reference":
+        layers = mc.num_layers if cfg.model.remat == "none" else 1
+        return [("attention working set", layers * rows * heads * length * length * 4 * 2,
+                 f"reference: float32 scores and probabilities [rows, heads, L, L] x {layers} layer(s)")]
+    if name == "xla_chunked":
+        block = min(length, 128 if device_name == "cpu" else 512)
+        return [("attention working set", 3 * rows * heads * block * block * 4,
+                 f"xla_chunked: float32 [rows, heads, {block}, {block}] tiles")]
+    return [("attention working set", 0, f"{name}: O(L), not modelled")]
+
+
 def _lora_linears(model, mesh_sizes) -> list[tuple[int, int, int]]:
     """(in, out features per device, number of layers it stands for) of every adapted linear layer."""
     from sftjax.train.lora import linear_modules
@@ -519,6 +545,7 @@ def plan(config: Config, *, devices: int | None = None, device_kind: str | None 
     tokens_device = (micro_rows // row_shards) * max_length
     activations, host_bytes = activation_items(cfg, mc, mesh_sizes, tokens_device, _lora_linears(model, mesh_sizes))
     memory += activations
+    memory += attention_items(cfg, mc, mesh_sizes, micro_rows // row_shards, max_length, device.name)
     memory += cross_entropy_items(cfg, mc, tokens_device, micro_rows * max_length, mesh_sizes["fsdp"])
     batch = 5 * 4 * cfg.train.global_batch_size // row_shards * max_length
     memory.append(("batch", batch, "5 int32 [rows, L] arrays"))
