@@ -159,6 +159,8 @@ class Plan:
             lines.append(f"  {'offloaded to host memory':<40}{_size(self.host_bytes):>12}")
         budget = f"{_size(d.budget_bytes)} usable of {_size(d.memory_bytes)}"
         verdict = "FITS" if self.fits else "DOES NOT FIT"
+        if self.fits and self.total_bytes > 0.9 * d.budget_bytes:
+            verdict += " (under 10% headroom: tight for an estimate)"
         largest = ", ".join(f"{name} {_size(nbytes)}" for name, nbytes, _ in self.largest())
         note = f"; {d.note}" if d.note else ""
         lines += ["", f"verdict: {verdict} ({_size(self.total_bytes)} estimated vs {budget}{note})",
