@@ -60,15 +60,19 @@ def test_tiny_config_parameter_count_equals_a_real_decoder(assets_dir):
     assert result.architecture == "LlamaForCausalLM"
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_sharded_bytes_equal_real_shards_on_8_devices(lora):
+@pytest.mark.parametrize("lora, optimizer", [(False, "adamw"), (True, "adamw"), (False, "adafactor"),
+                                             (False, "sgd")])
+def test_sharded_bytes_equal_real_shards_on_8_devices(lora, optimizer):
     from sftjax.sharding import make_mesh, shard_model
     from sftjax.train.lora import split_model
     from sftjax.train.optim import make_optimizer
     from sftjax.train.step import TrainState
 
     overrides = SMALL_INIT + ["train.mesh.data=2", "train.mesh.fsdp=2", "train.mesh.tensor=2",
-                              f"lora.enabled={str(lora).lower()}", "lora.r=4"]
+                              f"lora.enabled={str(lora).lower()}", "lora.r=4", f"optim.name={optimizer}",
+                              "optim.momentum=0.9"]
+    if optimizer == "adafactor":  # dimensions >= 128, so that adafactor factors its second moments
+        overrides += ["model.init.hidden_size=128", "model.init.intermediate_size=256", "model.init.head_dim=32"]
     cfg = load_config(TINY, overrides)
     result = plan(cfg, devices=8, device_kind="cpu")
     assert result.mesh == {"data": 2, "fsdp": 2, "tensor": 2}
