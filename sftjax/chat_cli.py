@@ -54,7 +54,7 @@ def _prefill_chunk(graphdef, state, tokens_T, start, cache, pick_index, key, tem
     hidden_TD, cache = gen.cached_forward(model, tokens_T, start, cache)
     hidden_D = jax.lax.dynamic_index_in_dim(hidden_TD, pick_index, keepdims=False)
     position = start + pick_index + 1  # where the picked token goes (generate folds the key the same way)
-    token = gen._pick_token(gen._logits(model, hidden_D), jax.random.fold_in(key, position), temperature, top_p,
+    token = gen.pick_token(gen.head_logits(model, hidden_D), jax.random.fold_in(key, position), temperature, top_p,
                             greedy)
     return token, cache
 
@@ -66,7 +66,7 @@ def _decode_step(graphdef, state, previous_1, position, cache, key, temperature,
 
     model = nnx.merge(graphdef, state)
     hidden_TD, cache = gen.cached_forward(model, previous_1, position - 1, cache)
-    token = gen._pick_token(gen._logits(model, hidden_TD[0]), jax.random.fold_in(key, position), temperature,
+    token = gen.pick_token(gen.head_logits(model, hidden_TD[0]), jax.random.fold_in(key, position), temperature,
                             top_p, greedy)
     return token, cache
 

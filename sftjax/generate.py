@@ -115,7 +115,7 @@ def stop_token_ids(tokenizer, model_config=None, *, chat_template=None) -> list[
 # Decoding
 
 
-def _pick_token(logits_V, key, temperature, top_p, greedy: bool):
+def pick_token(logits_V, key, temperature, top_p, greedy: bool):
     import jax
     import jax.numpy as jnp
 
@@ -201,7 +201,8 @@ def empty_cache(config, length: int):
     return tuple((jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype)) for _ in range(config.num_layers))
 
 
-def _logits(model, hidden_D):
+def head_logits(model, hidden_D):
+    """float32 logits [V] of one final hidden state [D] (the decoder's head, soft-capped like training)."""
     from pallas_kernels.cross_entropy.api import project_logits
 
     head_DV = model.head_weight()
@@ -220,8 +221,8 @@ def _decode_loop(graphdef, state, tokens_L, prompt_length, end, stop_ids, temper
     length = tokens_L.shape[0]
 
     def pick(hidden_D, position):
-        logits_V = _logits(model, hidden_D)
-        return _pick_token(logits_V, jax.random.fold_in(key, position), temperature, top_p, greedy)
+        logits_V = head_logits(model, hidden_D)
+        return pick_token(logits_V, jax.random.fold_in(key, position), temperature, top_p, greedy)
 
     def keep_going(carry):
         return (carry[0] < end) & ~carry[2]

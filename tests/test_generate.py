@@ -46,10 +46,10 @@ def test_cached_forward_matches_full_forward(name):
     cached_forward = nnx.jit(gen.cached_forward)
     cache = gen.empty_cache(config, 16)
     hidden, cache = cached_forward(model, tokens[:5], jnp.int32(0), cache)
-    logits = [gen._logits(model, h) for h in hidden]
+    logits = [gen.head_logits(model, h) for h in hidden]
     for position in range(5, 12):
         hidden, cache = cached_forward(model, tokens[position:position + 1], jnp.int32(position), cache)
-        logits.append(gen._logits(model, hidden[0]))
+        logits.append(gen.head_logits(model, hidden[0]))
     np.testing.assert_allclose(np.stack(logits), np.asarray(reference), atol=2e-5, rtol=1e-5)
 
 
@@ -92,7 +92,7 @@ def test_top_p_tiny_is_greedy_and_seeds_reproduce():
 def test_sampling_distribution_follows_temperature_and_top_p():
     logits = jnp.log(jnp.asarray([0.5, 0.25, 0.15, 0.1]))
     keys = jax.random.split(jax.random.key(0), 4000)
-    draw = jax.vmap(lambda k, t, p: gen._pick_token(logits, k, t, p, False), in_axes=(0, None, None))
+    draw = jax.vmap(lambda k, t, p: gen.pick_token(logits, k, t, p, False), in_axes=(0, None, None))
     counts = np.bincount(np.asarray(draw(keys, 1.0, 1.0)), minlength=4) / len(keys)
     np.testing.assert_allclose(counts, [0.5, 0.25, 0.15, 0.1], atol=0.03)
     nucleus = np.bincount(np.asarray(draw(keys, 1.0, 0.7)), minlength=4) / len(keys)
