@@ -12,25 +12,30 @@ Activation memory is a formula, not a measurement. Per micro-batch and device, w
 query width (heads x head_dim), key/value width and MLP width *per device* (divided by ``tensor`` where it
 divides the heads / MLP, as the rules do), one decoder layer keeps for its backward pass, per token:
 
-* ``remat: none``      everything the backward needs: b x (4D + 2Q + 2K + 3F) (residual input, residual after
-                       attention, two norm outputs, q and attention output, k and v, gate, up and gate*up) plus
-                       4 x heads (float32 attention log-sum-exp), for every layer;
+* ``remat: none``      everything the backward needs: 2D(4 + b) for the two RMSNorms (float32 normalized input
+                       and output), b x (2D + 2Q + 2K + 6F) for the residual sums, q, k, v, the attention
+                       output, and the MLP (gate, up, three silu intermediates, gate*up), plus 4 x heads (the
+                       float32 attention log-sum-exp), for every layer;
 * ``remat: full``      only the layer input, b x D per layer, plus the ``none`` set of one layer while it is
                        recomputed in the backward pass;
 * ``remat: save_dots`` the layer input and every matmul output (q, k, v, o, gate, up, down):
                        b x (3D + Q + 2K + 2F) per layer, plus one layer's ``none`` set during the backward;
-* ``remat: offload_dots`` like ``full`` on the device; the ``save_dots`` matmul outputs go to host memory
-                       (reported apart, they do not count against HBM).
+* ``remat: offload_dots`` like ``full`` on the device; the ``save_dots`` set goes to host memory
+                       (reported apart, it does not count against HBM).
 
-LoRA adds per adapted linear layer and token b x r (the ``x @ A`` product), b x in_features with dropout > 0
-(the dropped input), and b x out_features more under ``save_dots`` (the ``@ B`` matmul output). Outside the
-layers: the embedding output and final hidden states (b x D each per token) and the fused cross-entropy's working
-set (its float32 input gradient T x D, the head weight and its gradient whole [D, V] in the compute dtype, and
-float32 logit tiles: [T, V] for the ``reference`` implementation, [256, 4096] for ``xla_chunked``, [256, V] for
-the Pallas ones). Transients added on top: the float32 gradient accumulator and one micro-batch's gradient in
-the parameter dtype, a compute-dtype copy of all weights when it differs from the parameter dtype, and two
-layers' weights gathered whole when ``fsdp`` > 1. XLA's own scratch, fragmentation and fusion choices are not
-modelled: the verdict is an estimate; ``--compile`` puts XLA's numbers for the current backend next to it.
+These are what JAX itself saves for the backward pass (``jax.ad_checkpoint``'s saved residuals, which the tests
+compare with); XLA's fusions may keep less. LoRA adds per adapted linear layer and token b x r (the ``x @ A``
+product), (b + 1) x in_features with dropout > 0 (the dropped input and its mask), and b x (r + out_features)
+under ``save_dots`` (both adapter matmul outputs). Outside the layers: the embedding output (b x D) and the
+final norm ((4 + b) x D) per token, the attention kernel's working set (the dense ``reference`` keeps float32
+scores and probabilities [rows, heads, L, L] per layer; blockwise kernels a few tiles) and the fused
+cross-entropy's (its float32 input gradient T x D, the head weight's gradient [D, V] in the compute dtype and
+the gathered head under fsdp, and float32 logit tiles: [T, V] for the ``reference`` implementation,
+[256, 4096] for ``xla_chunked``, [256, V] for the Pallas ones). Transients added on top: the float32 gradient
+accumulator and one micro-batch's gradient in the parameter dtype, a compute-dtype copy of all weights when it
+differs from the parameter dtype, and two layers' weights gathered whole when ``fsdp`` > 1. XLA's own scratch,
+fragmentation and fusion choices are not modelled: the verdict is an estimate; ``--compile`` puts XLA's
+numbers for the current backend next to it.
 
 Throughput: tokens per step = global_batch_size x max_length, model FLOPs per token from
 ``sftjax.train.flops.model_flops_per_token``, step time = tokens x FLOPs / (devices x peak x MFU).
@@ -393,29 +398,30 @@ def activation_items(cfg: Config, mc, mesh_sizes: dict, tokens: int, lora_linear
     n = mc.num_layers
     remat = cfg.model.remat
 
-    lora_none = lora_dots = 0  # elements per token, all layers
+    lora_none = lora_dots = 0  # bytes per token, all layers
     for in_features, out_features, layers in lora_linears:
-        lora_none += layers * (cfg.lora.r + (in_features if cfg.lora.dropout > 0 else 0))
-        lora_dots += layers * (cfg.lora.r + out_features)
+        dropped = (b + 1) * in_features if cfg.lora.dropout > 0 else 0  # dropped input and its boolean mask
+        lora_none += layers * (b * cfg.lora.r + dropped)
+        lora_dots += layers * b * (cfg.lora.r + out_features)
     lora_none, lora_dots = lora_none // n, lora_dots // n  # per layer
-    per_layer_none = b * (4 * d + 2 * q + 2 * k + 3 * f + lora_none) + 4 * heads
-    per_layer_dots = b * (3 * d + q + 2 * k + 2 * f + lora_dots)
+    norms = 2 * d * (4 + b)  # two RMSNorms: float32 normalized input and the output
+    per_layer_none = norms + b * (2 * d + 2 * q + 2 * k + 6 * f) + 4 * heads + lora_none
+    per_layer_dots = b * (3 * d + q + 2 * k + 2 * f) + lora_dots
+    saved_name, recompute_name = "activations saved for backward", "activations of one layer (recompute)"
     items, host = [], 0
     if remat == "none":
-        items.append(("activations (all layers)", n * tokens * per_layer_none,
+        items.append((saved_name, n * tokens * per_layer_none,
                       f"remat none: {per_layer_none} B/token/layer x {n} layers x {tokens} tokens"))
-    elif remat == "full":
-        items.append(("activations (layer inputs)", n * tokens * b * d, f"remat full: {b * d} B/token/layer"))
-        items.append(("activations (one layer recomputed)", tokens * per_layer_none, "backward of one layer"))
-    elif remat == "save_dots":
-        items.append(("activations (saved matmul outputs)", n * tokens * per_layer_dots,
-                      f"remat save_dots: {per_layer_dots} B/token/layer"))
-        items.append(("activations (one layer recomputed)", tokens * per_layer_none, "backward of one layer"))
-    else:  # offload_dots
-        items.append(("activations (layer inputs)", n * tokens * b * d, "remat offload_dots: dots on the host"))
-        items.append(("activations (one layer recomputed)", tokens * per_layer_none, "backward of one layer"))
-        host = n * tokens * (per_layer_dots - b * d)
-    items.append(("activations (embeddings, final hidden)", 2 * tokens * b * d, ""))
+    elif remat in ("full", "offload_dots"):
+        items.append((saved_name, n * tokens * b * d, f"remat {remat}: the layer inputs, {b * d} B/token/layer"))
+        items.append((recompute_name, tokens * per_layer_none, "backward of one layer"))
+        if remat == "offload_dots":
+            host = n * tokens * per_layer_dots
+    else:  # save_dots
+        items.append((saved_name, n * tokens * per_layer_dots,
+                      f"remat save_dots: layer input and matmul outputs, {per_layer_dots} B/token/layer"))
+        items.append((recompute_name, tokens * per_layer_none, "backward of one layer"))
+    items.append(("activations outside the layers", tokens * (b * d + (4 + b) * d), "embeddings, final norm"))
     return items, host
 
 
@@ -438,8 +444,8 @@ def cross_entropy_items(cfg: Config, mc, tokens_device: int, tokens_global: int,
 
 
 def attention_items(cfg: Config, mc, mesh_sizes: dict, rows: int, length: int, device_name: str) -> list:
-    """The attention kernel's working set per device: the dense ``reference`` keeps float32 scores and
-    probabilities [rows, heads, L, L] (for every layer without remat, else for the layer being recomputed);
+    """The attention kernel's working set per device: the dense ``reference`` keeps float32 scores, their exp
+    and the probabilities, and a boolean mask [rows, heads, L, L] (for every layer without remat, else for the layer being recomputed);
     ``xla_chunked`` about three float32 [rows, heads, block, block] tiles; the Pallas/splash/cuDNN kernels O(L)."""
     tensor = mesh_sizes["tensor"]
     heads = mc.num_heads // tensor if mc.num_heads % tensor == 0 and mc.num_kv_heads % tensor == 0 else mc.num_heads
@@ -453,8 +459,8 @@ def attention_items(cfg: Config, mc, mesh_sizes: dict, rows: int, length: int, d
             name = "xla_chunked"
     if name == "reference":
         layers = mc.num_layers if cfg.model.remat == "none" else 1
-        return [("attention working set", layers * rows * heads * length * length * 4 * 2,
-                 f"reference: float32 scores and probabilities [rows, heads, L, L] x {layers} layer(s)")]
+        return [("attention working set", layers * rows * heads * length * length * 13,
+                 f"reference: float32 scores, exp, probabilities, mask [rows, heads, L, L] x {layers} layer(s)")]
     if name == "xla_chunked":
         block = min(length, 128 if device_name == "cpu" else 512)
         return [("attention working set", 3 * rows * heads * block * block * 4,

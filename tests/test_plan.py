@@ -170,3 +170,47 @@ def test_errors_are_one_line(tmp_path, capsys, override, expected):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sftjax: error:") and expected in err and "\n" not in err
+
+
+@pytest.mark.parametrize("remat, lora, scan, dtype, length", [
+    ("none", False, False, "float32", 256),
+    ("none", False, False, "float32", 64),  # the dense reference attention below L = 256 on the CPU
+    ("full", True, True, "bfloat16", 256),
+    ("save_dots", True, True, "float32", 256),
+    ("none", True, False, "bfloat16", 256),
+])
+def test_saved_activations_match_what_jax_saves_for_backward(remat, lora, scan, dtype, length):
+    """The activation formula against JAX's own list of residuals saved for the backward pass (the real model's
+    summed loss; weights, constants, foldable broadcasts and the loss's own residuals left out)."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from sftjax.models.scan import stack_layers
+    from sftjax.train.lora import split_model
+    from sftjax.train.step import LossOptions, forward_loss
+
+    overrides = SMALL_INIT + [f"data.max_length={length}", "train.micro_batch_size=2", "train.global_batch_size=2",
+                              f"model.remat={remat}", f"lora.enabled={str(lora).lower()}", "lora.dropout=0.1",
+                              "train.mesh.data=1", f"model.scan_layers={str(scan).lower()}",
+                              f"model.param_dtype={dtype}", f"model.compute_dtype={dtype}"]
+    cfg = load_config(TINY, overrides)
+    result = plan(cfg, devices=1, device_kind="cpu")
+    model = _real_model(cfg)
+    if scan:
+        stack_layers(model)
+    graphdef, trainable, frozen = split_model(model, cfg.lora)
+    batch = {k: np.ones((2, length), np.int32) for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
+    options = LossOptions(dropout=lora, compute_dtype=jax.numpy.dtype(dtype))
+
+    def loss(params, frozen, batch):
+        return forward_loss(graphdef, params, frozen, batch, jax.random.key(0), options).loss_sum
+
+    saved = 0
+    for value, source in saved_residuals(loss, trainable, frozen, batch):
+        if not any(word in source for word in ("argument", "constant", "literal", "broadcast_in_dim",
+                                               "cross_entropy")):
+            saved += int(np.prod(value.shape)) * value.dtype.itemsize
+    estimate = _item(result, "activations saved for backward") + _item(result, "activations outside the layers")
+    attention_note = {n: note for n, _, note in result.memory}["attention working set"]
+    if remat == "none" and attention_note.startswith("reference"):
+        estimate += _item(result, "attention working set")
+    assert 0.8 * saved <= estimate <= 1.25 * saved, (estimate, saved)
