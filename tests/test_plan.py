@@ -214,3 +214,14 @@ def test_saved_activations_match_what_jax_saves_for_backward(remat, lora, scan, 
     if remat == "none" and attention_note.startswith("reference"):
         estimate += _item(result, "attention working set")
     assert 0.8 * saved <= estimate <= 1.25 * saved, (estimate, saved)
+
+
+def test_gguf_model_counts_its_tensors(smollm2_gguf):
+    """A .gguf model.path: the plan's parameter count equals the element count of the file's tensors."""
+    import gguf
+
+    cfg = load_config(str(REPO_ROOT / "configs" / "smollm2_135m_cpu.yaml"), [f"model.path={smollm2_gguf}"])
+    result = plan(cfg, devices=1, device_kind="h100")
+    reader = gguf.GGUFReader(str(smollm2_gguf), "r")
+    assert result.params_base == sum(int(t.n_elements) for t in reader.tensors if t.name != "rope_freqs.weight")
+    assert result.params_trainable == result.params_total - result.params_base > 0  # LoRA adapters
