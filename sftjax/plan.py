@@ -53,6 +53,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.attention.api import CPU_CHUNKED_MIN_LENGTH
+from pallas_kernels.cross_entropy.api import CHUNKED_MIN_LOGITS
 from sftjax.config import Config
 from sftjax.errors import ConfigError
 
@@ -75,9 +77,7 @@ _PEAK_KEYS = {"h100": "h100", "a100": "a100", "h200": "h200", "tpu-v4": "tpu v4"
 _KIND_NAMES = {"h100": "h100", "h200": "h200", "a100": "a100", "tpu v4": "tpu-v4", "tpu v5 lite": "tpu-v5e",
                "tpu v5e": "tpu-v5e", "tpu v5p": "tpu-v5p", "tpu v5": "tpu-v5p", "tpu v6": "tpu-v6e"}
 JAX_GPU_MEMORY_FRACTION = 0.75  # jax preallocates this share of GPU memory unless told otherwise
-CE_CHUNKED_MIN_LOGITS = 1 << 22  # pallas_kernels.cross_entropy.api: below this the reference loss is used
 CE_BLOCK_T, CE_BLOCK_V = 256, 4096
-CPU_CHUNKED_MIN_LENGTH = 256  # pallas_kernels.attention.api: the CPU uses the dense reference below
 
 
 @dataclasses.dataclass
@@ -430,7 +430,7 @@ def cross_entropy_items(cfg: Config, mc, tokens_device: int, tokens_global: int,
     b = _itemsize(cfg.model.compute_dtype)
     vocab, d = mc.vocab_size, mc.hidden_size
     name = cfg.model.cross_entropy_implementation or (
-        "reference" if tokens_global * vocab < CE_CHUNKED_MIN_LOGITS else "xla_chunked")
+        "reference" if tokens_global * vocab < CHUNKED_MIN_LOGITS else "xla_chunked")
     if name == "reference":
         tile, what = tokens_device * vocab, "[T, V] logits"
     elif name == "xla_chunked":
@@ -579,84 +579,6 @@ def plan(config: Config, *, devices: int | None = None, device_kind: str | None 
                 steps=steps, run_time_s=run_time, notes=notes)
 
 
-# ------------------------------------------------------------------------------------------------ --compile
-
-def compile_memory(config: Config, *, seq_len: int | None = None) -> dict:
-    """Lower and compile the real train step for this backend's devices from abstract inputs (no weights, no
-    data) and return XLA's ``memory_analysis()`` per device."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from pallas_kernels import dispatch
-    from sftjax.sharding import make_mesh
-    from sftjax.train.lora import split_model
-    from sftjax.train.optim import make_optimizer
-    from sftjax.train.step import LossOptions, TrainState, make_train_step
-
-    cfg = config
-    mesh_sizes = cfg.check_devices(jax.device_count())
-    mesh = make_mesh(**mesh_sizes)
-    if cfg.model.remat == "offload_dots":
-        from sftjax.models.decoder import remat_policy
-
-        remat_policy(cfg.model.remat)  # one-line error on a backend without pinned host memory
-    mc = model_config_of(cfg)
-    graphdef, trainable, frozen = split_model(abstract_model(cfg, mc), cfg.lora)
-    trainable_abs, frozen_abs = _place_state(trainable, mesh), _place_state(frozen, mesh)
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps or 1000)
-    state_abs = jax.eval_shape(lambda p: TrainState.create(p, tx), trainable)
-    train_entries = _variable_specs(trainable, mesh)
-    opt_entries = optimizer_state_specs(state_abs.opt_state, train_entries)
-    opt_leaves = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, spec))
-                  for _, leaf, spec in opt_entries]
-    opt_abs = jax.tree.unflatten(jax.tree.structure(state_abs.opt_state), opt_leaves)
-    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
-    state_abs = TrainState(step=scalar, params=trainable_abs, opt_state=opt_abs, nonfinite_steps=scalar)
-    options = LossOptions(logit_softcap=mc.final_logit_softcap, z_loss=cfg.optim.z_loss,
-                          compute_dtype=jnp.dtype(cfg.model.compute_dtype),
-                          cross_entropy_implementation=cfg.model.cross_entropy_implementation,
-                          dropout=cfg.lora.enabled and cfg.lora.dropout > 0)
-    step = make_train_step(graphdef, tx, schedule, options, max_grad_norm=cfg.optim.max_grad_norm,
-                           param_shardings=jax.tree.map(lambda x: x.sharding, trainable_abs),
-                           state_shardings=jax.tree.map(lambda x: x.sharding, state_abs))
-    length = _max_length(cfg, seq_len)
-    accum = cfg.train.accum_steps
-    batch_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None))
-    batch = {key: jax.ShapeDtypeStruct((accum, cfg.train.micro_batch_size, length), jnp.int32,
-                                       sharding=batch_sharding)
-             for key in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
-    with dispatch.use_implementation("attention", cfg.model.attention_implementation), \
-            dispatch.use_implementation("cross_entropy", cfg.model.cross_entropy_implementation):
-        compiled = step.lower(state_abs, frozen_abs, batch, rng).compile()
-    analysis = compiled.memory_analysis()
-    if analysis is None:
-        raise ConfigError(f"--compile: the {jax.default_backend()} backend gives no memory analysis")
-    out = {"backend": jax.default_backend(), "devices": jax.device_count(), "mesh": mesh_sizes}
-    for field in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-                  "generated_code_size_in_bytes", "host_temp_size_in_bytes"):
-        value = getattr(analysis, field, None)
-        if value is not None:
-            out[field.replace("_size_in_bytes", "_bytes")] = int(value)
-    out["peak_estimate_bytes"] = (out.get("argument_bytes", 0) + out.get("output_bytes", 0)
-                                  - out.get("alias_bytes", 0) + out.get("temp_bytes", 0))
-    return out
-
-
-def _place_state(state, mesh):
-    """An nnx.State of abstract values given the rules' NamedShardings on ``mesh``."""
-    from jax.sharding import NamedSharding
-
-    from sftjax.sharding import partition_spec
-
-    def place(variable):
-        value = variable.get_value()
-        spec = partition_spec(variable.get_metadata().get("logical_axes"), value.shape, mesh)
-        return variable.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=NamedSharding(mesh, spec)))
-
-    return jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 # ------------------------------------------------------------------------------------------------ CLI
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
@@ -710,6 +632,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides=args.overrides)
     result = plan(cfg, devices=args.devices, device_kind=args.device, mfu=args.mfu, seq_len=args.seq_len)
     if args.compile:
+        from sftjax.plan_compile import compile_memory
+
         result.compiled = compile_memory(cfg, seq_len=args.seq_len)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
     return 0
