@@ -78,8 +78,12 @@ def _visible_tiles(seg, causal, sliding_window, block_q, block_k):
 
     def one_query_block(qi):
         seg_q = lax.dynamic_slice_in_dim(seg, qi * block_q, block_q, axis=1)
-        mask = _tile_mask(seg_q, seg, qi * block_q, 0, causal, sliding_window)
-        return mask.reshape(seg.shape[0], block_q, num_k_blocks, block_k).any(axis=(0, 1, 3))
+
+        def one_key_block(kj):  # one [B, bq, bk] mask at a time, like the kernel's own tiles
+            seg_k = lax.dynamic_slice_in_dim(seg, kj * block_k, block_k, axis=1)
+            return _tile_mask(seg_q, seg_k, qi * block_q, kj * block_k, causal, sliding_window).any()
+
+        return lax.map(one_key_block, jnp.arange(num_k_blocks))
 
     visible = lax.map(one_query_block, jnp.arange(num_q_blocks))  # [nq, nk]
     count = jnp.sum(visible.astype(jnp.int32))
