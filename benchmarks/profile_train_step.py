@@ -90,8 +90,8 @@ def hlo_source_map(hlo_text: str) -> dict[str, tuple[str, str]]:
         return f"{short}:{function}"
 
     result = {}
-    for match in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"(?:[^\n]*?stack_frame_id=(\d+))?",
-                             hlo_text, re.MULTILINE):
+    instruction = r"^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"(?:[^\n]*?stack_frame_id=(\d+))?"
+    for match in re.finditer(instruction, hlo_text, re.MULTILINE):
         name, op_name, frame = match.groups()
         result[name] = (location(int(frame)) if frame else "?", op_name)
     return result
@@ -131,21 +131,16 @@ def self_times(trace_dir: str) -> tuple[dict[str, float], dict[str, int]]:
             if "XLAEigen" not in line.name:
                 continue
             events = sorted((e.start_ns, e.start_ns + e.duration_ns, e.name) for e in line.events)
-            stack: list[list] = []  # [end, name, child_ns, duration]
-
-            def pop():
-                end, name, child, duration = stack.pop()
-                self_ns[name] += duration - child
-                if stack:
-                    stack[-1][2] += duration
-
-            for start, end, name in events:
-                while stack and stack[-1][0] <= start:
-                    pop()
-                stack.append([end, name, 0.0, end - start])
-                counts[name] += 1
-            while stack:
-                pop()
+            stack: list[list] = []  # open events: [end, name, child_ns, duration]
+            for start, end, name in [*events, (float("inf"), float("inf"), None)]:
+                while stack and stack[-1][0] <= start:  # close every event that ended before this one starts
+                    _, closed, child_ns, duration = stack.pop()
+                    self_ns[closed] += duration - child_ns
+                    if stack:
+                        stack[-1][2] += duration
+                if name is not None:
+                    stack.append([end, name, 0.0, end - start])
+                    counts[name] += 1
     return self_ns, counts
 
 
@@ -187,7 +182,7 @@ def profile_model(name: str, rows: int, length: int, implementation: str, steps:
     pallas_kernels.set_default_implementation("cross_entropy", None)
 
     per_step_ms = {k: v / steps / 1e6 for k, v in self_ns.items() if not k.startswith(RUNTIME_EVENTS)}
-    by_source, by_kind, by_phase = collections.defaultdict(float), collections.defaultdict(float), collections.defaultdict(float)
+    by_source, by_kind, by_phase = (collections.defaultdict(float) for _ in range(3))
     top = []
     for instruction, ms in per_step_ms.items():
         source, op_name = sources.get(instruction, ("(no metadata)", ""))
@@ -228,7 +223,9 @@ def time_pieces(name: str, rows: int, length: int, rounds: int) -> dict:
         attn = jax.jit(lambda q, k, v, impl=impl: attention(q, k, v, seg, implementation=impl))
         attn_grad = jax.jit(lambda q, k, v, do, impl=impl: jax.vjp(
             lambda q, k, v: attention(q, k, v, seg, implementation=impl), q, k, v)[1](do))
-        loss = lambda h, w, impl=impl: fused_linear_cross_entropy(h, w, targets, mask, implementation=impl).loss_sum  # noqa: E731
+        def loss(h, w, impl=impl):
+            return fused_linear_cross_entropy(h, w, targets, mask, implementation=impl).loss_sum
+
         ce, ce_grad = jax.jit(loss), jax.jit(jax.grad(loss, argnums=(0, 1)))
         functions[f"attention {impl} fwd"] = lambda f=attn: jax.block_until_ready(f(q, k, v))
         functions[f"attention {impl} fwd+bwd"] = lambda f=attn_grad: jax.block_until_ready(f(q, k, v, d_out))
@@ -240,9 +237,14 @@ def time_pieces(name: str, rows: int, length: int, rounds: int) -> dict:
     th, tw = torch.tensor(h).requires_grad_(), torch.tensor(w.T.copy()).requires_grad_()
     ttargets = torch.as_tensor(batch["targets"], dtype=torch.long).flatten()
     tmask = torch.as_tensor(batch["loss_mask"], dtype=torch.float32).flatten()
-    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=torch_mask, enable_gqa=True)  # noqa: E731
-    torch_ce = lambda: (torch.nn.functional.cross_entropy(torch.nn.functional.linear(th, tw).flatten(0, 1), ttargets,  # noqa: E731
-                                                          reduction="none") * tmask).sum()
+    functional = torch.nn.functional
+
+    def sdpa():
+        return functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=torch_mask, enable_gqa=True)
+
+    def torch_ce():
+        logits = functional.linear(th, tw).flatten(0, 1)
+        return (functional.cross_entropy(logits, ttargets, reduction="none") * tmask).sum()
 
     def no_grad(fn):
         def run():
@@ -270,7 +272,8 @@ def print_summary(record: dict) -> None:
             print(f"    {ms:8.1f} ms  {100 * ms / total:5.1f}%  {label}")
     print("  top instructions:")
     for row in record["top_instructions"][:15]:
-        print(f"    {row['ms']:8.2f} ms  x{row['calls']:<3d} {row['phase']:6s} {row['instruction']:34s} {row['source']}")
+        print(f"    {row['ms']:8.2f} ms  x{row['calls']:<3d} {row['phase']:6s} {row['instruction']:34s} "
+              f"{row['source']}")
 
 
 def main() -> int:

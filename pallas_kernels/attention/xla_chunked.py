@@ -104,7 +104,7 @@ def _scores(q_BKGqD, k_BKkD, scale, logit_softcap):
 
 def _forward(q, k, v, seg, causal, sliding_window, logit_softcap, scale, block_q, block_k):
     """q [B, K, G, Lp, D], k/v [B, K, Lp, D], seg [B, Lp] -> (out like q in q's dtype, lse [B, K, G, Lp])."""
-    batch, num_kv, group, length, head_dim = q.shape
+    batch, num_kv, group, length, _ = q.shape
     num_k_blocks = length // block_k
     tiles, _, count = _visible_tiles(seg, causal, sliding_window, block_q, block_k)
 

@@ -107,7 +107,7 @@ def _forward(hidden, weight, targets, mask, num_blocks, logit_softcap, z_loss, b
 
 def _backward(hidden, weight, targets, mask, num_blocks, lse, g_loss, logit_softcap, z_loss, block_t, block_v):
     """Gradients for token-sorted inputs (see _forward); d_hidden comes back in the sorted order."""
-    num_tokens, hidden_dim = hidden.shape
+    hidden_dim = hidden.shape[1]
     vocab = weight.shape[1]
     num_chunks = -(-vocab // block_v)
     ragged = vocab % block_v != 0
