@@ -73,6 +73,10 @@ class Linear(nnx.Module):
     def __call__(self, x, *, deterministic: bool = True):
         in_axis, out_axis = self.logical_axes
         kernel = gather_for_compute(self.kernel[...].astype(x.dtype), self.logical_axes)
+        leading = x.shape[:-1]
+        # [..., in] -> [tokens, in]: with two leading dims XLA's CPU backend writes transposed copies of the
+        # activation gradients for the weight-gradient dot (x1.2 on the CPU train step, same numbers)
+        x = x.reshape(-1, x.shape[-1])
         y = jnp.dot(x, kernel)
         if self.bias is not None:
             y = y + gather_for_compute(self.bias[...].astype(x.dtype), (out_axis,))
@@ -84,7 +88,7 @@ class Linear(nnx.Module):
             lora_b = gather_for_compute(self.lora_b[...].astype(x.dtype), (None, out_axis))
             lora = (h @ lora_a) @ lora_b
             y = y + lora * jnp.asarray(self.lora_scale, x.dtype)
-        return y
+        return y.reshape(*leading, y.shape[-1])
 
 
 class RMSNorm(nnx.Module):
