@@ -68,7 +68,7 @@ def log_choice_once(op: str, name: str, reason: str) -> None:
     key = (op, name, reason)
     if key not in _logged:
         _logged.add(key)
-        _logger.info("pallas_kernels: %s uses implementation %r (%s)", op, name, reason)
+        _logger.info("%s uses implementation %r (%s)", op, name, reason)
 
 
 def resolve(op: str, implementation: str | None, available: tuple[str, ...], automatic) -> str:
