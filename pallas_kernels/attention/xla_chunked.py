@@ -102,6 +102,18 @@ def _scores(q_BKGqD, k_BKkD, scale, logit_softcap):
     return s
 
 
+def _tile_inputs(tile, num_k_blocks, seg, q, k, v, block_q, block_k, causal, sliding_window):
+    """One visible tile's (q_start, k_start, mask [B,1,1,bq,bk], q [B,K,G,bq,D], k and v [B,K,bk,D])."""
+    q_start, k_start = (tile // num_k_blocks) * block_q, (tile % num_k_blocks) * block_k
+    seg_q = lax.dynamic_slice_in_dim(seg, q_start, block_q, axis=1)
+    seg_k = lax.dynamic_slice_in_dim(seg, k_start, block_k, axis=1)
+    mask = _tile_mask(seg_q, seg_k, q_start, k_start, causal, sliding_window)[:, None, None]
+    q_blk = lax.dynamic_slice_in_dim(q, q_start, block_q, axis=3)
+    k_blk = lax.dynamic_slice_in_dim(k, k_start, block_k, axis=2)
+    v_blk = lax.dynamic_slice_in_dim(v, k_start, block_k, axis=2)
+    return q_start, k_start, mask, q_blk, k_blk, v_blk
+
+
 def _forward(q, k, v, seg, causal, sliding_window, logit_softcap, scale, block_q, block_k):
     """q [B, K, G, Lp, D], k/v [B, K, Lp, D], seg [B, Lp] -> (out like q in q's dtype, lse [B, K, G, Lp])."""
     batch, num_kv, group, length, _ = q.shape
@@ -110,14 +122,8 @@ def _forward(q, k, v, seg, causal, sliding_window, logit_softcap, scale, block_q
 
     def visit(i, carry):
         m_all, l_all, acc_all = carry
-        qi, kj = tiles[i] // num_k_blocks, tiles[i] % num_k_blocks
-        q_start, k_start = qi * block_q, kj * block_k
-        seg_q = lax.dynamic_slice_in_dim(seg, q_start, block_q, axis=1)
-        seg_k = lax.dynamic_slice_in_dim(seg, k_start, block_k, axis=1)
-        mask = _tile_mask(seg_q, seg_k, q_start, k_start, causal, sliding_window)[:, None, None]
-        q_blk = lax.dynamic_slice_in_dim(q, q_start, block_q, axis=3)
-        k_blk = lax.dynamic_slice_in_dim(k, k_start, block_k, axis=2)
-        v_blk = lax.dynamic_slice_in_dim(v, k_start, block_k, axis=2)
+        q_start, k_start, mask, q_blk, k_blk, v_blk = _tile_inputs(tiles[i], num_k_blocks, seg, q, k, v, block_q,
+                                                                   block_k, causal, sliding_window)
         m = lax.dynamic_slice_in_dim(m_all, q_start, block_q, axis=3)
         l = lax.dynamic_slice_in_dim(l_all, q_start, block_q, axis=3)
         acc = lax.dynamic_slice_in_dim(acc_all, q_start, block_q, axis=3)
@@ -150,17 +156,11 @@ def _backward(q, k, v, seg, out, lse, d_out, causal, sliding_window, logit_softc
 
     def visit(i, carry):
         dq, dk, dv = carry
-        qi, kj = tiles[i] // num_k_blocks, tiles[i] % num_k_blocks
-        q_start, k_start = qi * block_q, kj * block_k
-        seg_q = lax.dynamic_slice_in_dim(seg, q_start, block_q, axis=1)
-        seg_k = lax.dynamic_slice_in_dim(seg, k_start, block_k, axis=1)
-        mask = _tile_mask(seg_q, seg_k, q_start, k_start, causal, sliding_window)[:, None, None]
-        q_blk = lax.dynamic_slice_in_dim(q, q_start, block_q, axis=3)
+        q_start, k_start, mask, q_blk, k_blk, v_blk = _tile_inputs(tiles[i], num_k_blocks, seg, q, k, v, block_q,
+                                                                   block_k, causal, sliding_window)
         do_blk = lax.dynamic_slice_in_dim(d_out, q_start, block_q, axis=3)
         lse_blk = lax.dynamic_slice_in_dim(lse, q_start, block_q, axis=3)
         delta_blk = lax.dynamic_slice_in_dim(delta, q_start, block_q, axis=3)
-        k_blk = lax.dynamic_slice_in_dim(k, k_start, block_k, axis=2)
-        v_blk = lax.dynamic_slice_in_dim(v, k_start, block_k, axis=2)
         s = _scores(q_blk, k_blk, scale, logit_softcap)
         p = jnp.where(mask, jnp.exp(jnp.where(mask, s, _NEG) - lse_blk[..., None]), 0.0)
         dv_blk = jnp.einsum("bkgqs,bkgqd->bksd", p.astype(d_out.dtype), do_blk, preferred_element_type=jnp.float32)
