@@ -33,7 +33,7 @@ from sftjax.config import LoraSection, OptimSection  # noqa: E402
 from sftjax.models.config import ModelConfig  # noqa: E402
 from sftjax.models.decoder import Decoder  # noqa: E402
 from sftjax.models.scan import stack_layers  # noqa: E402
-from sftjax.train.lora import split_model  # noqa: E402
+from sftjax.peft.lora import split_model  # noqa: E402
 from sftjax.train.optim import make_optimizer  # noqa: E402
 from sftjax.train.step import TrainState, make_train_step  # noqa: E402
 

@@ -48,8 +48,8 @@ import transformers  # noqa: E402
 
 import pallas_kernels  # noqa: E402
 from sftjax.config import LoraSection, OptimSection  # noqa: E402
-from sftjax.models.loading import build_model  # noqa: E402
-from sftjax.train.lora import split_model  # noqa: E402
+from sftjax.models.weights import model_from_hf_tensors  # noqa: E402
+from sftjax.peft.lora import split_model  # noqa: E402
 from sftjax.train.optim import make_optimizer  # noqa: E402
 from sftjax.train.step import LossOptions, TrainState, forward_loss, make_train_step  # noqa: E402
 
@@ -152,7 +152,7 @@ def sftjax_runner(hf_config: dict, weights: dict[str, np.ndarray], batch: dict[s
     """(step() -> loss, forward() -> loss, compiled memory) for one implementation pair, on a fresh model."""
     pallas_kernels.set_default_implementation("attention", attention)
     pallas_kernels.set_default_implementation("cross_entropy", cross_entropy)
-    model, _ = build_model(hf_config, weights.items(), dtype=jnp.float32, source="benchmark")
+    model, _ = model_from_hf_tensors(hf_config, weights.items(), dtype=jnp.float32, source="benchmark")
     graphdef, trainable, frozen = split_model(model, LoraSection())
     optim = OptimSection(name="adamw", learning_rate=LEARNING_RATE, schedule="constant", weight_decay=WEIGHT_DECAY,
                          no_decay=[], b1=0.9, b2=0.999, eps=1e-8)

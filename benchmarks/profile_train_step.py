@@ -49,8 +49,8 @@ import jax.numpy as jnp  # noqa: E402
 import bench_train_step as bench  # noqa: E402
 import pallas_kernels  # noqa: E402
 from sftjax.config import LoraSection, OptimSection  # noqa: E402
-from sftjax.models.loading import build_model  # noqa: E402
-from sftjax.train.lora import split_model  # noqa: E402
+from sftjax.models.weights import model_from_hf_tensors  # noqa: E402
+from sftjax.peft.lora import split_model  # noqa: E402
 from sftjax.train.optim import make_optimizer  # noqa: E402
 from sftjax.train.step import LossOptions, TrainState, make_train_step  # noqa: E402
 
@@ -151,7 +151,7 @@ def profile_model(name: str, rows: int, length: int, implementation: str, steps:
     batch = bench.packed_batch(rows, length, spec["vocab_size"])
     pallas_kernels.set_default_implementation("attention", implementation)
     pallas_kernels.set_default_implementation("cross_entropy", implementation)
-    model, _ = build_model(hf.config.to_dict(), weights.items(), dtype=jnp.float32, source="profile")
+    model, _ = model_from_hf_tensors(hf.config.to_dict(), weights.items(), dtype=jnp.float32, source="profile")
     graphdef, trainable, frozen = split_model(model, LoraSection())
     optim = OptimSection(name="adamw", learning_rate=bench.LEARNING_RATE, schedule="constant",
                          weight_decay=bench.WEIGHT_DECAY, no_decay=[], b1=0.9, b2=0.999, eps=1e-8)

@@ -85,7 +85,7 @@ def run_per_device(fn: Callable, mesh, in_specs: tuple[PartitionSpec, ...], out_
     varies over the mesh (``ShapeDtypeStruct(manual_axis_type=...)``), which the kernels do not. Without it,
     shard_map's transpose scales an output's cotangent down by the devices it is replicated over, and psums the
     cotangent of an input over the axes its spec leaves out: a replicated weight gets the sum of every
-    device's gradient, each row counted once (``tests/test_kernel_sharding.py`` checks this against the
+    device's gradient, each row counted once (``tests/kernels/test_sharding.py`` checks this against the
     unsharded reference).
     """
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)

@@ -14,7 +14,7 @@ _LAZY = {
     "load_model": "sftjax.models.loading",
     "save_model": "sftjax.models.loading",
     "load_tokenizer": "sftjax.models.loading",
-    "generate": "sftjax.generate",
+    "generate": "sftjax.infer.generate",
     "load_config": "sftjax.config",
     "Trainer": "sftjax.train.trainer",
     "SftjaxError": "sftjax.errors",

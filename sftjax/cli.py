@@ -11,38 +11,40 @@ import importlib
 import os
 import sys
 
-# subcommand -> (module, help). Modules are imported only when their subcommand runs.
+# subcommand -> ("module" or "module:name", help). The module defines add_arguments(parser) and run(args), or, with
+# ":name", add_<name>_arguments and run_<name>.
 COMMANDS = {
     "train": ("sftjax.train.cli", "fine-tune a model from a YAML config"),
-    "eval": ("sftjax.train.cli_eval", "evaluate a model on a config's eval data"),
+    "eval": ("sftjax.train.cli:eval", "evaluate a trained run (or a model) on a config's eval data"),
     "data": ("sftjax.data.preview", "inspect a dataset: `sftjax data preview CONFIG`"),
-    "generate": ("sftjax.generate", "generate text from a prompt with a model"),
+    "generate": ("sftjax.infer.generate", "generate text from a prompt with a model"),
     "export": ("sftjax.export", "export a run or checkpoint to hf / peft / gguf"),
-    "chat": ("sftjax.chat_cli", "talk with a model in the terminal (multi-turn, its chat template)"),
+    "chat": ("sftjax.infer.chat", "talk with a model in the terminal (multi-turn, its chat template)"),
     "plan": ("sftjax.plan", "estimate a config's memory per device and step time without training"),
 }
 
 
-def _available_commands() -> dict:
-    out = {}
-    for name, (module, help_text) in COMMANDS.items():
-        if importlib.util.find_spec(module) is not None:
-            out[name] = (module, help_text)
-    return out
+def _entry_points(target: str):
+    """(add_arguments, run) of a COMMANDS target."""
+    module_name, _, name = target.partition(":")
+    module = importlib.import_module(module_name)
+    if name:
+        return getattr(module, f"add_{name}_arguments"), getattr(module, f"run_{name}")
+    return module.add_arguments, module.run
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sftjax", description="Supervised fine-tuning in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
-    commands = _available_commands()
-    for name, (module, help_text) in commands.items():
-        p = sub.add_parser(name, help=help_text)
-        importlib.import_module(module).add_arguments(p)
+    runners = {}
+    for name, (target, help_text) in COMMANDS.items():
+        add_arguments, runners[name] = _entry_points(target)
+        add_arguments(sub.add_parser(name, help=help_text))
     args = parser.parse_args(argv)
     from sftjax.errors import SftjaxError
 
     try:
-        return int(importlib.import_module(commands[args.command][0]).run(args) or 0)
+        return int(runners[args.command](args) or 0)
     except SftjaxError as err:
         if os.environ.get("SFTJAX_DEBUG"):
             raise

@@ -165,7 +165,7 @@ class TrainSection:
     tensorboard: bool = True
     peak_flops: float | None = None  # per device; default from the device table
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
-    distributed: Literal["auto", "on", "off"] = "auto"  # join a multi-process job (sftjax.distributed)
+    distributed: Literal["auto", "on", "off"] = "auto"  # join a multi-process job (sftjax.train.distributed)
 
     def validate(self) -> None:
         if self.steps is None and self.epochs is None:
@@ -218,12 +218,12 @@ class Config:
 
     @property
     def checkpoint(self):
-        """The ``checkpoint:`` section validated as a :class:`sftjax.checkpoint.CheckpointSection` (directory,
+        """The ``checkpoint:`` section validated as a :class:`sftjax.train.checkpoint.CheckpointSection` (directory,
         save_every_steps, save_every_minutes=30, keep=3, keep_best=0, resume=auto|never|<path>, async_save=true).
 
         It stays raw in ``extra`` (the checkpoint module owns its fields) and is validated here, on first use,
         which the trainer does before building anything."""
-        from sftjax.checkpoint import CheckpointSection
+        from sftjax.train.checkpoint import CheckpointSection
 
         raw = self.extra.get("checkpoint")
         if raw is not None and not isinstance(raw, dict):

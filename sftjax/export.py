@@ -22,25 +22,21 @@ output is refused without ``--overwrite``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import shutil
 import tempfile
 import uuid
 from collections.abc import Mapping
-from typing import Any
 
 from sftjax.errors import CheckpointError, ConfigError
-from sftjax.sharding import to_host, writes_files
+from sftjax.peft.adapter_io import write_peft_adapter
 
 FORMATS = ("hf", "peft", "gguf")
 HF_DTYPES = {"float32": "float32", "f32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
              "float16": "float16", "f16": "float16", "fp16": "float16"}
 GGUF_DTYPES = {"f32": "f32", "float32": "f32", "f16": "f16", "float16": "f16", "bf16": "bf16", "bfloat16": "bf16",
                "q8_0": "q8_0"}
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_CONFIG = "adapter_config.json"
 
 
 # ------------------------------------------------------------------------------------------------ output handling
@@ -69,193 +65,6 @@ def _publish(staged: pathlib.Path, out: pathlib.Path) -> None:
         os.replace(staged, out)
 
 
-# ------------------------------------------------------------------------------------------------ PEFT adapters
-
-
-def hf_module_parts(model_config) -> dict[str, tuple[str, int | None, int | None, int | None]]:
-    """Our Linear module path (``layers.0.attn.q_proj``) -> (its Hugging Face module, first row, end row, rows of
-    the fused HF weight); the rows are None for an unfused weight. Phi-3 stores q/k/v as one ``qkv_proj``."""
-    from sftjax.models.registry import family_for_config
-
-    parts = {}
-    for spec in family_for_config(model_config).weight_specs(model_config):
-        if not (spec.transpose and spec.hf_name.endswith(".weight")):
-            continue
-        hf_module = spec.hf_name[: -len(".weight")]
-        total = max(stop for _, _, stop in spec.targets) if spec.targets[0][1] is not None else None
-        for path, start, stop in spec.targets:
-            if path.endswith(".kernel"):
-                parts[path[: -len(".kernel")]] = (hf_module, start, stop, total)
-    return parts
-
-
-def hf_module_names(model_config) -> dict[str, str]:
-    """Our Linear module path -> the Hugging Face module holding its weight."""
-    return {path: hf for path, (hf, _, _, _) in hf_module_parts(model_config).items()}
-
-
-def lora_adapters(model, model_config) -> dict[str, tuple[Any, Any, float]]:
-    """HF module name -> (A [in, R], B [R, out], scale) of every adapter in ``model``.
-
-    A fused HF module (Phi-3 ``qkv_proj``) gets one adapter of rank R = the sum of its parts' ranks: A stacks the
-    parts' A's, B is block-diagonal with each part's B in its rows, so ``A @ B`` is exactly the parts' updates side
-    by side (and zero for a part without adapter).
-    """
-    import jax.numpy as jnp
-
-    from sftjax.models.scan import unstacked
-    from sftjax.train.lora import linear_modules
-
-    model = unstacked(model)  # exported one module per layer
-
-    locations = hf_module_parts(model_config)
-    grouped: dict[str, list] = {}
-    for path, module in linear_modules(model).items():
-        if getattr(module, "lora_a", None) is None:
-            continue
-        if path not in locations:
-            raise CheckpointError(f"LoRA adapter on {path} has no Hugging Face module in "
-                                  f"{model_config.architecture} checkpoints; export --format hf instead")
-        hf_module, start, stop, total = locations[path]
-        grouped.setdefault(hf_module, []).append(
-            (module.lora_a[...], module.lora_b[...], float(module.lora_scale), start, stop, total))
-    adapters = {}
-    for hf_module, parts in grouped.items():
-        if parts[0][3] is None:
-            a_IR, b_RO, scale = parts[0][:3]
-            adapters[hf_module] = (a_IR, b_RO, scale)
-            continue
-        scale = parts[0][2]
-        if any(abs(p[2] - scale) > 1e-9 * abs(scale) for p in parts):
-            raise CheckpointError(f"LoRA parts of the fused {hf_module} have different scales")
-        total = parts[0][5]
-        a_IR = jnp.concatenate([p[0] for p in parts], axis=1)
-        b_RO = jnp.zeros((a_IR.shape[1], total), parts[0][1].dtype)
-        offset = 0
-        for _, b_part, _, start, stop, _ in parts:
-            b_RO = b_RO.at[offset: offset + b_part.shape[0], start:stop].set(b_part)
-            offset += b_part.shape[0]
-        adapters[hf_module] = (a_IR, b_RO, scale)
-    return adapters
-
-
-def _target_modules(adapted: list[str], all_linear: list[str]) -> list[str] | str:
-    """PEFT's ``target_modules``: the leaf names when they select exactly the adapted modules, else an exact regex."""
-    leaves = sorted({name.rsplit(".", 1)[-1] for name in adapted})
-    selected = [name for name in all_linear if name.rsplit(".", 1)[-1] in leaves]
-    if sorted(selected) == sorted(adapted):
-        return leaves
-    return "(" + "|".join(n.replace(".", r"\.") for n in sorted(adapted)) + ")"
-
-
-def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_model_name_or_path: str,
-                       dtype: str | None = None) -> pathlib.Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for the adapters of ``model`` (with several
-    processes, every process calls this; process 0 writes)."""
-    import jax.numpy as jnp
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    adapters = lora_adapters(model, model_config)
-    if not adapters:
-        raise CheckpointError("the checkpoint has no LoRA adapters (full fine-tuning?); use --format hf")
-    rank = int(lora["r"])
-    rslora = bool(lora.get("rslora", False))
-    scales = {round(scale, 6) for _, _, scale in adapters.values()}
-    if len(scales) != 1:
-        raise CheckpointError(f"LoRA adapters have different scales {sorted(scales)}; PEFT needs one lora_alpha")
-    scale = next(iter(adapters.values()))[2]
-
-    def alpha_for(r: int) -> float:  # PEFT's scale is alpha / r (alpha / sqrt(r) with rsLoRA)
-        return scale * (r ** 0.5 if rslora else r)
-
-    rank_pattern, alpha_pattern = {}, {}
-    tensors = {}
-    for name, (a_IR, b_RO, _) in adapters.items():
-        if a_IR.shape[1] != rank:  # a fused module: its rank is the sum of its parts'
-            pattern = name.replace(".", r"\.")
-            rank_pattern[pattern] = int(a_IR.shape[1])
-            alpha_pattern[pattern] = alpha_for(int(a_IR.shape[1]))
-        target = np.dtype(jnp.dtype(dtype)) if dtype else np.dtype(a_IR.dtype)
-        tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(to_host(a_IR.astype(target)).T)
-        tensors[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(to_host(b_RO.astype(target)).T)
-    saved_modules, saved_tensors = modules_to_save_tensors(model, model_config, lora.get("modules_to_save") or [],
-                                                           set(adapters), dtype)
-    tensors.update({f"base_model.model.{name}": value for name, value in saved_tensors.items()})
-    out_dir = pathlib.Path(out_dir)
-    if not writes_files():  # several processes: all gathered the tensors above, process 0 writes
-        return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / PEFT_WEIGHTS), metadata={"format": "pt"})
-    all_linear = sorted(set(hf_module_names(model_config).values()))
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": rank,
-        "lora_alpha": alpha_for(rank),
-        "use_rslora": rslora,
-        "lora_dropout": float(lora.get("dropout", 0.0)),
-        "target_modules": _target_modules(list(adapters), all_linear),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": saved_modules or None,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-    }
-    (out_dir / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    return out_dir
-
-
-def modules_to_save_tensors(model, model_config, patterns: list[str], adapted: set[str], dtype: str | None = None):
-    """(HF module names, {HF tensor name: array}) of the fully trained modules (``lora.modules_to_save``).
-
-    PEFT stores such a module whole, under its HF tensor names, and swaps it in on load; a parameter matched by a
-    pattern brings its whole HF module (weight and bias) along.
-    """
-    import re
-
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-
-    from sftjax.models.scan import unstacked
-
-    model = unstacked(model)  # exported one module per layer
-
-    from sftjax.models.registry import family_for_config
-
-    if not patterns:
-        return [], {}
-    param_paths = [".".join(str(k) for k in path) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-    chosen = {p for p in param_paths if any(re.search(pattern, p.replace(".", "/")) for pattern in patterns)}
-    specs = family_for_config(model_config).weight_specs(model_config)
-    modules = sorted({spec.hf_name.rsplit(".", 1)[0] for spec in specs
-                      if any(path in chosen for path, _, _ in spec.targets)})
-    if model_config.tie_word_embeddings and any(m.endswith("embed_tokens") for m in modules):
-        raise CheckpointError("lora.modules_to_save with tied embeddings cannot be written as a PEFT adapter; "
-                              "use --format hf")
-    clash = sorted(set(modules) & adapted)
-    if clash:
-        raise CheckpointError(f"{clash[0]} has both a LoRA adapter and lora.modules_to_save; use --format hf")
-    tensors = {}
-    for spec in specs:
-        if spec.hf_name.rsplit(".", 1)[0] not in modules:
-            continue
-        parts = []
-        for path, _, _ in spec.targets:
-            node = model
-            for key in path.split("."):
-                node = node[int(key)] if key.isdigit() else getattr(node, key)
-            value = node[...]
-            value = value.astype(jnp.dtype(dtype)) if dtype else value
-            parts.append(to_host(value).T if spec.transpose else to_host(value))
-        tensors[spec.hf_name] = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0))
-    return modules, tensors
-
-
 # ------------------------------------------------------------------------------------------------ from a checkpoint
 
 
@@ -263,9 +72,9 @@ def model_from_checkpoint(source, *, step: int | None = None):
     """Rebuild the trained model from a run / checkpoint path: (model, model_config, run_config dict, meta)."""
     from flax import nnx
 
-    from sftjax import checkpoint as ckpt
+    from sftjax.train import checkpoint as ckpt
     from sftjax.config import LoraSection
-    from sftjax.train.lora import apply_lora, trainable_filter
+    from sftjax.peft.lora import apply_lora, trainable_filter
 
     root, found_step = ckpt.resolve_checkpoint(source)
     manager = ckpt.CheckpointManager(root, read_only=True, keep=None)
@@ -299,7 +108,7 @@ def model_from_checkpoint(source, *, step: int | None = None):
 def _base_model(run_config: Mapping, lora, meta: Mapping, step_dir: pathlib.Path):
     import jax.numpy as jnp
 
-    from sftjax import checkpoint as ckpt
+    from sftjax.train import checkpoint as ckpt
     from sftjax.models.loading import load_model
 
     model_section = run_config.get("model") or {}

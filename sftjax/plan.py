@@ -295,7 +295,7 @@ def model_config_of(cfg: Config):
 def abstract_model(cfg: Config, model_config):
     """The trainer's model (LoRA added, layers stacked when ``model.scan_layers``) as shapes only."""
     from sftjax.models.decoder import Decoder
-    from sftjax.train.lora import apply_lora
+    from sftjax.peft.lora import apply_lora
 
     seed = cfg.train.seed
 
@@ -470,7 +470,7 @@ def attention_items(cfg: Config, mc, mesh_sizes: dict, rows: int, length: int, d
 
 def _lora_linears(model, mesh_sizes) -> list[tuple[int, int, int]]:
     """(in, out features per device, number of layers it stands for) of every adapted linear layer."""
-    from sftjax.train.lora import linear_modules
+    from sftjax.peft.lora import linear_modules
 
     tensor = mesh_sizes["tensor"]
     out = []
@@ -500,7 +500,7 @@ def plan(config: Config, *, devices: int | None = None, device_kind: str | None 
     """Estimate memory per device and step time of ``config`` on ``devices`` x ``device_kind`` (default: this
     machine's devices). Reads no weights and compiles nothing."""
     from sftjax.train.flops import model_flops_per_token
-    from sftjax.train.lora import split_model
+    from sftjax.peft.lora import split_model
     from sftjax.train.optim import make_optimizer
 
     cfg = config

@@ -22,7 +22,7 @@ def compile_memory(config: Config, *, seq_len: int | None = None) -> dict:
 
     from pallas_kernels import dispatch
     from sftjax.sharding import make_mesh
-    from sftjax.train.lora import split_model
+    from sftjax.peft.lora import split_model
     from sftjax.train.optim import make_optimizer
     from sftjax.train.step import LossOptions, TrainState, make_train_step
 

@@ -11,7 +11,7 @@ it keeps XLA off a mis-partitioning: in jax 0.10.2 (Shardy and GSPMD alike, so i
 the input-gradient matmul (dy @ W.T) of a kernel W [in, out] split (fsdp, tensor), with the batch split over
 (data, fsdp) one row per shard, gets a collective-permute of the cotangent's batch shards and no permute back, so
 gradient rows of different shards swap (loss right, gradients upstream of W wrong).
-``scripts/repro_xla_spmd_row_swap.py`` is the standalone reproduction; ``tests/test_sharded_gradients.py``
+``scripts/repro_xla_spmd_row_swap.py`` is the standalone reproduction; ``tests/train/test_sharded_gradients.py``
 guards the workaround.
 """
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sftjax import checkpoint as ckpt
+from sftjax.train import checkpoint as ckpt
 from sftjax import export as ex
+from sftjax.peft import adapter_io
 from sftjax.config import LoraSection
 from sftjax.errors import CheckpointError
 
@@ -56,7 +57,7 @@ def our_logits(model) -> np.ndarray:
 
 def add_random_lora(model, lora: LoraSection, seed: int = 1):
     """Attach adapters like training would, then give B non-zero values (a fresh B is zero: nothing to test)."""
-    from sftjax.train.lora import apply_lora, linear_modules
+    from sftjax.peft.lora import apply_lora, linear_modules
 
     apply_lora(model, lora, rngs=nnx.Rngs(seed))
     key = jax.random.key(seed)
@@ -76,7 +77,7 @@ def hand_merged_torch(base_path, model, model_config) -> np.ndarray:
     """Reference independent of PEFT: W_torch[out, in] += scale * (A @ B).T computed in numpy."""
     reference = transformers.AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     modules = dict(reference.named_modules())
-    for name, (a_IR, b_RO, scale) in ex.lora_adapters(model, model_config).items():
+    for name, (a_IR, b_RO, scale) in adapter_io.lora_adapters(model, model_config).items():
         delta = scale * (np.asarray(a_IR, np.float64) @ np.asarray(b_RO, np.float64))
         with torch.no_grad():
             modules[name].weight += torch.tensor(delta.T, dtype=torch.float32)
@@ -92,13 +93,13 @@ def test_peft_adapter_loads_in_peft_with_our_logits(hf_base, tmp_path, targets):
     model, model_config = load_ours(hf_base)
     add_random_lora(model, lora)
     ours = our_logits(model)
-    out = ex.write_peft_adapter(model, model_config, tmp_path / "adapter", lora=vars(lora),
+    out = adapter_io.write_peft_adapter(model, model_config, tmp_path / "adapter", lora=vars(lora),
                                 base_model_name_or_path=str(hf_base))
     base = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
     plain = torch_logits(base)
     peft_model = peft.PeftModel.from_pretrained(base, out)
     adapted = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
-    assert len(adapted) == len(ex.lora_adapters(model, model_config))
+    assert len(adapted) == len(adapter_io.lora_adapters(model, model_config))
     via_peft = torch_logits(peft_model)
     assert np.abs(via_peft - plain).max() > 1e-2  # the adapters really change the output
     np.testing.assert_allclose(via_peft, ours, atol=1e-4, rtol=0)
@@ -109,7 +110,7 @@ def test_peft_rslora_scale(hf_base, tmp_path):
     lora = LoraSection(enabled=True, r=4, alpha=3.0, rslora=True, target_modules="all-linear")
     model, model_config = load_ours(hf_base)
     add_random_lora(model, lora, seed=3)
-    out = ex.write_peft_adapter(model, model_config, tmp_path / "a", lora=vars(lora),
+    out = adapter_io.write_peft_adapter(model, model_config, tmp_path / "a", lora=vars(lora),
                                 base_model_name_or_path=str(hf_base))
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["use_rslora"] and config["r"] == 4 and config["lora_alpha"] == pytest.approx(3.0)
@@ -127,7 +128,7 @@ def _run_config(hf_base, lora: LoraSection, tokenizer: str | None = None) -> dic
 
 
 def _save_checkpoint(run_dir, config, model, lora: LoraSection, step=10):
-    from sftjax.train.lora import trainable_filter
+    from sftjax.peft.lora import trainable_filter
 
     with ckpt.CheckpointManager(run_dir / "checkpoints", config,
                                 base_model={"path": config["model"]["path"],
@@ -273,7 +274,7 @@ def test_peft_adapter_on_fused_phi3_modules(tmp_path, targets):
     model, model_config = load_ours(tmp_path / "phi3")
     add_random_lora(model, lora)
     ours = our_logits(model)
-    out = ex.write_peft_adapter(model, model_config, tmp_path / "adapter", lora=vars(lora),
+    out = adapter_io.write_peft_adapter(model, model_config, tmp_path / "adapter", lora=vars(lora),
                                 base_model_name_or_path=str(tmp_path / "phi3"))
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     if targets == "all-linear":  # qkv_proj gets rank 3r, gate_up_proj 2r
@@ -296,7 +297,7 @@ def test_peft_adapter_with_modules_to_save(hf_base, tmp_path):
     model.embed_tokens.embedding[...] = model.embed_tokens.embedding[...] + 0.1
     model.layers[1].mlp_norm.weight[...] = model.layers[1].mlp_norm.weight[...] * 0.5
     ours = our_logits(model)
-    out = ex.write_peft_adapter(model, model_config, tmp_path / "adapter", lora=vars(lora),
+    out = adapter_io.write_peft_adapter(model, model_config, tmp_path / "adapter", lora=vars(lora),
                                 base_model_name_or_path=str(hf_base))
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["lm_head", "model.embed_tokens", "model.layers.1.post_attention_layernorm"]

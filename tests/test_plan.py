@@ -40,7 +40,7 @@ def _item(result: Plan, name: str) -> int:
 
 def _real_model(cfg, tokenizer=None):
     """The trainer's model built for real (random init, LoRA if enabled)."""
-    from sftjax.train.lora import apply_lora
+    from sftjax.peft.lora import apply_lora
     from sftjax.train.trainer import build_model
 
     model, _ = build_model(cfg, tokenizer=tokenizer)
@@ -65,7 +65,7 @@ def test_tiny_config_parameter_count_equals_a_real_decoder(assets_dir):
                                              (False, "sgd")])
 def test_sharded_bytes_equal_real_shards_on_8_devices(lora, optimizer):
     from sftjax.sharding import make_mesh, shard_model
-    from sftjax.train.lora import split_model
+    from sftjax.peft.lora import split_model
     from sftjax.train.optim import make_optimizer
     from sftjax.train.step import TrainState
 
@@ -186,7 +186,7 @@ def test_saved_activations_match_what_jax_saves_for_backward(remat, lora, scan, 
     from jax._src.ad_checkpoint import saved_residuals
 
     from sftjax.models.scan import stack_layers
-    from sftjax.train.lora import split_model
+    from sftjax.peft.lora import split_model
     from sftjax.train.step import LossOptions, forward_loss
 
     overrides = SMALL_INIT + [f"data.max_length={length}", "train.micro_batch_size=2", "train.global_batch_size=2",

@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from sftjax.errors import CheckpointError
+from sftjax.models.weights import iter_hf_tensors
 
 # --------------------------------------------------------------------------------------------------------------
-# Quantization types we read. Each one is checked against an independent reference in tests/test_gguf_io.py.
+# Quantization types we read. Each one is checked against an independent reference in tests/models/test_gguf_io.py.
 
 _SUPPORTED_TYPE_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
@@ -614,8 +615,6 @@ def write_gguf(model, config, tokenizer, out_path, *, dtype: str = "f16", tokeni
     ``dtype``: "f16" (default), "bf16", "q8_0" or "f32"; norms stay float32. ``config`` is the model's
     ModelConfig. The tokenizer must be byte-level BPE (``tokenizer=None`` writes none).
     """
-    from sftjax.models.loading import iter_hf_tensors
-
     hf_config = config.to_hf_dict()
     return write_gguf_from_hf(hf_config, iter_hf_tensors(model, config, dtype=np.float32), tokenizer, out_path,
                               dtype=dtype, tokenizer_pre=tokenizer_pre, name=name)

@@ -43,3 +43,24 @@ def run(args: argparse.Namespace) -> int:
         trainer.close_checkpoints()
     print(json.dumps({"steps": trainer.total_steps, "output_dir": cfg.train.output_dir, **result}, indent=2))
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- eval
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML run config whose data section has eval data")
+    parser.add_argument("overrides", nargs="*", help="overrides such as model.path=runs/x/final")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """``sftjax eval CONFIG [overrides]``: loss, perplexity and token accuracy on a config's eval data."""
+    from sftjax.config import load_config
+    from sftjax.errors import ConfigError
+    from sftjax.train.trainer import Trainer
+
+    cfg = load_config(args.config, overrides=args.overrides)
+    trainer = Trainer(cfg)
+    if trainer.eval_data is None:
+        raise ConfigError("data: no eval data; set data.eval_sources or data.eval_fraction")
+    print(json.dumps(trainer.evaluate(), indent=2))
+    return 0

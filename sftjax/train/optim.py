@@ -1,6 +1,6 @@
 """Optimizers and learning-rate schedules, built from the ``optim:`` config section.
 
-The optimizer only ever sees the trainable part of the state tree (see ``sftjax.train.lora``), so frozen
+The optimizer only ever sees the trainable part of the state tree (see ``sftjax.peft.lora``), so frozen
 weights get neither gradient memory nor optimizer state. Weight decay skips parameters whose path matches one
 of ``optim.no_decay`` (norms, biases and embeddings by default). Gradient clipping is done by the train step
 (which also reports the norm), not here.

@@ -7,10 +7,10 @@ global batch from this host's rows (``jax.make_array_from_process_local_data``, 
 metrics of earlier steps, so the host never waits on the device step by step. Evaluation runs every
 ``eval_every`` steps and at the end; the model is written at the end (merged weights or a PEFT adapter).
 
-Checkpointing (``checkpoint:`` section, :mod:`sftjax.checkpoint`): ``open_checkpoints()`` opens the run's
+Checkpointing (``checkpoint:`` section, :mod:`sftjax.train.checkpoint`): ``open_checkpoints()`` opens the run's
 checkpoint manager and applies ``checkpoint.resume`` (restoring state, data iterator position, RNG and the loop
 step); ``fit()`` then saves on the section's triggers, stops cleanly on SIGTERM/SIGINT after writing a checkpoint
-(:class:`sftjax.preemption.PreemptionGuard`), and writes a final checkpoint at the last step. A failed periodic
+(:class:`sftjax.train.preemption.PreemptionGuard`), and writes a final checkpoint at the last step. A failed periodic
 save is logged and training goes on (the in-memory state is intact); a failed final save is an error. Without
 ``open_checkpoints()`` the loop does not checkpoint. ``add_hook(fn)`` runs ``fn(trainer, step)`` after each step.
 """
@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from sftjax.config import Config
 from sftjax.errors import CheckpointError, ConfigError
 from sftjax.train import flops as flops_lib
-from sftjax.train.lora import apply_lora, split_model
+from sftjax.peft.lora import apply_lora, split_model
 from sftjax.train.metrics import MetricsLogger, device_memory_bytes
 from sftjax.train.optim import make_optimizer
 from sftjax.train.step import LossOptions, TrainState, make_eval_step, make_train_step
@@ -91,7 +91,7 @@ class Trainer:
                  eval_data=None):
         self.config = cfg = config
         train = cfg.train
-        from sftjax.distributed import initialize
+        from sftjax.train.distributed import initialize
 
         initialize(train.distributed)  # before anything touches the devices
         self.checkpoint_section = cfg.checkpoint  # validated before anything is built
@@ -200,12 +200,12 @@ class Trainer:
         ``resume: never`` refuses a checkpoint directory that already holds checkpoints: the new run's saves and
         retention would delete them. Use another ``train.output_dir``/``checkpoint.directory`` or remove them.
         """
-        from sftjax.checkpoint import abstract_like, restore_for_resume, train_state_from_items, train_state_items
+        from sftjax.train.checkpoint import abstract_like, restore_for_resume, train_state_from_items, train_state_items
 
         section, cfg = self.checkpoint_section, self.config
         base_model = None
         if cfg.model.path:
-            from sftjax.checkpoint import fingerprint_model
+            from sftjax.train.checkpoint import fingerprint_model
             from sftjax.models.zoo import resolve_model_path
 
             resolved = resolve_model_path(cfg.model.path).absolute()
@@ -248,7 +248,7 @@ class Trainer:
     def _save_checkpoint(self, step: int, *, force: bool, metrics: dict | None = None) -> None:
         """Start a checkpoint at ``step`` (on the triggers, or now when ``force``); a failure is logged, not raised:
         the in-memory state is intact and the next save may succeed."""
-        from sftjax.checkpoint import train_state_items
+        from sftjax.train.checkpoint import train_state_items
 
         try:
             self.checkpoints.maybe_save(step, train_state_items(self.state), data_state=self.train_data.get_state(),
@@ -258,7 +258,7 @@ class Trainer:
 
     def _final_checkpoint(self, step: int) -> pathlib.Path:
         """Write the checkpoint at ``step`` and wait until it is committed (errors raise)."""
-        from sftjax.checkpoint import train_state_items
+        from sftjax.train.checkpoint import train_state_items
 
         manager = self.checkpoints
         try:
@@ -295,7 +295,7 @@ class Trainer:
         plus ``stopped_at``/``checkpoint`` when a stop signal ended the run early (no final model then)."""
         import contextlib
 
-        from sftjax.preemption import PreemptionGuard
+        from sftjax.train.preemption import PreemptionGuard
 
         cfg = self.config.train
         out_dir = pathlib.Path(cfg.output_dir)
@@ -429,7 +429,7 @@ class Trainer:
         model = self.updated_model()
         out_dir = pathlib.Path(out_dir)
         if self.config.train.save == "adapter" and self.lora_targets:
-            from sftjax.export import write_peft_adapter
+            from sftjax.peft.adapter_io import write_peft_adapter
 
             lora = dataclasses.asdict(self.config.lora)
             return write_peft_adapter(model, self.model_config, out_dir, lora=lora,

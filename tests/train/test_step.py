@@ -13,7 +13,7 @@ from flax import nnx
 from sftjax.config import LoraSection, OptimSection
 from sftjax.models.config import ModelConfig
 from sftjax.models.decoder import Decoder
-from sftjax.train.lora import split_model
+from sftjax.peft.lora import split_model
 from sftjax.train.optim import make_optimizer
 from sftjax.train.step import LossOptions, TrainState, make_eval_step, make_train_step
 
@@ -302,7 +302,7 @@ def test_sharded_step_matches_single_device(setup):
         pytest.skip("needs 8 (fake) devices")
     config, hf, _ = setup
     # 2 micro-batches of 4 rows: one row per (data, fsdp) shard, the layout where XLA's partitioner used to swap
-    # gradient rows (see sftjax.sharding.gather_for_compute and tests/test_sharded_gradients.py).
+    # gradient rows (see sftjax.sharding.gather_for_compute and tests/train/test_sharded_gradients.py).
     examples = make_examples(1, 8)
     batch = {k: v.reshape(2, 4, LENGTH) for k, v in pack_rows(examples, rows=8, per_row=1).items()}
     model = our_model_from_torch(config, hf)

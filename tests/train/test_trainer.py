@@ -11,7 +11,7 @@ import pytest
 
 import jax
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def tiny_overrides(assets_dir, out_dir, *extra):

@@ -1,4 +1,4 @@
-"""Tests of sftjax.preemption: a first signal becomes a flag, the loop checkpoints and exits 0; a second exits now."""
+"""Tests of sftjax.train.preemption: a first signal becomes a flag, the loop checkpoints and exits 0; a second exits now."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from sftjax.preemption import PreemptionGuard
+from sftjax.train.preemption import PreemptionGuard
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_first_signal_sets_flag_and_handlers_are_restored():
@@ -43,8 +43,8 @@ def test_request_from_code_and_single_process_sync_point_fallback():
 TOY_LOOP = """
 import sys, time, pathlib
 import jax, jax.numpy as jnp
-from sftjax.checkpoint import CheckpointManager
-from sftjax.preemption import PreemptionGuard
+from sftjax.train.checkpoint import CheckpointManager
+from sftjax.train.preemption import PreemptionGuard
 root = pathlib.Path(sys.argv[1])
 w = jnp.zeros(1000)
 manager = CheckpointManager(root, {"model": {"path": "toy"}}, save_every_steps=1000, keep=2)
@@ -96,7 +96,7 @@ def test_signal_writes_checkpoint_and_exits_zero(tmp_path, sig):
     import jax.numpy as jnp
     import numpy as np
 
-    from sftjax.checkpoint import CheckpointManager
+    from sftjax.train.checkpoint import CheckpointManager
 
     root = tmp_path / "ck"
     proc = _start(TOY_LOOP.replace("IGNORE_FLAG_AFTER_FIRST", "False"), root)

@@ -54,7 +54,7 @@ def _all_templates(assets_dir):
 def _template_names():
     import os
     import pathlib
-    root = pathlib.Path(os.environ.get("SFTJAX_ASSETS", pathlib.Path(__file__).resolve().parent.parent.parent
+    root = pathlib.Path(os.environ.get("SFTJAX_ASSETS", pathlib.Path(__file__).resolve().parents[3]
                                        / "shared" / "assets")) / "chat_templates"
     return sorted(f"{p.parent.name}/{p.name}" for p in root.glob("*/*.jinja")) or ["<no assets>"]
 
@@ -365,7 +365,7 @@ def tool_conversations(assets_dir):
 def _tool_template_names():
     import os
     import pathlib
-    root = pathlib.Path(os.environ.get("SFTJAX_ASSETS", pathlib.Path(__file__).resolve().parent.parent.parent
+    root = pathlib.Path(os.environ.get("SFTJAX_ASSETS", pathlib.Path(__file__).resolve().parents[3]
                                        / "shared" / "assets")) / "chat_templates"
     names = [n for n in _template_names() if n not in UNSUPPORTED and (root / n).is_file()
              and "tool" in (root / n).read_text()]  # templates with no notion of tools are not asked to render them

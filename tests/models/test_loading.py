@@ -16,7 +16,8 @@ from flax import nnx  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from sftjax.errors import CheckpointError, SftjaxError  # noqa: E402
-from sftjax.models.loading import build_model, iter_hf_tensors, load_model, load_tokenizer, save_model  # noqa: E402
+from sftjax.models.loading import load_model, load_tokenizer, save_model
+from sftjax.models.weights import iter_hf_tensors, model_from_hf_tensors  # noqa: E402
 
 VOCAB = 96
 
@@ -56,7 +57,7 @@ def _logits(model):
 def test_build_model_from_state_dict_tensors(hf_dir):
     _, hf_model = hf_dir
     tensors = ((name, t.numpy()) for name, t in hf_model.state_dict().items())
-    model, config = build_model(hf_model.config.to_dict(), tensors, dtype=jnp.float32, source="state_dict")
+    model, config = model_from_hf_tensors(hf_model.config.to_dict(), tensors, dtype=jnp.float32, source="state_dict")
     assert config.num_layers == 2 and config.num_kv_heads == 2 and not config.tie_word_embeddings
     assert np.abs(_logits(model) - _hf_logits(hf_model)).max() <= 1e-4
 
@@ -77,13 +78,13 @@ def test_build_model_names_bad_shape_and_missing_tensor(hf_dir):
     bad = dict(state)
     bad["model.layers.1.mlp.up_proj.weight"] = np.zeros((64, 31), np.float32)
     with pytest.raises(CheckpointError, match=r"mem: tensor model\.layers\.1\.mlp\.up_proj\.weight has shape"):
-        build_model(hf_model.config.to_dict(), bad.items(), dtype=jnp.float32, source="mem")
+        model_from_hf_tensors(hf_model.config.to_dict(), bad.items(), dtype=jnp.float32, source="mem")
     missing = {k: v for k, v in state.items() if k != "model.norm.weight"}
     with pytest.raises(CheckpointError, match=r"mem: missing tensor model\.norm\.weight"):
-        build_model(hf_model.config.to_dict(), missing.items(), dtype=jnp.float32, source="mem")
+        model_from_hf_tensors(hf_model.config.to_dict(), missing.items(), dtype=jnp.float32, source="mem")
     extra = dict(state, **{"model.layers.0.self_attn.q_norm.weight": np.ones(8, np.float32)})
     with pytest.raises(CheckpointError, match="unexpected tensor model.layers.0.self_attn.q_norm.weight"):
-        build_model(hf_model.config.to_dict(), extra.items(), dtype=jnp.float32, source="mem")
+        model_from_hf_tensors(hf_model.config.to_dict(), extra.items(), dtype=jnp.float32, source="mem")
 
 
 def test_bfloat16_load_and_save_writes_bfloat16(hf_dir, tmp_path):

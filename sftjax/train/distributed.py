@@ -21,7 +21,7 @@ import os
 
 from sftjax.errors import ConfigError
 
-logger = logging.getLogger("sftjax.distributed")
+logger = logging.getLogger("sftjax.train.distributed")
 
 MODES = ("auto", "on", "off")
 

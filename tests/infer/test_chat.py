@@ -1,5 +1,5 @@
 """Chat: the prompts a session feeds the model equal transformers' ``apply_chat_template`` of the whole history,
-its (streamed) replies equal ``sftjax.generate.generate`` on the same messages, /reset forgets, a tiny context
+its (streamed) replies equal ``sftjax.infer.generate.generate`` on the same messages, /reset forgets, a tiny context
 drops the oldest turns, and the ``sftjax chat`` command end to end on the real SmolLM2 GGUF."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import re
 import pytest
 from flax import nnx
 
-from sftjax import generate as gen
-from sftjax.chat_cli import ChatSession
+from sftjax.infer import generate as gen
+from sftjax.infer.chat import ChatSession
 from sftjax.errors import ConfigError, DataError
 
 QUESTION_1 = "What is the capital of France?"

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from sftjax import generate as gen
+from sftjax.infer import generate as gen
 from sftjax.errors import ConfigError, DataError, SftjaxError
 
 _PREFILL_CHUNK = 64

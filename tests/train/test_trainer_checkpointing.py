@@ -3,7 +3,7 @@ before anything is built, a finished run is reported complete instead of retrain
 ``resume: never`` over existing checkpoints fail with one line (nothing is overwritten), raising ``train.steps``
 continues from the final checkpoint, ``resume: <path>`` starts a new run from another run's checkpoint, and a
 failing periodic save is logged while training goes on. (The exact-resume and signal tests run the CLI in
-subprocesses: tests/test_resume.py.)"""
+subprocesses: tests/train/test_resume.py.)"""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from sftjax.cli import main
 from sftjax.errors import CheckpointError, ConfigError
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny_cpu.yaml")
 
 
@@ -68,7 +68,7 @@ def test_bad_checkpoint_section_is_one_line_before_building(assets_dir, tmp_path
 
 
 def test_config_checkpoint_property_uses_checkpoint_section_defaults():
-    from sftjax.checkpoint import CheckpointSection
+    from sftjax.train.checkpoint import CheckpointSection
     from sftjax.config import load_config
 
     # tiny_cpu.yaml sets save_every_steps, keep and resume; everything else takes the section's defaults.
@@ -137,7 +137,7 @@ def test_more_steps_continue_from_the_final_checkpoint_and_append_metrics(finish
 
 
 def test_failed_periodic_save_is_logged_and_training_goes_on(tmp_path, assets_dir, monkeypatch, caplog):
-    from sftjax.checkpoint import CheckpointManager
+    from sftjax.train.checkpoint import CheckpointManager
     from sftjax.config import load_config
     from sftjax.train.trainer import Trainer
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sftjax import generate as gen
+from sftjax.infer import generate as gen
 from sftjax.models.config import SLIDING_ATTENTION, FULL_ATTENTION, ModelConfig
 from sftjax.models.decoder import Decoder
 

@@ -10,7 +10,7 @@ import pytest
 
 from sftjax.cli import main
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny_cpu.yaml")
 
 

@@ -7,7 +7,7 @@ fsdp before use (``sftjax.sharding.gather_for_compute``; standalone repro in
 and cross-entropy implementation the CPU dispatcher can pick (``reference``, ``xla_chunked``; the chunked ones
 with blocks small enough to loop), under two weight layouts: the logical rules (``shard_model``) and "first
 divisible axis over fsdp, last over tensor", the layout that exposed the bug. The one-device run is the oracle:
-its gradients are checked against PyTorch in tests/test_step.py.
+its gradients are checked against PyTorch in tests/train/test_step.py.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from sftjax.config import LoraSection
 from sftjax.models.config import ModelConfig
 from sftjax.models.decoder import Decoder
 from sftjax.sharding import make_mesh, shard_model
-from sftjax.train.lora import apply_lora, split_model
+from sftjax.peft.lora import apply_lora, split_model
 from sftjax.train.step import LossOptions, forward_loss
 
 VOCAB, LENGTH, ROWS = 128, 32, 4  # 4 rows = one per (data, fsdp) shard

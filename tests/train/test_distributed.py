@@ -1,4 +1,4 @@
-"""Multi-process training (sftjax.distributed): detection of a job from the environment, and ``sftjax train`` run
+"""Multi-process training (sftjax.train.distributed): detection of a job from the environment, and ``sftjax train`` run
 as two real JAX processes of 4 CPU devices each (gloo collectives over localhost) against the same run in one
 process of 8 devices. The reference is the single-process run: every logged loss and every exported weight of
 the two-process run must match it; checkpoints are written collectively and the merged model by process 0."""
@@ -15,10 +15,10 @@ import sys
 import numpy as np
 import pytest
 
-from sftjax.distributed import detected_job, initialize
+from sftjax.train.distributed import detected_job, initialize
 from sftjax.errors import ConfigError
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny_cpu.yaml")
 JOB_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID", "SLURM_NTASKS",
                  "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")

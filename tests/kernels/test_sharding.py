@@ -294,7 +294,7 @@ def test_train_step_with_pallas_kernels_on_mesh_matches_single_device_reference(
     from sftjax.models.config import ModelConfig
     from sftjax.models.decoder import Decoder
     from sftjax.sharding import batch_sharding, make_mesh, shard_model
-    from sftjax.train.lora import split_model
+    from sftjax.peft.lora import split_model
     from sftjax.train.optim import make_optimizer
     from sftjax.train.step import LossOptions, TrainState, make_train_step
 

@@ -424,11 +424,11 @@ def _as_stored(array: np.ndarray, dtype: str) -> np.ndarray:
 def test_write_gguf_roundtrip_logits(tmp_path, source_tokenizer, tied, dtype):
     """Decoder -> write_gguf -> sftjax.load_model gives transformers' logits on the weights rounded to ``dtype``."""
     import sftjax
-    from sftjax.models.loading import build_model
+    from sftjax.models.weights import model_from_hf_tensors
 
     config, state = _random_llama(tied)
     expected = _torch_logits(config, {k: _as_stored(v, dtype) for k, v in state.items()}, _TOKENS)
-    model, model_config = build_model(config, state.items(), source="test")
+    model, model_config = model_from_hf_tensors(config, state.items(), source="test")
     path = gguf_io.write_gguf(model, model_config, source_tokenizer, tmp_path / "out.gguf", dtype=dtype)
     assert not list(tmp_path.glob("*.partial"))
     reloaded, reloaded_config = sftjax.load_model(path)
@@ -439,10 +439,10 @@ def test_write_gguf_roundtrip_logits(tmp_path, source_tokenizer, tied, dtype):
 
 
 def test_written_gguf_contents(tmp_path, source_tokenizer):
-    from sftjax.models.loading import build_model
+    from sftjax.models.weights import model_from_hf_tensors
 
     config, state = _random_llama(tied=True)
-    model, model_config = build_model(config, state.items(), source="test")
+    model, model_config = model_from_hf_tensors(config, state.items(), source="test")
     path = gguf_io.write_gguf(model, model_config, source_tokenizer, tmp_path / "m.gguf", dtype="q8_0")
     reader = gguf.GGUFReader(str(path))
     tensors = {t.name: t for t in reader.tensors}
@@ -470,10 +470,10 @@ def test_written_gguf_reads_in_transformers(tmp_path, source_tokenizer):
     """transformers' GGUF reader (an independent reader) gets the original model and tokenizer back."""
     from transformers import AutoModelForCausalLM
 
-    from sftjax.models.loading import build_model
+    from sftjax.models.weights import model_from_hf_tensors
 
     config, state = _random_llama(tied=False)
-    model, model_config = build_model(config, state.items(), source="test")
+    model, model_config = model_from_hf_tensors(config, state.items(), source="test")
     path = gguf_io.write_gguf(model, model_config, source_tokenizer, tmp_path / "m.gguf", dtype="f32")
     theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -12,9 +12,9 @@ from flax import nnx
 
 from sftjax.config import LoraSection
 from sftjax.errors import ConfigError
-from sftjax.train.lora import apply_lora, linear_modules, merge_lora, select_targets, split_model
+from sftjax.peft.lora import apply_lora, linear_modules, merge_lora, select_targets, split_model
 
-from test_step import (LENGTH, adamw, build_step, make_examples, our_model_from_torch, pack_rows,  # noqa: E402
+from tests.train.test_step import (adamw, build_step, make_examples, our_model_from_torch, pack_rows,  # noqa: E402
                        tiny_model_config, torch_llama, torch_loss, assert_close_relative)
 
 torch = pytest.importorskip("torch")

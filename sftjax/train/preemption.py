@@ -7,7 +7,7 @@ the first SIGTERM or SIGINT only sets a flag and prints one line. The training l
 :meth:`PreemptionGuard.should_stop` once per step; when it says yes, the loop writes one final checkpoint, waits
 for it, and returns normally (exit code 0, with a message saying where the checkpoint is). A second signal means
 "now": the process exits at once with ``128 + signal`` without touching the disk further (the checkpoint being
-written, if any, stays an ignored temporary directory; see :mod:`sftjax.checkpoint`).
+written, if any, stays an ignored temporary directory; see :mod:`sftjax.train.checkpoint`).
 
 With several JAX processes (a pod, a GPU cluster) every process must stop at the *same* step or the collective
 save deadlocks. JAX's distributed runtime has a preemption service for that: the cluster's notice (SIGTERM on

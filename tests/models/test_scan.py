@@ -24,9 +24,9 @@ from sftjax.errors import ConfigError
 from sftjax.models.config import ModelConfig
 from sftjax.models.decoder import Decoder
 from sftjax.models.scan import ScanBlock, plan_scan, stack_layers, unstacked, unstacked_paths
-from sftjax.train.lora import apply_lora, split_model
+from sftjax.peft.lora import apply_lora, split_model
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 VOCAB = 97
 
 

@@ -1,4 +1,4 @@
-"""Tests of sftjax.checkpoint: round trip, triggers, retention, crash safety, full disk, mesh changes, bad input.
+"""Tests of sftjax.train.checkpoint: round trip, triggers, retention, crash safety, full disk, mesh changes, bad input.
 
 The reference for every restored value is the array the test itself built (or rebuilt from the same formula in
 another process), never a value produced by the checkpoint code.
@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sftjax import checkpoint as ckpt
+from sftjax.train import checkpoint as ckpt
 from sftjax.errors import CheckpointError
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = {"model": {"path": "/models/tiny", "dtype": "float32"}, "lora": {"r": 8, "alpha": 16}, "optim": {"lr": 1e-3}}
 
 
@@ -144,7 +144,7 @@ import os, pathlib, signal, sys
 import asyncio
 import jax, jax.numpy as jnp
 from orbax.checkpoint._src.path import atomicity
-from sftjax.checkpoint import CheckpointManager
+from sftjax.train.checkpoint import CheckpointManager
 
 # hold every commit (the rename of the temporary directory) back a little, so that on a fast disk too the kill
 # lands before step 2 is committed; the writes themselves are untouched
@@ -250,7 +250,7 @@ def test_write_error_reported_as_one_line(tmp_path, monkeypatch):
 WRITE_SHARDED = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from sftjax.checkpoint import CheckpointManager
+from sftjax.train.checkpoint import CheckpointManager
 mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
 w = jax.device_put(jnp.arange(16 * 8, dtype=jnp.float32).reshape(16, 8) * 0.375 - 5, NamedSharding(mesh, P("fsdp", "data")))
 b = jax.device_put(jnp.arange(8, dtype=jnp.bfloat16), NamedSharding(mesh, P("data")))
@@ -263,7 +263,7 @@ print("ok")
 READ_SHARDED = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from sftjax.checkpoint import CheckpointManager
+from sftjax.train.checkpoint import CheckpointManager
 n = jax.device_count()
 mesh = Mesh(np.array(jax.devices()), ("fsdp",))
 sd = lambda shape, dtype, spec: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
@@ -444,11 +444,11 @@ TOY_TRAINING = """
 import json, os, pathlib, signal, sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from sftjax.checkpoint import CheckpointManager, abstract_like, train_state_from_items, train_state_items
+from sftjax.train.checkpoint import CheckpointManager, abstract_like, train_state_from_items, train_state_items
 from sftjax.config import LoraSection, OptimSection
 from sftjax.models.config import ModelConfig
 from sftjax.models.decoder import Decoder
-from sftjax.train.lora import apply_lora, split_model
+from sftjax.peft.lora import apply_lora, split_model
 from sftjax.train.optim import make_optimizer
 from sftjax.train.step import LossOptions, TrainState, make_train_step
 
@@ -513,7 +513,7 @@ def _toy_losses(run_dir: pathlib.Path) -> dict[int, str]:
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
-    """A toy loop that threads its RNG through the checkpoint (LoRA dropout); tests/test_resume.py does the same
+    """A toy loop that threads its RNG through the checkpoint (LoRA dropout); tests/train/test_resume.py does the same
     with the real Trainer for LoRA and full fine-tuning."""
     mode = "lora"
     total = 8
