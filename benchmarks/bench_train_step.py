@@ -46,7 +46,6 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-import pallas_kernels  # noqa: E402
 from sftjax.config import LoraSection, OptimSection  # noqa: E402
 from sftjax.models.weights import model_from_hf_tensors  # noqa: E402
 from sftjax.peft.lora import split_model  # noqa: E402
@@ -150,14 +149,13 @@ def torch_runner(model, batch: dict[str, np.ndarray]):
 def sftjax_runner(hf_config: dict, weights: dict[str, np.ndarray], batch: dict[str, np.ndarray], attention: str,
                   cross_entropy: str):
     """(step() -> loss, forward() -> loss, compiled memory) for one implementation pair, on a fresh model."""
-    pallas_kernels.set_default_implementation("attention", attention)
-    pallas_kernels.set_default_implementation("cross_entropy", cross_entropy)
     model, _ = model_from_hf_tensors(hf_config, weights.items(), dtype=jnp.float32, source="benchmark")
+    model.configure(attention_implementation=attention)
     graphdef, trainable, frozen = split_model(model, LoraSection())
     optim = OptimSection(name="adamw", learning_rate=LEARNING_RATE, schedule="constant", weight_decay=WEIGHT_DECAY,
                          no_decay=[], b1=0.9, b2=0.999, eps=1e-8)
     tx, schedule = make_optimizer(optim, total_steps=1000)
-    options = LossOptions()
+    options = LossOptions(cross_entropy_implementation=cross_entropy)
     train_step = make_train_step(graphdef, tx, schedule, options)
     device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
     rng = jax.random.key(0)
@@ -237,8 +235,6 @@ def bench_model(name: str, rows: int, length: int, warmup: int, repeats: int, pr
         print(f"[{name}] sftjax {label}: first-step loss {first_loss:.6f} (rel diff {relative:.1e}), grad norm "
               f"{grad_norm:.6f} (rel diff {grad_relative:.1e}) {flag}"
               + (f"  compiled temp {memory['temp_bytes'] / 2**20:.0f} MiB" if memory else ""), flush=True)
-    pallas_kernels.set_default_implementation("attention", None)
-    pallas_kernels.set_default_implementation("cross_entropy", None)
 
     step_times = interleaved_medians(steps, max(warmup - 1, 0), repeats)
     forward_times = interleaved_medians(forwards, 1, repeats) if profile else {}

@@ -47,7 +47,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import bench_train_step as bench  # noqa: E402
-import pallas_kernels  # noqa: E402
 from sftjax.config import LoraSection, OptimSection  # noqa: E402
 from sftjax.models.weights import model_from_hf_tensors  # noqa: E402
 from sftjax.peft.lora import split_model  # noqa: E402
@@ -149,9 +148,8 @@ def profile_model(name: str, rows: int, length: int, implementation: str, steps:
     hf = bench.hf_llama(spec, length)
     weights = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
     batch = bench.packed_batch(rows, length, spec["vocab_size"])
-    pallas_kernels.set_default_implementation("attention", implementation)
-    pallas_kernels.set_default_implementation("cross_entropy", implementation)
     model, _ = model_from_hf_tensors(hf.config.to_dict(), weights.items(), dtype=jnp.float32, source="profile")
+    model.configure(attention_implementation=implementation)
     graphdef, trainable, frozen = split_model(model, LoraSection())
     optim = OptimSection(name="adamw", learning_rate=bench.LEARNING_RATE, schedule="constant",
                          weight_decay=bench.WEIGHT_DECAY, no_decay=[], b1=0.9, b2=0.999, eps=1e-8)
@@ -159,7 +157,7 @@ def profile_model(name: str, rows: int, length: int, implementation: str, steps:
     state = TrainState.create(trainable, tx)
     device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
     rng = jax.random.key(0)
-    compiled = make_train_step(graphdef, tx, schedule, LossOptions()).lower(state, frozen, device_batch, rng).compile()
+    compiled = make_train_step(graphdef, tx, schedule, LossOptions(cross_entropy_implementation=implementation)).lower(state, frozen, device_batch, rng).compile()
     sources = hlo_source_map(compiled.as_text())
 
     def step(state):
@@ -178,8 +176,6 @@ def profile_model(name: str, rows: int, length: int, implementation: str, steps:
             walls.append(time.perf_counter() - start)
         jax.profiler.stop_trace()
         self_ns, counts = self_times(trace_dir)
-    pallas_kernels.set_default_implementation("attention", None)
-    pallas_kernels.set_default_implementation("cross_entropy", None)
 
     per_step_ms = {k: v / steps / 1e6 for k, v in self_ns.items() if not k.startswith(RUNTIME_EVENTS)}
     by_source, by_kind, by_phase = (collections.defaultdict(float) for _ in range(3))

@@ -1,61 +1,19 @@
-"""Which implementation ``implementation=None`` picks, per op.
-
-Order of precedence: an explicit ``implementation=`` argument, then a default set here (from the training
-config via :func:`set_default_implementation` or temporarily via :func:`use_implementation`), then the best
-choice for the backend. The automatic choice is logged once per (op, choice).
-
-The choice is made when a function is traced: set the default before the first call of a jitted train step
-(jax reuses earlier traces).
+"""Which implementation an op runs: the explicit ``implementation=`` argument, else the op's automatic choice for
+the backend (logged once per choice). The choice is made when a function is traced, so it is part of what jax
+caches: pass it as a static value (the decoder and the loss hold it as a field), never through global state.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 
 import jax
 
+from pallas_kernels import choices
+
 OPS = ("attention", "cross_entropy")
 _logger = logging.getLogger("pallas_kernels")
-_defaults: dict[str, str | None] = {op: None for op in OPS}
-_local = threading.local()
 _logged: set[tuple[str, str, str]] = set()
-
-
-def _check_op(op: str) -> None:
-    if op not in OPS:
-        raise ValueError(f"pallas_kernels: unknown op {op!r}; known ops: {OPS}")
-
-
-def set_default_implementation(op: str, name: str | None) -> None:
-    """Process-wide default for ``op`` ('attention' or 'cross_entropy'); None or 'auto' restores the automatic choice."""
-    _check_op(op)
-    _defaults[op] = None if name in (None, "auto") else name
-
-
-def get_default_implementation(op: str) -> str | None:
-    """The default set for ``op`` (innermost :func:`use_implementation` first), or None for automatic."""
-    _check_op(op)
-    stack = getattr(_local, "stack", [])
-    for stacked_op, name in reversed(stack):
-        if stacked_op == op:
-            return name
-    return _defaults[op]
-
-
-@contextlib.contextmanager
-def use_implementation(op: str, name: str | None):
-    """Within the block (at trace time), ``implementation=None`` for ``op`` means ``name``."""
-    _check_op(op)
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    stack.append((op, None if name in (None, "auto") else name))
-    try:
-        yield
-    finally:
-        stack.pop()
 
 
 def backend() -> str:
@@ -72,11 +30,13 @@ def log_choice_once(op: str, name: str, reason: str) -> None:
 
 
 def resolve(op: str, implementation: str | None, available: tuple[str, ...], automatic) -> str:
-    """The implementation to run: explicit argument, then configured default, then ``automatic()``."""
-    name = implementation or get_default_implementation(op)
+    """The implementation to run: ``implementation`` when given (not None/"auto"), else ``automatic()``."""
+    if op not in OPS:
+        raise ValueError(f"pallas_kernels: unknown op {op!r}; known ops: {OPS}")
+    name = choices.explicit(implementation)
     if name is None:
         name, reason = automatic()
         log_choice_once(op, name, reason)
     if name not in available:
-        raise ValueError(f"{op}: unknown implementation {name!r}; available: {available}")
+        raise ValueError(f"{op}: unknown implementation {name!r}; available: {', '.join(available)}")
     return name

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_model": "sftjax.models.loading",
     "save_model": "sftjax.models.loading",
-    "load_tokenizer": "sftjax.models.loading",
+    "load_tokenizer": "sftjax.models.tokenizer",
     "generate": "sftjax.infer.generate",
     "load_config": "sftjax.config",
     "Trainer": "sftjax.train.trainer",

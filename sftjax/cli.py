@@ -1,7 +1,8 @@
 """The ``sftjax`` command line.
 
 Each subcommand lives in the module that owns the feature and exposes ``add_arguments(parser)`` and
-``run(args) -> int``; this file only wires them together and turns user errors into one-line messages.
+``run(args) -> int``; this file only wires them together and turns user errors into one-line messages. Only the
+module of the subcommand being run is imported (``sftjax --help`` imports none, so it starts without jax).
 """
 
 from __future__ import annotations
@@ -36,10 +37,14 @@ def _entry_points(target: str):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sftjax", description="Supervised fine-tuning in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
     runners = {}
     for name, (target, help_text) in COMMANDS.items():
-        add_arguments, runners[name] = _entry_points(target)
-        add_arguments(sub.add_parser(name, help=help_text))
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            add_arguments, runners[name] = _entry_points(target)
+            add_arguments(command_parser)
     args = parser.parse_args(argv)
     from sftjax.errors import SftjaxError
 

@@ -1,82 +1,201 @@
-"""Run configuration: one YAML file -> typed, validated dataclasses.
+"""Run configuration: one YAML file -> frozen, validated dataclasses. The whole schema lives in this file.
 
-A config is a mapping of sections (``model``, ``tokenizer``, ``data``, ``lora``, ``optim``, ``train``, and
-free-form sections other parts of sftjax own, such as ``checkpoint``). ``load_config(path, overrides)`` reads
-the YAML, applies ``a.b=value`` overrides (the value is parsed as YAML, so ``3``, ``1e-4``, ``true``, ``[a,b]``
-work), converts each value to the field's declared type and validates everything before any jax code runs.
-Every problem is one :class:`~sftjax.errors.ConfigError` line naming the key, the bad value and what is
-allowed; an unknown key suggests the closest known one.
+A config is a mapping of sections (``model``, ``tokenizer``, ``data``, ``lora``, ``optim``, ``train``,
+``checkpoint``). ``load_config(path, overrides)`` reads the YAML, applies ``a.b=value`` overrides (the value is
+parsed as YAML, so ``3``, ``1e-4``, ``true``, ``[a,b]`` work) and builds each section with one generic builder:
+unknown keys are refused with the closest known key suggested, each value is converted to its field's declared
+type (``Literal`` choices list what is allowed), and each section's ``check()`` enforces the rules between
+fields. Every problem is one :class:`~sftjax.errors.ConfigError` line naming the key, the bad value and what is
+allowed, raised before any jax code runs (this module imports no jax). Sections built directly in Python go
+through the same conversion and checks in ``__post_init__``. Nothing is mutated after construction: derived
+values (the micro-batch size, the logging interval) are properties.
+
+Relative paths (data sources, a chat template file, tokenizer and model directories) are used as given when they
+exist from the working directory, else relative to the config file's folder when they exist there.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import pathlib
 import types
 import typing
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
+from pallas_kernels import choices as kernel_choices
 from sftjax.errors import ConfigError
+from sftjax.models.config import REMAT_POLICIES
 
-REMAT_POLICIES = ("none", "full", "save_dots", "offload_dots")
 DTYPES = ("float32", "bfloat16", "float16")
-# Sections owned by other modules, kept as raw mappings and validated by their owners.
-FREE_SECTIONS = ("checkpoint",)
+ATTENTION_IMPLEMENTATIONS = (kernel_choices.AUTO, *kernel_choices.ATTENTION)
+CROSS_ENTROPY_IMPLEMENTATIONS = (kernel_choices.AUTO, *kernel_choices.CROSS_ENTROPY)
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
+MASKINGS = ("auto", "assistant", "completion", "last_assistant", "all")
+PACKINGS = ("best", "bfd", "first_fit", "none")
+OVERFLOWS = ("truncate", "split", "drop")
+ON_BAD_ROW = ("error", "skip")
+# Canonical column names a source may rename (value = the column in the file).
+COLUMN_KEYS = ("messages", "conversations", "tools", "system", "instruction", "input", "output", "history",
+               "prompt", "completion", "text")
 
 
-@dataclasses.dataclass
-class ModelSection:
+class Section:
+    """Base of every config section: conversion + ``check()`` at construction, ``from_dict`` for YAML."""
+
+    SECTION: ClassVar[str] = "config"
+    SHORTHAND: ClassVar[str | None] = None  # a plain string given for the section fills this field
+
+    def __post_init__(self):
+        hints = _hints(type(self))
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            converted = _convert(f"{self.SECTION}.{field.name}", value, hints[field.name])
+            if converted is not value:
+                object.__setattr__(self, field.name, converted)
+        self.check()
+
+    def check(self) -> None:
+        """Rules between fields (one-line ConfigErrors)."""
+
+    @classmethod
+    def from_dict(cls, raw: Any, section: str | None = None):
+        """The section from a YAML mapping (unknown keys suggest the closest known one)."""
+        return _build(cls, raw, section or cls.SECTION)
+
+
+def _positive(key: str, value, *, allow_zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+# ------------------------------------------------------------------------------------------------- sections
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection(Section):
     """Which model to fine-tune and how to run it."""
 
-    path: str | None = None  # HF directory, GGUF file or alias understood by sftjax.load_model
+    SECTION: ClassVar[str] = "model"
+    path: str | None = None  # HF directory (a config.json alone is enough for `sftjax plan`), GGUF file or alias
     init: dict | None = None  # ModelConfig fields of a random-init model (tests, demos)
-    param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # master weights
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # forward/backward
-    remat: Literal["none", "full", "save_dots", "offload_dots"] = "none"  # per decoder layer (or scanned period)
-    attention_implementation: str | None = None
-    cross_entropy_implementation: str | None = None
+    param_dtype: Literal[DTYPES] = "float32"  # master weights
+    compute_dtype: Literal[DTYPES] = "float32"  # forward/backward
+    remat: Literal[REMAT_POLICIES] = "none"  # per decoder layer (or scanned period)
+    attention_implementation: Literal[ATTENTION_IMPLEMENTATIONS] | None = "auto"  # pallas_kernels.attention
+    cross_entropy_implementation: Literal[CROSS_ENTROPY_IMPLEMENTATIONS] | None = "auto"  # the fused loss
     scan_layers: bool = False  # stack the layers and run them with lax.scan (faster compiles of deep models)
 
-    def validate(self) -> None:
-        if (self.path is None) == (self.init is None):
-            raise ConfigError("model: give exactly one of model.path (checkpoint/alias) or model.init (random init)")
+    @property
+    def attention(self) -> str | None:
+        """The attention implementation to pass on: None = automatic."""
+        return kernel_choices.explicit(self.attention_implementation)
+
+    @property
+    def cross_entropy(self) -> str | None:
+        return kernel_choices.explicit(self.cross_entropy_implementation)
 
 
-@dataclasses.dataclass
-class TokenizerSection:
+@dataclasses.dataclass(frozen=True)
+class TokenizerSection(Section):
+    SECTION: ClassVar[str] = "tokenizer"
     path: str | None = None  # default: the model's own tokenizer
 
 
-@dataclasses.dataclass
-class LoraSection:
+@dataclasses.dataclass(frozen=True)
+class SourceConfig(Section):
+    """One dataset file or directory and how to read its rows."""
+
+    SECTION: ClassVar[str] = "data.sources[]"
+    SHORTHAND: ClassVar[str] = "path"
+    path: str
+    weight: float = 1.0
+    format: Literal[FORMATS] = "auto"
+    columns: dict = dataclasses.field(default_factory=dict)  # canonical name -> column in the file
+    json_field: str | None = None  # the key holding the rows in a JSON file that wraps them
+    split: str | None = None  # of a `datasets.save_to_disk` DatasetDict
+    system_prompt: str | None = None
+
+    def check(self) -> None:
+        where = f"source {self.path!r}: "
+        if not self.path:
+            raise ConfigError(f"{self.SECTION}.path={self.path!r} must be a non-empty string")
+        if not self.weight > 0:
+            raise ConfigError(f"{where}weight={self.weight!r} must be a positive number")
+        for key, value in self.columns.items():
+            if key not in COLUMN_KEYS:
+                close = difflib.get_close_matches(str(key), COLUMN_KEYS, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(COLUMN_KEYS)}"
+                raise ConfigError(f"{where}columns has unknown key {key!r}; {hint}")
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{where}columns.{key}={value!r} must be a column name (string)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(Section):
+    """Training (and eval) data: sources, masking, packing and loader settings."""
+
+    SECTION: ClassVar[str] = "data"
+    sources: tuple[SourceConfig, ...]
+    eval_sources: tuple[SourceConfig, ...] = ()
+    eval_fraction: float = 0.0
+    seed: int = 0
+    max_length: int = 2048
+    masking: Literal[MASKINGS] = "auto"
+    chat_template: str | None = None  # a Jinja file or inline template; default: the tokenizer's
+    packing: Literal[PACKINGS] = "best"
+    overflow: Literal[OVERFLOWS] = "truncate"
+    on_bad_row: Literal[ON_BAD_ROW] = "error"
+    num_workers: int = 0
+    cache_dir: str | None = None
+    shuffle: bool = True
+    prefetch: int = 2
+
+    def check(self) -> None:
+        if not self.sources:
+            raise ConfigError("data.sources is empty; give at least one dataset path")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction={self.eval_fraction!r} must be a number in [0, 1)")
+        for key, minimum in (("max_length", 1), ("num_workers", 0), ("prefetch", 0)):
+            if getattr(self, key) < minimum:
+                raise ConfigError(f"data.{key}={getattr(self, key)!r} must be an integer >= {minimum}")
+        if self.chat_template is not None and not self.chat_template:
+            raise ConfigError(f"data.chat_template={self.chat_template!r} must be a file path or inline Jinja")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection(Section):
     """PEFT-style LoRA adapters; disabled = full fine-tuning."""
 
+    SECTION: ClassVar[str] = "lora"
     enabled: bool = False
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     rslora: bool = False
-    target_modules: list[str] | str = "all-linear"
-    modules_to_save: list[str] = dataclasses.field(default_factory=list)
+    target_modules: list[str] | str = "all-linear"  # names/regexes, or all-linear
+    modules_to_save: list[str] = dataclasses.field(default_factory=list)  # regexes of fully trained params
 
-    def validate(self) -> None:
+    def __post_init__(self):
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            object.__setattr__(self, "target_modules", [self.target_modules])  # one name = a list of one
+        super().__post_init__()
+
+    def check(self) -> None:
         if self.r < 1:
             raise ConfigError(f"lora.r={self.r!r} must be an integer >= 1")
-        if self.alpha <= 0:
-            raise ConfigError(f"lora.alpha={self.alpha!r} must be > 0")
+        _positive("lora.alpha", self.alpha)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout={self.dropout!r} must be in [0, 1)")
-        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
-            self.target_modules = [self.target_modules]
 
 
-@dataclasses.dataclass
-class OptimSection:
+@dataclasses.dataclass(frozen=True)
+class OptimSection(Section):
     """Optimizer, learning-rate schedule and gradient clipping."""
 
+    SECTION: ClassVar[str] = "optim"
     name: Literal["adamw", "adafactor", "sgd"] = "adamw"
     learning_rate: float = 1e-4
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
@@ -90,39 +209,38 @@ class OptimSection:
     b2: float = 0.999
     eps: float = 1e-8
     momentum: float = 0.0  # sgd
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = 1.0  # null: no clipping
     z_loss: float = 0.0
 
-    def validate(self) -> None:
-        if not self.learning_rate > 0:
-            raise ConfigError(f"optim.learning_rate={self.learning_rate!r} must be > 0")
-        for key in ("warmup_steps",):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"optim.{key}={getattr(self, key)!r} must be >= 0")
+    def check(self) -> None:
+        _positive("optim.learning_rate", self.learning_rate)
+        _positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
         for key in ("warmup_ratio", "min_lr_ratio"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"optim.{key}={getattr(self, key)!r} must be in [0, 1]")
-        if self.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay={self.weight_decay!r} must be >= 0")
+        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
         for key in ("b1", "b2"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"optim.{key}={getattr(self, key)!r} must be in [0, 1)")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"optim.max_grad_norm={self.max_grad_norm!r} must be > 0 or null (no clipping)")
-        if self.z_loss < 0:
-            raise ConfigError(f"optim.z_loss={self.z_loss!r} must be >= 0")
+        _positive("optim.z_loss", self.z_loss, allow_zero=True)
 
 
-@dataclasses.dataclass
-class MeshSection:
+@dataclasses.dataclass(frozen=True)
+class MeshSection(Section):
     """Device mesh sizes; -1 = all remaining devices."""
 
+    SECTION: ClassVar[str] = "train.mesh"
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
 
-    def validate(self) -> None:
-        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+    def sizes(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+    def check(self) -> None:
+        sizes = self.sizes()
         if sum(1 for v in sizes.values() if v == -1) > 1:
             raise ConfigError(f"train.mesh={sizes} may use -1 for at most one axis")
         for key, value in sizes.items():
@@ -131,33 +249,31 @@ class MeshSection:
 
     def resolve(self, device_count: int) -> dict[str, int]:
         """Concrete axis sizes for ``device_count`` devices (one-line error when they do not fit)."""
-        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        sizes = self.sizes()
         fixed = 1
         for value in sizes.values():
-            if value != -1:
-                fixed *= value
+            fixed *= value if value != -1 else 1
         if device_count % fixed:
             raise ConfigError(f"train.mesh={sizes} needs a multiple of {fixed} devices; {device_count} available")
-        for key, value in sizes.items():
-            if value == -1:
-                sizes[key] = device_count // fixed
+        sizes = {key: device_count // fixed if value == -1 else value for key, value in sizes.items()}
         if sizes["data"] * sizes["fsdp"] * sizes["tensor"] != device_count:
             raise ConfigError(f"train.mesh={sizes} uses {sizes['data'] * sizes['fsdp'] * sizes['tensor']} devices; "
                               f"{device_count} available (use -1 for one axis)")
         return sizes
 
 
-@dataclasses.dataclass
-class TrainSection:
+@dataclasses.dataclass(frozen=True)
+class TrainSection(Section):
     """Loop length, batch geometry, cadence and outputs."""
 
+    SECTION: ClassVar[str] = "train"
     steps: int | None = None
     epochs: float | None = None
     global_batch_size: int = 8  # rows per optimizer step, over all devices and hosts
     micro_batch_size: int | None = None  # rows per accumulation micro-batch (global); default = global
     eval_every: int = 0  # 0 = only at the end
     eval_batches: int | None = None  # cap on eval batches per evaluation (None = all)
-    log_every: int = 10
+    log_every: int = 10  # 0 = every step
     seed: int = 0
     output_dir: str = "runs/default"
     save: Literal["merged", "adapter", "none"] = "merged"
@@ -167,74 +283,90 @@ class TrainSection:
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     distributed: Literal["auto", "on", "off"] = "auto"  # join a multi-process job (sftjax.train.distributed)
 
-    def validate(self) -> None:
-        if self.steps is None and self.epochs is None:
-            raise ConfigError("train: give train.steps or train.epochs")
+    def check(self) -> None:
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"train.steps={self.steps!r} must be >= 1")
         if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"train.epochs={self.epochs!r} must be > 0")
         if self.global_batch_size < 1:
             raise ConfigError(f"train.global_batch_size={self.global_batch_size!r} must be >= 1")
-        if self.micro_batch_size is None:
-            self.micro_batch_size = self.global_batch_size
-        if self.micro_batch_size < 1 or self.global_batch_size % self.micro_batch_size:
-            raise ConfigError(f"train.micro_batch_size={self.micro_batch_size!r} must divide "
+        micro = self.micro_rows
+        if micro < 1 or self.global_batch_size % micro:
+            raise ConfigError(f"train.micro_batch_size={micro!r} must divide "
                               f"train.global_batch_size={self.global_batch_size}")
         for key in ("eval_every", "log_every"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"train.{key}={getattr(self, key)!r} must be >= 0")
-        if self.log_every == 0:
-            self.log_every = 1
-        self.mesh.validate()
+            _positive(f"train.{key}", getattr(self, key), allow_zero=True)
+
+    @property
+    def micro_rows(self) -> int:
+        """Rows per accumulation micro-batch (global)."""
+        return self.micro_batch_size if self.micro_batch_size is not None else self.global_batch_size
 
     @property
     def accum_steps(self) -> int:
-        return self.global_batch_size // self.micro_batch_size
+        return self.global_batch_size // self.micro_rows
+
+    @property
+    def log_interval(self) -> int:
+        return max(1, self.log_every)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection(Section):
+    """Checkpoints of a run (:mod:`sftjax.train.checkpoint`)."""
+
+    SECTION: ClassVar[str] = "checkpoint"
+    directory: str | None = None  # default: <train.output_dir>/checkpoints
+    save_every_steps: int | None = None
+    save_every_minutes: float | None = 30.0
+    keep: int | None = 3  # newest checkpoints kept (null: all)
+    keep_best: int = 0  # also keep this many with the lowest eval_loss
+    resume: str = "auto"  # auto | never | <path to a run, checkpoint root or step directory>
+    async_save: bool = True
+
+    def check(self) -> None:
+        for key in ("save_every_steps", "save_every_minutes", "keep"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"checkpoint.{key}={value!r} must be a positive number or null")
+        _positive("checkpoint.keep_best", self.keep_best, allow_zero=True)
+        if not self.resume:
+            raise ConfigError(f"checkpoint.resume={self.resume!r} must be auto, never or a path")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    """A whole run. ``data`` holds a :class:`sftjax.data.config.DataConfig` (or None for eval-less tools)."""
+    """A whole run; ``data`` is None for tools that need no data (plan, export, generate)."""
 
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     tokenizer: TokenizerSection = dataclasses.field(default_factory=TokenizerSection)
-    data: Any = None
+    data: DataConfig | None = None
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
-    extra: dict = dataclasses.field(default_factory=dict)  # FREE_SECTIONS, raw
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     source_path: str | None = None
 
     def check_devices(self, device_count: int) -> dict[str, int]:
         """Resolve the mesh and check the batch splits evenly over its batch axes; returns the mesh sizes."""
         sizes = self.train.mesh.resolve(device_count)
         shards = sizes["data"] * sizes["fsdp"]
-        if self.train.micro_batch_size % shards:
-            raise ConfigError(f"train.micro_batch_size={self.train.micro_batch_size} (global_batch_size="
+        if self.train.micro_rows % shards:
+            raise ConfigError(f"train.micro_batch_size={self.train.micro_rows} (global_batch_size="
                               f"{self.train.global_batch_size} / accumulation) is not divisible by the "
                               f"{shards} batch shards (mesh data*fsdp over {device_count} devices)")
         return sizes
 
-    @property
-    def checkpoint(self):
-        """The ``checkpoint:`` section validated as a :class:`sftjax.train.checkpoint.CheckpointSection` (directory,
-        save_every_steps, save_every_minutes=30, keep=3, keep_best=0, resume=auto|never|<path>, async_save=true).
-
-        It stays raw in ``extra`` (the checkpoint module owns its fields) and is validated here, on first use,
-        which the trainer does before building anything."""
-        from sftjax.train.checkpoint import CheckpointSection
-
-        raw = self.extra.get("checkpoint")
-        if raw is not None and not isinstance(raw, dict):
-            raise ConfigError(f"checkpoint={raw!r} must be a mapping of checkpoint settings")
-        return CheckpointSection.from_dict(raw)
-
     def to_dict(self) -> dict:
-        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
-               if f.name not in ("extra", "source_path")}
-        out.update(self.extra)
-        return out
+        """The run as plain YAML/JSON values (what a checkpoint's meta stores)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "source_path"}
+
+    def replace(self, **sections) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+SECTIONS = {"model": ModelSection, "tokenizer": TokenizerSection, "data": DataConfig, "lora": LoraSection,
+            "optim": OptimSection, "train": TrainSection, "checkpoint": CheckpointSection}
 
 
 def _plain(value: Any) -> Any:
@@ -249,21 +381,32 @@ def _plain(value: Any) -> Any:
 
 # --------------------------------------------------------------------------------------------- conversion
 
+_HINTS: dict[type, dict] = {}
+
+
+def _hints(cls: type) -> dict:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if origin is list:
+    if origin in (list, tuple):
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if tp is dict or origin is dict:
         return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping" + (f" or a {tp.SHORTHAND}" if getattr(tp, "SHORTHAND", None) else "")
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
 def _convert(key: str, value: Any, tp: Any) -> Any:
-    """Value checked/converted to type ``tp``; ConfigError naming ``key`` otherwise."""
+    """``value`` checked and converted to type ``tp``; a ConfigError naming ``key`` otherwise."""
     origin = typing.get_origin(tp)
     bad = ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}")
     if origin is Literal:
@@ -275,20 +418,22 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _convert(key, value, options[0])
+        for arg in options:
             try:
                 return _convert(key, value, arg)
             except ConfigError:
                 continue
         raise bad
-    if origin is list:
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
             raise bad
-        return [_convert(f"{key}[{i}]", v, typing.get_args(tp)[0]) for i, v in enumerate(value)]
+        items = [_convert(f"{key}[{i}]", v, typing.get_args(tp)[0]) for i, v in enumerate(value)]
+        if origin is tuple:
+            return value if isinstance(value, tuple) and all(a is b for a, b in zip(items, value)) else tuple(items)
+        return value if isinstance(value, list) and all(a is b for a, b in zip(items, value)) else items
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise bad
@@ -309,23 +454,29 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
                 raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        return float(value)
+        return value if isinstance(value, float) else float(value)
     if tp is str:
         if not isinstance(value, str):
             raise bad
         return value
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, str) and getattr(tp, "SHORTHAND", None):
+            value = {tp.SHORTHAND: value}
         return _build(tp, value, key)
     raise bad  # pragma: no cover
 
 
 def _build(cls: type, given: Any, section: str) -> Any:
+    """A section dataclass from a mapping: unknown and missing keys refused, each value converted."""
     if given is None:
         given = {}
     if not isinstance(given, dict):
         raise ConfigError(f"{section}={given!r} must be a mapping")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    hints = _hints(cls)
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
     kwargs = {}
     for key, value in given.items():
         if key not in names:
@@ -333,37 +484,69 @@ def _build(cls: type, given: Any, section: str) -> Any:
             hint = f"did you mean {section}.{close[0]}?" if close else f"known keys: {', '.join(names)}"
             raise ConfigError(f"unknown key {section}.{key}; {hint}")
         kwargs[key] = _convert(f"{section}.{key}", value, hints[key])
+    for field in fields:
+        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        if required and field.name not in kwargs:
+            raise ConfigError(f"{section} is missing the required key {field.name!r}")
     return cls(**kwargs)
 
 
-SECTIONS = {"model": ModelSection, "tokenizer": TokenizerSection, "lora": LoraSection, "optim": OptimSection,
-            "train": TrainSection}
+# ------------------------------------------------------------------------------------------------- loading
+
+PURPOSES = ("train", "data")
 
 
-def config_from_dict(raw: dict, *, source_path: str | None = None) -> Config:
-    """Build and validate a :class:`Config` from a plain mapping (the parsed YAML)."""
+def config_from_dict(raw: dict, *, source_path: str | None = None, purpose: str = "train") -> Config:
+    """Build and validate a :class:`Config` from a plain mapping (the parsed YAML).
+
+    ``purpose="train"`` (every command that builds a model) requires a model and a run length;
+    ``purpose="data"`` (``sftjax data preview``) requires only the data section, and also accepts a YAML that is
+    just the data section.
+    """
+    where = source_path or "config"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source_path or 'config'}: the top level must be a mapping of sections")
-    known = list(SECTIONS) + ["data"] + list(FREE_SECTIONS)
+        raise ConfigError(f"{where}: the top level must be a mapping of sections")
+    if purpose == "data" and raw and not set(raw) & set(SECTIONS):
+        raw = {"data": raw}  # a bare data section
     for key in raw:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known sections: {', '.join(known)}"
+        if key not in SECTIONS:
+            close = difflib.get_close_matches(str(key), list(SECTIONS), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known sections: {', '.join(SECTIONS)}"
             raise ConfigError(f"unknown config section {key!r}; {hint}")
-    sections = {name: _build(cls, raw.get(name), name) for name, cls in SECTIONS.items()}
-    data = None
-    if raw.get("data") is not None:
-        from sftjax.data.config import DataConfig
+    sections = {name: _build(cls, raw.get(name), name) for name, cls in SECTIONS.items() if name != "data"}
+    data = _build(DataConfig, raw["data"], "data") if raw.get("data") is not None else None
+    cfg = Config(data=data, source_path=source_path, **sections)
+    if purpose == "train":
+        if (cfg.model.path is None) == (cfg.model.init is None):
+            raise ConfigError("model: give exactly one of model.path (checkpoint/alias) or model.init (random init)")
+        if cfg.train.steps is None and cfg.train.epochs is None:
+            raise ConfigError("train: give train.steps or train.epochs")
+    elif cfg.data is None:
+        raise ConfigError(f"{where}: no data: section (data.sources is required)")
+    return _resolve_relative_paths(cfg)
 
-        data = DataConfig.from_dict(raw["data"])
-    extra = {name: raw[name] for name in FREE_SECTIONS if name in raw}
-    cfg = Config(data=data, extra=extra, source_path=source_path, **sections)
-    for name in SECTIONS:
-        validate = getattr(getattr(cfg, name), "validate", None)
-        if validate is not None:
-            validate()
-    cfg.checkpoint  # validates the checkpoint section now, so a typo fails with the rest of the config
-    return cfg
+
+def _resolve_relative_paths(cfg: Config) -> Config:
+    """Relative paths that do not exist from the working directory, tried relative to the config file's folder."""
+    if cfg.source_path is None:
+        return cfg
+    base = pathlib.Path(cfg.source_path).resolve().parent
+
+    def fix(path: str | None) -> str | None:
+        if not path or os.path.isabs(path) or os.path.exists(path) or "{" in path:
+            return path
+        candidate = base / path
+        return str(candidate) if candidate.exists() else path
+
+    model = dataclasses.replace(cfg.model, path=fix(cfg.model.path))
+    tokenizer = dataclasses.replace(cfg.tokenizer, path=fix(cfg.tokenizer.path))
+    data = cfg.data
+    if data is not None:
+        data = dataclasses.replace(
+            data, chat_template=fix(data.chat_template),
+            sources=tuple(dataclasses.replace(s, path=fix(s.path)) for s in data.sources),
+            eval_sources=tuple(dataclasses.replace(s, path=fix(s.path)) for s in data.eval_sources))
+    return cfg.replace(model=model, tokenizer=tokenizer, data=data)
 
 
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
@@ -372,7 +555,7 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         dotted, text = item.split("=", 1)
-        keys = [k for k in dotted.strip().split(".")]
+        keys = dotted.strip().split(".")
         if not all(keys):
             raise ConfigError(f"override {item!r} has an empty key")
         try:
@@ -391,16 +574,24 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     return raw
 
 
-def load_config(path: str | pathlib.Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config (or start empty when ``path`` is None), apply overrides, validate."""
-    raw: dict = {}
-    if path is not None:
-        path = pathlib.Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())[:200]})") from None
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A YAML file's top-level mapping (one-line errors for a missing or malformed file)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())[:200]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                purpose: str = "train") -> Config:
+    """Read a YAML config (or start empty when ``path`` is None), apply overrides, validate (see
+    :func:`config_from_dict` for ``purpose``)."""
+    raw = read_yaml(path) if path is not None else {}
     raw = apply_overrides(raw, overrides)
-    return config_from_dict(raw, source_path=str(path) if path else None)
+    return config_from_dict(raw, source_path=str(path) if path is not None else None, purpose=purpose)

@@ -12,7 +12,7 @@ per the ``lora`` section -- restores the checkpoint's ``params`` item into it an
   onto the base model. PEFT names a module by its Hugging Face path (``model.layers.0.self_attn.q_proj``), found
   through the family's weight table, and stores ``lora_A`` as [r, in] and ``lora_B`` as [out, r] (the transposes
   of our [in, r] / [r, out]);
-* ``gguf``: one ``.gguf`` file through :func:`sftjax.models.gguf_io.write_gguf` (f16 / bf16 / q8_0).
+* ``gguf``: one ``.gguf`` file through :func:`sftjax.models.gguf_write.write_gguf` (f16 / bf16 / q8_0).
 
 Every export is written into a temporary sibling and renamed into place at the end, so a failed export never
 leaves half a model, and ``--overwrite`` replaces an existing output only once the new one is complete. A non-empty
@@ -22,6 +22,7 @@ output is refused without ``--overwrite``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pathlib
 import shutil
@@ -29,7 +30,16 @@ import tempfile
 import uuid
 from collections.abc import Mapping
 
+from flax import nnx
+
 from sftjax.errors import CheckpointError, ConfigError
+from sftjax.models.gguf_write import write_gguf
+from sftjax.models.loading import load_model, save_model
+from sftjax.models.scan import unstacked
+from sftjax.models.tokenizer import load_tokenizer
+from sftjax.peft.lora import trainable_filter
+from sftjax.train import checkpoint as ckpt
+from sftjax.train import program
 from sftjax.peft.adapter_io import write_peft_adapter
 
 FORMATS = ("hf", "peft", "gguf")
@@ -69,13 +79,12 @@ def _publish(staged: pathlib.Path, out: pathlib.Path) -> None:
 
 
 def model_from_checkpoint(source, *, step: int | None = None):
-    """Rebuild the trained model from a run / checkpoint path: (model, model_config, run_config dict, meta)."""
-    from flax import nnx
+    """Rebuild the trained model from a run / checkpoint path: (model, model_config, run_config dict, meta).
 
-    from sftjax.train import checkpoint as ckpt
-    from sftjax.config import LoraSection
-    from sftjax.peft.lora import apply_lora, trainable_filter
-
+    The model is built by the run recipe (:mod:`sftjax.train.program`) from the config saved in the checkpoint --
+    base weights from ``model.path`` (refused when they changed since training) or a random init whose every
+    parameter the checkpoint then holds -- adapted the same way, and the checkpoint's ``params`` restored into it.
+    """
     root, found_step = ckpt.resolve_checkpoint(source)
     manager = ckpt.CheckpointManager(root, read_only=True, keep=None)
     try:
@@ -83,68 +92,40 @@ def model_from_checkpoint(source, *, step: int | None = None):
         if step is None:
             raise CheckpointError(f"no complete checkpoint in {root}")
         meta = manager.read_meta(step)
-        run_config = meta.get("config") or {}
-        lora = LoraSection(**(run_config.get("lora") or {}))
-        model, model_config = _base_model(run_config, lora, meta, root / str(step))
-        if lora.enabled:
-            apply_lora(model, lora, rngs=nnx.Rngs(0))
-        scanned = bool((run_config.get("model") or {}).get("scan_layers"))
-        if scanned:  # the checkpoint holds the stacked layout the run trained in
-            from sftjax.models.scan import stack_layers
-
-            stack_layers(model)
-        trainable = nnx.state(model, trainable_filter(lora, scan_plan=getattr(model, "scan_plan", None)))
+        cfg = ckpt.run_config(meta, root / str(step))
+        model, model_config = _base_model(cfg, meta, root / str(step))
+        program.adapt(model, cfg)
+        trainable = nnx.state(model, trainable_filter(cfg.lora, scan_plan=model.scan_plan))
         restored = manager.restore(step, {"params": ckpt.abstract_like(trainable)}, check_config=False)
         nnx.update(model, restored.state["params"])
-        if scanned:
-            from sftjax.models.scan import unstacked
-
-            model = unstacked(model)
+        model = unstacked(model)  # exported one module per layer
     finally:
         manager.close()
-    return model, model_config, run_config, meta
+    return model, model_config, cfg.to_dict(), meta
 
 
-def _base_model(run_config: Mapping, lora, meta: Mapping, step_dir: pathlib.Path):
-    import jax.numpy as jnp
-
-    from sftjax.train import checkpoint as ckpt
-    from sftjax.models.loading import load_model
-
-    model_section = run_config.get("model") or {}
-    dtype = jnp.dtype(model_section.get("param_dtype") or "float32")
+def _base_model(cfg, meta: Mapping, step_dir: pathlib.Path):
     base_ref = meta.get("base_model") or {}
-    path = base_ref.get("path") or model_section.get("path")
+    path = base_ref.get("path") or cfg.model.path
     if path:
         fingerprint = base_ref.get("fingerprint")
         if fingerprint and pathlib.Path(path).exists() and ckpt.fingerprint_model(path) != fingerprint:
             raise CheckpointError(f"base model {path} changed since checkpoint {step_dir} was written "
                                   "(fingerprint differs); the adapters would be applied to other weights")
-        return load_model(path, dtype=dtype)
-    if model_section.get("init"):
-        if lora.enabled:
-            raise CheckpointError(f"checkpoint {step_dir} holds LoRA adapters of a randomly initialized base "
-                                  "(model.init); its frozen weights are not in the checkpoint")
-        from flax import nnx
-
-        from sftjax.models.config import ModelConfig
-        from sftjax.models.decoder import Decoder
-
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in model_section["init"].items()}
-        if "vocab_size" not in fields:  # training took it from the tokenizer
-            tokenizer = _tokenizer_for(run_config)
-            if tokenizer is None:
-                raise CheckpointError(f"checkpoint {step_dir}: model.init has no vocab_size and the run's tokenizer "
-                                      "cannot be loaded to infer it")
-            fields["vocab_size"] = len(tokenizer)
-        config = ModelConfig(**{**fields, "dtype": dtype.name, "param_dtype": dtype.name})
-        return Decoder(config, rngs=nnx.Rngs(0)), config  # every parameter is restored from the checkpoint
-    raise CheckpointError(f"checkpoint {step_dir} config has neither model.path nor model.init")
+        return program.build_model(cfg.replace(model=dataclasses.replace(cfg.model, path=str(path))))
+    if cfg.lora.enabled:
+        raise CheckpointError(f"checkpoint {step_dir} holds LoRA adapters of a randomly initialized base "
+                              "(model.init); its frozen weights are not in the checkpoint")
+    tokenizer = None
+    if "vocab_size" not in (cfg.model.init or {}):  # training took it from the tokenizer
+        tokenizer = _tokenizer_for(cfg.to_dict())
+        if tokenizer is None:
+            raise CheckpointError(f"checkpoint {step_dir}: model.init has no vocab_size and the run's tokenizer "
+                                  "cannot be loaded to infer it")
+    return program.build_model(cfg, tokenizer=tokenizer)  # every parameter is restored from the checkpoint
 
 
 def _tokenizer_for(run_config: Mapping):
-    from sftjax.models.loading import load_tokenizer
-
     source = (run_config.get("tokenizer") or {}).get("path") or (run_config.get("model") or {}).get("path")
     if not source:
         return None
@@ -170,8 +151,6 @@ def export(source, out, *, format: str, dtype: str | None = None, overwrite: boo
         if format == "peft":
             raise CheckpointError(f"{source} is a plain model without LoRA adapters; --format peft needs a "
                                   "training checkpoint of a LoRA run")
-        from sftjax.models.loading import load_model
-
         model, model_config = load_model(source)
         run_config, meta = {"model": {"path": str(source)}}, {}
     else:
@@ -180,8 +159,6 @@ def export(source, out, *, format: str, dtype: str | None = None, overwrite: boo
     staged = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         if format == "hf":
-            from sftjax.models.loading import save_model
-
             save_model(model, model_config, staged, dtype=HF_DTYPES[dtype] if dtype else None,
                        tokenizer=_tokenizer_for(run_config))
         elif format == "peft":
@@ -203,11 +180,6 @@ def _is_model_file_or_dir(source) -> bool:
 
 
 def _write_gguf(model, model_config, run_config, staged_dir: pathlib.Path, dtype: str) -> pathlib.Path:
-    from sftjax.models import gguf_io
-
-    write_gguf = getattr(gguf_io, "write_gguf", None)
-    if write_gguf is None:
-        raise CheckpointError("GGUF export is not available in this version of sftjax (no gguf_io.write_gguf)")
     target = staged_dir.with_suffix(".gguf")
     write_gguf(model, model_config, _tokenizer_for(run_config), target, dtype=dtype)
     shutil.rmtree(staged_dir, ignore_errors=True)

@@ -53,10 +53,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels.attention.api import CPU_CHUNKED_MIN_LENGTH
-from pallas_kernels.cross_entropy.api import CHUNKED_MIN_LOGITS
-from sftjax.config import Config
+from pallas_kernels.attention import api as attention_api
+from pallas_kernels.cross_entropy import api as cross_entropy_api
+from sftjax.config import Config, load_config
 from sftjax.errors import ConfigError
+from sftjax.models.tokenizer import load_tokenizer
+from sftjax.peft.lora import linear_modules
+from sftjax.sharding import MESH_AXES, make_mesh
+from sftjax.train.flops import PEAK_FLOPS, device_peak_flops, model_flops_per_token
+from sftjax.train.program import build_program, check_backend
 
 GiB = 1024 ** 3
 # HBM per chip (vendor datasheets; the A100 also exists with 40 GB).
@@ -229,8 +234,6 @@ def _gpu_usable_fraction() -> tuple[float, str]:
 
 def device_spec(kind: str | None, devices: int) -> DeviceSpec:
     """The spec of ``kind`` (one of DEVICE_KINDS), or of this machine's devices when None."""
-    from sftjax.train.flops import PEAK_FLOPS, device_peak_flops
-
     if kind is None:
         device = jax.devices()[0]
         if device.platform == "cpu":
@@ -256,64 +259,8 @@ def device_spec(kind: str | None, devices: int) -> DeviceSpec:
 
 # ------------------------------------------------------------------------------------------------ model
 
-def model_config_of(cfg: Config):
-    """The ModelConfig of the run, from ``model.init`` or from ``model.path``'s config only (no weights read)."""
-    from sftjax.models.config import ModelConfig
-
-    section = cfg.model
-    runtime = {"dtype": section.compute_dtype, "param_dtype": section.param_dtype, "remat": section.remat}
-    if section.init is not None:
-        spec = {k: tuple(v) if isinstance(v, list) else v for k, v in section.init.items()}
-        if "vocab_size" not in spec:
-            if not (cfg.tokenizer.path or cfg.model.path):
-                raise ConfigError("model.init has no vocab_size and there is no tokenizer.path to take it from")
-            from sftjax.models.loading import load_tokenizer
-
-            spec["vocab_size"] = len(load_tokenizer(cfg.tokenizer.path or cfg.model.path))
-        spec.update(runtime)
-        try:
-            return ModelConfig(**spec)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"model.init: {str(err).splitlines()[0]}") from None
-    from sftjax.models import hf_io
-    from sftjax.models.registry import family_for_hf
-    from sftjax.models.zoo import resolve_model_path
-
-    path = resolve_model_path(section.path)
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        from sftjax.models.gguf_io import read_gguf_checkpoint
-
-        hf_config, tensors = read_gguf_checkpoint(path)  # metadata only: the tensor iterator is never started
-        del tensors
-        source = str(path)
-    else:
-        hf_config = hf_io.read_config_json(path)
-        source = str(path / "config.json")
-    return family_for_hf(hf_config, source=source).config_from_hf(hf_config, source=source).replace(**runtime)
-
-
-def abstract_model(cfg: Config, model_config):
-    """The trainer's model (LoRA added, layers stacked when ``model.scan_layers``) as shapes only."""
-    from sftjax.models.decoder import Decoder
-    from sftjax.peft.lora import apply_lora
-
-    seed = cfg.train.seed
-
-    def build():
-        model = Decoder(model_config, rngs=nnx.Rngs(params=seed))
-        apply_lora(model, cfg.lora, rngs=nnx.Rngs(params=seed + 1, dropout=seed + 2))
-        if cfg.model.scan_layers:
-            from sftjax.models.scan import stack_layers
-
-            stack_layers(model)
-        return model
-
-    return nnx.eval_shape(build)
-
-
 def abstract_mesh(mesh_sizes: dict):
-    from sftjax.sharding import MESH_AXES
-
+    """A mesh of the planned sizes without devices: shardings and shard shapes, nothing to run on."""
     return jax.sharding.AbstractMesh(tuple(mesh_sizes[a] for a in MESH_AXES), MESH_AXES)
 
 
@@ -333,16 +280,10 @@ def shard_shape(shape, spec, mesh_sizes: dict) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _variable_specs(state, mesh) -> list[tuple[tuple, jax.ShapeDtypeStruct, object]]:
-    """(path, abstract value, PartitionSpec) per variable of an nnx.State, by the sharding rules."""
-    from sftjax.sharding import partition_spec
-
-    out = []
-    for path, variable in nnx.to_flat_state(state):
-        value = variable.get_value()
-        logical = variable.get_metadata().get("logical_axes")
-        out.append((tuple(path), value, partition_spec(logical, value.shape, mesh)))
-    return out
+def _variable_specs(state) -> list[tuple[tuple, jax.ShapeDtypeStruct, object]]:
+    """(path, abstract value, PartitionSpec) per variable of an abstract, placed nnx.State."""
+    return [(tuple(path), variable.get_value(), variable.get_value().sharding.spec)
+            for path, variable in nnx.to_flat_state(state)]
 
 
 def _bytes(entries, mesh_sizes, dtype=None) -> int:
@@ -350,33 +291,9 @@ def _bytes(entries, mesh_sizes, dtype=None) -> int:
                for _, v, spec in entries)
 
 
-def _key_name(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def optimizer_state_specs(opt_state, param_entries):
-    """(path, abstract leaf, PartitionSpec) per optimizer-state leaf: a leaf whose path ends with a parameter's
-    path and that has its shape is laid out like it (how ``zeros_like`` of a sharded array comes out); factored
-    statistics and counters are replicated."""
-    from jax.sharding import PartitionSpec
-
-    by_path = {tuple(str(p) for p in path): (value, spec) for path, value, spec in param_entries}
-    out = []
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
-        names = [_key_name(k) for k in key_path]
-        if names and names[-1] == "value":
-            names = names[:-1]
-        spec = PartitionSpec()
-        for start in range(len(names)):
-            match = by_path.get(tuple(names[start:]))
-            if match is not None and tuple(match[0].shape) == tuple(leaf.shape):
-                spec = match[1]
-                break
-        out.append((tuple(names), leaf, spec))
-    return out
+def _leaf_specs(tree) -> list[tuple[tuple, jax.ShapeDtypeStruct, object]]:
+    """(path, abstract leaf, PartitionSpec) per leaf of an abstract, placed pytree (the optimizer state)."""
+    return [((), leaf, leaf.sharding.spec) for leaf in jax.tree.leaves(tree)]
 
 
 # ------------------------------------------------------------------------------------------------ activations
@@ -425,12 +342,12 @@ def activation_items(cfg: Config, mc, mesh_sizes: dict, tokens: int, lora_linear
     return items, host
 
 
-def cross_entropy_items(cfg: Config, mc, tokens_device: int, tokens_global: int, fsdp: int) -> list:
+def cross_entropy_items(cfg: Config, mc, tokens_device: int, tokens_global: int, fsdp: int, device_name: str) -> list:
     """The fused loss's working set per device (see the module docstring)."""
     b = _itemsize(cfg.model.compute_dtype)
     vocab, d = mc.vocab_size, mc.hidden_size
-    name = cfg.model.cross_entropy_implementation or (
-        "reference" if tokens_global * vocab < CHUNKED_MIN_LOGITS else "xla_chunked")
+    backend = _backend_of(device_name)
+    name = cfg.model.cross_entropy or cross_entropy_api.automatic_implementation(backend, tokens_global * vocab)[0]
     if name == "reference":
         tile, what = tokens_device * vocab, "[T, V] logits"
     elif name == "xla_chunked":
@@ -443,20 +360,20 @@ def cross_entropy_items(cfg: Config, mc, tokens_device: int, tokens_global: int,
     return [("cross-entropy working set", working, f"{name}: float32 {what} x3, d_hidden, {head} [D, V]")]
 
 
+def _backend_of(device_name: str) -> str:
+    """The backend a device kind of the tables runs ('cpu', 'gpu' or 'tpu'), for the kernels' automatic choice."""
+    if device_name == "cpu":
+        return "cpu"
+    return "tpu" if device_name.startswith("tpu") else "gpu"
+
+
 def attention_items(cfg: Config, mc, mesh_sizes: dict, rows: int, length: int, device_name: str) -> list:
     """The attention kernel's working set per device: the dense ``reference`` keeps float32 scores, their exp
     and the probabilities, and a boolean mask [rows, heads, L, L] (for every layer without remat, else for the layer being recomputed);
     ``xla_chunked`` about three float32 [rows, heads, block, block] tiles; the Pallas/splash/cuDNN kernels O(L)."""
     tensor = mesh_sizes["tensor"]
     heads = mc.num_heads // tensor if mc.num_heads % tensor == 0 and mc.num_kv_heads % tensor == 0 else mc.num_heads
-    name = cfg.model.attention_implementation
-    if name in (None, "auto"):
-        if device_name.startswith("tpu"):
-            name = "splash_tpu"
-        elif device_name == "cpu":
-            name = "xla_chunked" if length >= CPU_CHUNKED_MIN_LENGTH else "reference"
-        else:
-            name = "xla_chunked"
+    name = cfg.model.attention or attention_api.automatic_implementation(_backend_of(device_name), length)[0]
     if name == "reference":
         layers = mc.num_layers if cfg.model.remat == "none" else 1
         return [("attention working set", layers * rows * heads * length * length * 13,
@@ -468,10 +385,17 @@ def attention_items(cfg: Config, mc, mesh_sizes: dict, rows: int, length: int, d
     return [("attention working set", 0, f"{name}: O(L), not modelled")]
 
 
+def _vocab_size_from_tokenizer(cfg: Config) -> int | None:
+    """A random-init model without vocab_size takes it from the run's tokenizer (as training does)."""
+    if cfg.model.init is None or "vocab_size" in cfg.model.init:
+        return None
+    if not (cfg.tokenizer.path or cfg.model.path):
+        raise ConfigError("model.init has no vocab_size and there is no tokenizer.path to take it from")
+    return len(load_tokenizer(cfg.tokenizer.path or cfg.model.path))
+
+
 def _lora_linears(model, mesh_sizes) -> list[tuple[int, int, int]]:
     """(in, out features per device, number of layers it stands for) of every adapted linear layer."""
-    from sftjax.peft.lora import linear_modules
-
     tensor = mesh_sizes["tensor"]
     out = []
     for module in linear_modules(model).values():
@@ -499,10 +423,6 @@ def plan(config: Config, *, devices: int | None = None, device_kind: str | None 
          seq_len: int | None = None) -> Plan:
     """Estimate memory per device and step time of ``config`` on ``devices`` x ``device_kind`` (default: this
     machine's devices). Reads no weights and compiles nothing."""
-    from sftjax.train.flops import model_flops_per_token
-    from sftjax.peft.lora import split_model
-    from sftjax.train.optim import make_optimizer
-
     cfg = config
     if not 0 < mfu <= 1:
         raise ConfigError(f"--mfu {mfu} must be in (0, 1]")
@@ -516,19 +436,16 @@ def plan(config: Config, *, devices: int | None = None, device_kind: str | None 
         raise ConfigError(f"--devices {devices} must be >= 1")
     mesh_sizes = cfg.check_devices(devices)
     device = device_spec(device_kind, devices)
-    mc = model_config_of(cfg)
-    model = abstract_model(cfg, mc)
-    _, trainable, frozen = split_model(model, cfg.lora)
-    mesh = abstract_mesh(mesh_sizes)
-    train_entries = _variable_specs(trainable, mesh)
-    frozen_entries = _variable_specs(frozen, mesh)
-    params_all = [e for e in _variable_specs(nnx.state(model, nnx.Param), mesh)]
-    params_total = sum(math.prod(v.shape) for _, v, _ in params_all)
-    lora_count = sum(math.prod(v.shape) for _, v, _ in _variable_specs(nnx.state(model, nnx.LoRAParam), mesh))
+    program = build_program(cfg, mesh=abstract_mesh(mesh_sizes), total_steps=cfg.train.steps or 1000, abstract=True,
+                            vocab_size=_vocab_size_from_tokenizer(cfg))
+    mc, model, trainable, frozen = program.model_config, program.model, program.trainable, program.frozen
+    train_entries = _variable_specs(trainable)
+    frozen_entries = _variable_specs(frozen)
+    params_total = sum(math.prod(v.shape) for _, v, _ in train_entries + frozen_entries
+                       if jnp.issubdtype(v.dtype, jnp.floating))
+    lora_count = sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
     trainable_count = sum(math.prod(v.shape) for _, v, _ in train_entries)
-
-    tx, _ = make_optimizer(cfg.optim, cfg.train.steps or 1000)
-    opt_entries = optimizer_state_specs(jax.eval_shape(tx.init, trainable), train_entries)
+    opt_entries = _leaf_specs(program.state.opt_state)
     param_dtype = cfg.model.param_dtype
     memory = [
         ("frozen weights", _bytes(frozen_entries, mesh_sizes), f"{param_dtype}, sharded by the rules"),
@@ -549,12 +466,12 @@ def plan(config: Config, *, devices: int | None = None, device_kind: str | None 
 
     max_length = _max_length(cfg, seq_len)
     row_shards = mesh_sizes["data"] * mesh_sizes["fsdp"]
-    micro_rows = cfg.train.micro_batch_size
+    micro_rows = cfg.train.micro_rows
     tokens_device = (micro_rows // row_shards) * max_length
     activations, host_bytes = activation_items(cfg, mc, mesh_sizes, tokens_device, _lora_linears(model, mesh_sizes))
     memory += activations
     memory += attention_items(cfg, mc, mesh_sizes, micro_rows // row_shards, max_length, device.name)
-    memory += cross_entropy_items(cfg, mc, tokens_device, micro_rows * max_length, mesh_sizes["fsdp"])
+    memory += cross_entropy_items(cfg, mc, tokens_device, micro_rows * max_length, mesh_sizes["fsdp"], device.name)
     batch = 5 * 4 * cfg.train.global_batch_size // row_shards * max_length
     memory.append(("batch", batch, "5 int32 [rows, L] arrays"))
 
@@ -626,14 +543,35 @@ _VALUE_OPTIONS = ("--devices", "--device", "--mfu", "--seq-len")
 
 
 def run(args: argparse.Namespace) -> int:
-    from sftjax.config import load_config
-
     args = _split_overrides(args)
     cfg = load_config(args.config, overrides=args.overrides)
     result = plan(cfg, devices=args.devices, device_kind=args.device, mfu=args.mfu, seq_len=args.seq_len)
     if args.compile:
-        from sftjax.plan_compile import compile_memory
-
         result.compiled = compile_memory(cfg, seq_len=args.seq_len)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
     return 0
+
+
+# ------------------------------------------------------------------------------------------------ --compile
+
+def compile_memory(config: Config, *, seq_len: int | None = None) -> dict:
+    """Lower and compile the real train step for this backend's devices from abstract inputs (no weights, no
+    data) and return XLA's ``memory_analysis()`` per device."""
+    cfg = config
+    mesh_sizes = cfg.check_devices(jax.device_count())
+    check_backend(cfg)
+    program = build_program(cfg, mesh=make_mesh(**mesh_sizes), total_steps=cfg.train.steps or 1000, abstract=True,
+                            vocab_size=_vocab_size_from_tokenizer(cfg))
+    compiled = program.lower(_max_length(cfg, seq_len)).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        raise ConfigError(f"--compile: the {jax.default_backend()} backend gives no memory analysis")
+    out = {"backend": jax.default_backend(), "devices": jax.device_count(), "mesh": mesh_sizes}
+    for field in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+                  "generated_code_size_in_bytes", "host_temp_size_in_bytes"):
+        value = getattr(analysis, field, None)
+        if value is not None:
+            out[field.replace("_size_in_bytes", "_bytes")] = int(value)
+    out["peak_estimate_bytes"] = (out.get("argument_bytes", 0) + out.get("output_bytes", 0)
+                                  - out.get("alias_bytes", 0) + out.get("temp_bytes", 0))
+    return out

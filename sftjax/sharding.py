@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the rows of every batch are split over these (data parallelism + FSDP)
 
 LOGICAL_RULES: dict[str, str | None] = {
     "embed": "fsdp",
@@ -125,5 +126,5 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: dict | None = None) -> nnx
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows of a [B, L] batch split over (data, fsdp)."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+    """Rows of a [B, L] batch split over the batch axes."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))

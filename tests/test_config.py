@@ -44,7 +44,7 @@ def test_defaults_types_and_overrides():
     assert cfg.optim.learning_rate == 3e-4 and isinstance(cfg.optim.learning_rate, float)
     assert cfg.lora.enabled and cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.train.accum_steps == 2 and cfg.train.mesh.fsdp == 2
-    assert cfg.extra["checkpoint"] == {"save_every_steps": 5} and cfg.checkpoint.save_every_steps == 5
+    assert cfg.checkpoint.save_every_steps == 5 and cfg.to_dict()["checkpoint"]["save_every_steps"] == 5
     assert cfg.data.sources[0].path == "train.jsonl"
     assert cfg.to_dict()["optim"]["learning_rate"] == 3e-4
     assert build("optim.learning_rate=1").optim.learning_rate == 1.0  # int accepted for a float

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sftjax.config import load_config
 from sftjax.plan import Plan, plan
-from sftjax.plan_compile import compile_memory
+from sftjax.plan import compile_memory
 from tests.conftest import REPO_ROOT
 
 TINY = str(REPO_ROOT / "configs" / "tiny_cpu.yaml")
@@ -41,7 +41,7 @@ def _item(result: Plan, name: str) -> int:
 def _real_model(cfg, tokenizer=None):
     """The trainer's model built for real (random init, LoRA if enabled)."""
     from sftjax.peft.lora import apply_lora
-    from sftjax.train.trainer import build_model
+    from sftjax.train.program import build_model
 
     model, _ = build_model(cfg, tokenizer=tokenizer)
     apply_lora(model, cfg.lora, rngs=nnx.Rngs(params=1, dropout=2))
@@ -49,7 +49,7 @@ def _real_model(cfg, tokenizer=None):
 
 
 def test_tiny_config_parameter_count_equals_a_real_decoder(assets_dir):
-    from sftjax.models.loading import load_tokenizer
+    from sftjax.models.tokenizer import load_tokenizer
 
     tokenizer_path = assets_dir / "tokenizers" / "smollm2"
     cfg = load_config(TINY, [f"tokenizer.path={tokenizer_path}"])

@@ -3,8 +3,8 @@
 Implementations: ``reference`` (dense jnp), ``xla_chunked`` (blockwise, O(L) memory, every backend),
 ``pallas_gpu`` (our flash-attention Pallas kernels, Triton lowering), ``splash_tpu`` (jax's splash attention),
 ``cudnn`` (``jax.nn.dot_product_attention``), and ``pallas_gpu_interpret`` / ``splash_tpu_interpret``, the two
-Pallas kernels run by the interpreter (CPU; tests). ``implementation=None`` uses the configured default
-(:func:`pallas_kernels.set_default_implementation("attention", name)`), else the best for the backend.
+Pallas kernels run by the interpreter (CPU; tests). ``implementation=None`` (or "auto") takes
+:func:`automatic_implementation` for the backend.
 
 On a mesh, the Pallas kernels run per device inside ``shard_map`` (``pallas_kernels/sharding.py``): rows split
 over (``data``, ``fsdp``), heads over ``tensor`` when it divides both the query and the kv heads.
@@ -18,12 +18,11 @@ import math
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from pallas_kernels import dispatch
+from pallas_kernels import choices, dispatch
 from pallas_kernels import sharding as kernel_sharding
 from pallas_kernels.attention.reference import attention_reference
 
-IMPLEMENTATIONS = ("reference", "xla_chunked", "pallas_gpu", "pallas_gpu_interpret", "splash_tpu",
-                   "splash_tpu_interpret", "cudnn")
+IMPLEMENTATIONS = choices.ATTENTION
 # On the CPU the blockwise loop (128-blocks, skipping masked ones) beat the dense reference from L = 256 on
 # packed rows (benchmarks/bench_kernels.py); below, one block is the whole row and the reference is simpler.
 CPU_CHUNKED_MIN_LENGTH = 256
@@ -45,14 +44,15 @@ def _validate(q, k, v, segment_ids):
         raise TypeError(f"attention: segment_ids must be integers, got dtype {segment_ids.dtype}")
 
 
-def _automatic(length, head_dim, logit_softcap):
-    backend = dispatch.backend()
+def automatic_implementation(backend: str, length: int) -> tuple[str, str]:
+    """(implementation, reason) that ``implementation=None`` picks on ``backend`` ('cpu', 'gpu', 'tpu') for rows of
+    ``length`` tokens; ``sftjax plan`` asks this for a target it is not running on."""
     if backend == "tpu":
         return "splash_tpu", "tpu backend"
     if backend == "gpu":
         # pallas_gpu is tested in interpret mode only; until scripts/bench_gpu.sh has verified it on a real GPU
         # (correctness and speed), the automatic choice is the XLA blockwise version. Opt in with
-        # implementation="pallas_gpu" or set_default_implementation("attention", "pallas_gpu").
+        # implementation="pallas_gpu" (model.attention_implementation: pallas_gpu).
         return "xla_chunked", "gpu backend (pallas_gpu not yet verified on hardware)"
     if length >= CPU_CHUNKED_MIN_LENGTH:
         return "xla_chunked", f"{backend} backend, length >= {CPU_CHUNKED_MIN_LENGTH}"
@@ -71,7 +71,7 @@ def attention(q, k, v, segment_ids, *, causal=True, sliding_window=None, logit_s
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"attention: sliding_window must be >= 1, got {sliding_window}")
     name = dispatch.resolve("attention", implementation, IMPLEMENTATIONS,
-                            lambda: _automatic(q.shape[1], q.shape[3], logit_softcap))
+                            lambda: automatic_implementation(dispatch.backend(), q.shape[1]))
     options = dict(causal=causal, sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale)
     if name == "reference":
         return attention_reference(q, k, v, segment_ids, **options)

@@ -3,8 +3,8 @@
 Implementations of the fused loss: ``reference`` (materializes the logits), ``xla_chunked`` (token x vocabulary
 tiles in XLA, every backend), ``pallas_gpu`` / ``pallas_tpu`` (XLA matmuls per token block + Pallas row
 kernels for the softmax work), and ``pallas_gpu_interpret`` / ``pallas_tpu_interpret`` (the same kernels run
-by the interpreter on the CPU; tests). ``implementation=None`` uses the configured default
-(:func:`pallas_kernels.set_default_implementation("cross_entropy", name)`), else the best for the backend.
+by the interpreter on the CPU; tests). ``implementation=None`` (or "auto") takes :func:`automatic_implementation`
+for the backend.
 
 On a mesh, the Pallas loss runs per device inside ``shard_map`` (``pallas_kernels/sharding.py``): token rows
 split over (``data``, ``fsdp``) and the sequence over ``tensor``, the weight whole on every device, the three
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from pallas_kernels import dispatch
+from pallas_kernels import choices, dispatch
 from pallas_kernels import sharding as kernel_sharding
 from pallas_kernels.cross_entropy.reference import (
     CrossEntropyResult,
@@ -27,8 +27,7 @@ from pallas_kernels.cross_entropy.reference import (
     project_logits_reference,
 )
 
-IMPLEMENTATIONS = ("reference", "xla_chunked", "pallas_gpu", "pallas_gpu_interpret", "pallas_tpu",
-                   "pallas_tpu_interpret")
+IMPLEMENTATIONS = choices.CROSS_ENTROPY
 # Below this many logits (tokens x vocab) the reference is cheap enough that chunking only adds loop overhead.
 CHUNKED_MIN_LOGITS = 1 << 22
 
@@ -52,8 +51,8 @@ def _validate(hidden, weight, targets, loss_mask):
         raise TypeError(f"fused_linear_cross_entropy: targets must be integers, got dtype {targets.dtype}")
 
 
-def _automatic(num_logits):
-    backend = dispatch.backend()
+def automatic_implementation(backend: str, num_logits: int) -> tuple[str, str]:
+    """(implementation, reason) that ``implementation=None`` picks on ``backend`` for ``num_logits`` = tokens x vocab."""
     if num_logits < CHUNKED_MIN_LOGITS:
         return "reference", f"{backend} backend, fewer than {CHUNKED_MIN_LOGITS} logits"
     # On GPU too: the XLA version needs no Triton lowering, and the Pallas row kernels have not yet been
@@ -73,7 +72,7 @@ def fused_linear_cross_entropy(hidden, weight, targets, loss_mask, *, logit_soft
     for size in targets.shape:
         num_tokens *= size
     name = dispatch.resolve("cross_entropy", implementation, IMPLEMENTATIONS,
-                            lambda: _automatic(num_tokens * weight.shape[1]))
+                            lambda: automatic_implementation(dispatch.backend(), num_tokens * weight.shape[1]))
     options = dict(logit_softcap=logit_softcap, z_loss=z_loss)
     if name == "reference":
         return fused_linear_cross_entropy_reference(hidden, weight, targets, loss_mask, **options)

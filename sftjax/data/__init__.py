@@ -13,9 +13,7 @@ _LAZY = {
     "DroppedExample": "sftjax.data.chat",
     "to_conversation": "sftjax.data.formats",
     "iter_rows": "sftjax.data.sources",
-    "DataConfig": "sftjax.data.config",
-    "SourceConfig": "sftjax.data.config",
-    "pack": "sftjax.data.packing",
+            "pack": "sftjax.data.packing",
     "PackingStats": "sftjax.data.packing",
 }
 

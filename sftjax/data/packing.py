@@ -39,12 +39,13 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from sftjax.config import OVERFLOWS, PACKINGS
 from sftjax.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("best", "bfd", "first_fit", "none")
-OVERFLOW_MODES = ("truncate", "split", "drop")
+STRATEGIES = PACKINGS  # the config's choices (sftjax.config)
+OVERFLOW_MODES = OVERFLOWS
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import Counter
 
-from sftjax.data.config import DataConfig, SourceConfig
-from sftjax.errors import ConfigError
+from rich.console import Console
+from rich.text import Text
 
-RUN_CONFIG_KEYS = ("model", "tokenizer")
+from sftjax.config import DataConfig, load_config
+from sftjax.data.chat import encode_rows
+from sftjax.data.packing import pack
+from sftjax.data.sources import iter_rows
+from sftjax.errors import ConfigError
+from sftjax.models.tokenizer import load_tokenizer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,71 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_preview_config(path: str) -> tuple[DataConfig, str | None]:
-    """(DataConfig, tokenizer path or alias from tokenizer:/model:) from a run config or a bare data section."""
-    import yaml
-
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist")
-    try:
-        raw = yaml.safe_load(open(path, encoding="utf-8").read()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())[:200]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with a data: section")
-    data = raw.get("data", None) if "data" in raw else {k: v for k, v in raw.items() if k not in RUN_CONFIG_KEYS}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: data: must be a mapping")
-    config = DataConfig.from_dict(data)
-    base = os.path.dirname(os.path.abspath(path))
-    config = _with_resolved_paths(config, base)
-    return config, _tokenizer_name(raw)
-
-
-def _tokenizer_name(raw: dict) -> str | None:
-    for key in RUN_CONFIG_KEYS:
-        value = raw.get(key)
-        if isinstance(value, dict):
-            value = value.get("path")
-        if isinstance(value, str) and value:
-            return value
-    return None
-
-
-def _with_resolved_paths(config: DataConfig, base: str) -> DataConfig:
-    """Source paths that do not exist as given are tried relative to the config file's folder."""
-    import dataclasses
-
-    def fix(source: SourceConfig) -> SourceConfig:
-        if os.path.exists(source.path) or os.path.isabs(source.path):
-            return source
-        candidate = os.path.join(base, source.path)
-        return dataclasses.replace(source, path=candidate) if os.path.exists(candidate) else source
-
-    template = config.chat_template
-    if template and "{" not in template and not os.path.exists(template):
-        candidate = os.path.join(base, template)
-        template = candidate if os.path.exists(candidate) else template
-    return dataclasses.replace(config, sources=tuple(map(fix, config.sources)),
-                               eval_sources=tuple(map(fix, config.eval_sources)), chat_template=template)
-
-
-def load_tokenizer(name: str | None):
-    if name is None:
-        raise ConfigError("no tokenizer: add tokenizer.path or model.path to the config, or pass --tokenizer")
-    try:
-        from sftjax.models.loading import load_tokenizer as load
-    except ImportError:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(name)
-    return load(name)
+    """(DataConfig, tokenizer path or alias) from a run config or a YAML that is just the data section, loaded
+    through :func:`sftjax.config.load_config` like every other command."""
+    cfg = load_config(path, purpose="data")
+    return cfg.data, cfg.tokenizer.path or cfg.model.path
 
 
 def encode_sources(config: DataConfig, tokenizer, limit: int | None = None):
     """Encode every training row; returns (examples with locations, rows read, Counter of drop reasons)."""
-    from sftjax.data.chat import encode_rows
-    from sftjax.data.sources import iter_rows
-
     examples, drops, rows_read = [], Counter(), 0
     for source in config.sources:
         def counted(source=source):
@@ -151,6 +98,8 @@ def _histogram(lengths: list[int], max_length: int, bins: int = 8, width: int = 
 
 def run(args) -> int:
     config, tokenizer_name = load_preview_config(args.config)
+    if not (args.tokenizer or tokenizer_name):
+        raise ConfigError("no tokenizer: add tokenizer.path or model.path to the config, or pass --tokenizer")
     tokenizer = load_tokenizer(args.tokenizer or tokenizer_name)
     examples, rows_read, drops = encode_sources(config, tokenizer, args.limit)
     shown = examples[: max(0, args.num_examples)]
@@ -159,9 +108,6 @@ def run(args) -> int:
             print(json.dumps({"location": location, "input_ids": example["input_ids"],
                               "train_mask": example["train_mask"]}))
         return 0
-
-    from rich.console import Console
-    from rich.text import Text
 
     console = Console(highlight=False, soft_wrap=True)
     terminal = sys.stdout.isatty()
@@ -174,8 +120,6 @@ def run(args) -> int:
             else:
                 text.append(f"[[{piece}]]" if trained else piece)
         console.print(text)
-
-    from sftjax.data.packing import pack
 
     stats = None
     if examples:

@@ -15,7 +15,7 @@ import json
 import os
 from collections.abc import Iterator
 
-from sftjax.data.config import SourceConfig
+from sftjax.config import SourceConfig
 from sftjax.errors import DataError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")

@@ -7,9 +7,9 @@ Design, in plain words:
   generation prompt, and decodes the answer; the answer becomes an assistant turn rendered by the same template
   next time. Nothing about a model family's format is written here.
 * Replies **stream**: ``generate.generate`` runs its whole decode loop inside one jitted ``lax.while_loop`` and
-  only hands back the finished ids, so this module runs its own loop from generate.py's pieces (the KV-cache
-  ``cached_forward``, the same logits projection and the same token picker and seed folding, so a greedy or
-  seeded reply equals ``generate``'s). A jitted prefill over fixed 64-token chunks and a jitted one-token step
+  only hands back the finished ids, so this module steps the same decoder decode mode (``Decoder.decode`` with
+  its KV cache, the same logits projection and the same token picker and seed folding, so a greedy or seeded
+  reply equals ``generate``'s) from Python, one token at a time. A jitted prefill over fixed 64-token chunks and a jitted one-token step
   return each token to Python, where it is detokenized and passed to ``on_text`` as soon as it forms whole
   characters. Models whose RoPE depends on the sequence length (dynamic, longrope) cannot use the cache; their
   replies come from ``generate_ids`` in one piece.
@@ -23,14 +23,19 @@ Design, in plain words:
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from sftjax.infer import generate as gen
 from sftjax.errors import ConfigError, DataError, SftjaxError
+from sftjax.infer import generate as gen
+from sftjax.models.loading import load_model
+from sftjax.models.scan import unstacked
+from sftjax.models.tokenizer import load_tokenizer
 
 _PREFILL_CHUNK = 64
 _MIN_CACHE = 256
@@ -47,12 +52,10 @@ def _note(text: str) -> None:
 
 def _prefill_chunk(graphdef, state, tokens_T, start, cache, pick_index, key, temperature, top_p, *, greedy):
     """Write a chunk of prompt tokens into the cache; also the token that would follow position start+pick_index."""
-    import jax
-    from flax import nnx
-
     model = nnx.merge(graphdef, state)
-    hidden_TD, cache = gen.cached_forward(model, tokens_T, start, cache)
-    hidden_D = jax.lax.dynamic_index_in_dim(hidden_TD, pick_index, keepdims=False)
+    positions_1T = (start + jnp.arange(tokens_T.shape[0], dtype=jnp.int32))[None]
+    hidden_1TD, cache = model.decode(tokens_T[None], positions_1T, cache)
+    hidden_D = jax.lax.dynamic_index_in_dim(hidden_1TD[0], pick_index, keepdims=False)
     position = start + pick_index + 1  # where the picked token goes (generate folds the key the same way)
     token = gen.pick_token(gen.head_logits(model, hidden_D), jax.random.fold_in(key, position), temperature, top_p,
                             greedy)
@@ -61,23 +64,16 @@ def _prefill_chunk(graphdef, state, tokens_T, start, cache, pick_index, key, tem
 
 def _decode_step(graphdef, state, previous_1, position, cache, key, temperature, top_p, *, greedy):
     """Feed the token at ``position - 1``; returns the token for ``position`` and the extended cache."""
-    import jax
-    from flax import nnx
-
     model = nnx.merge(graphdef, state)
-    hidden_TD, cache = gen.cached_forward(model, previous_1, position - 1, cache)
-    token = gen.pick_token(gen.head_logits(model, hidden_TD[0]), jax.random.fold_in(key, position), temperature,
+    hidden_11D, cache = model.decode(previous_1[None], (position - 1)[None, None], cache)
+    token = gen.pick_token(gen.head_logits(model, hidden_11D[0, 0]), jax.random.fold_in(key, position), temperature,
                             top_p, greedy)
     return token, cache
 
 
-@functools.cache
-def _jitted():
-    """(prefill, step), built on first use so that the CLI's import of this module does not import jax."""
-    import jax
-
-    options = {"static_argnames": ("graphdef", "greedy"), "donate_argnames": ("cache",)}
-    return jax.jit(_prefill_chunk, **options), jax.jit(_decode_step, **options)
+_JIT_OPTIONS = {"static_argnames": ("graphdef", "greedy"), "donate_argnames": ("cache",)}
+_prefill = jax.jit(_prefill_chunk, **_JIT_OPTIONS)
+_step = jax.jit(_decode_step, **_JIT_OPTIONS)
 
 
 def _cache_length(needed: int, limit: int | None) -> int:
@@ -114,8 +110,6 @@ class ChatSession:
 
     def __init__(self, model, tokenizer, *, system: str | None = None, chat_template=None, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
-        from sftjax.models.scan import unstacked
-
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:
@@ -132,7 +126,7 @@ class ChatSession:
             raise ConfigError(f"max_new_tokens ({max_new_tokens}) must be smaller than the model's "
                               f"max_position_embeddings ({self.context_limit})")
         self.stop_ids = gen.stop_token_ids(tokenizer, self.model.config, chat_template=chat_template)
-        self.use_cache = getattr(self.model.config, "rope_type", "default") not in ("dynamic", "longrope")
+        self.use_cache = gen.uses_cache(self.model.config)
         self.system = system
         self._turns: list[dict] = []
         self._replies = 0
@@ -199,10 +193,6 @@ class ChatSession:
             turns, dropped = turns[next_user:], dropped + 1
 
     def _decode(self, prompt_ids: list[int], max_new_tokens: int, stream: _TextStream) -> list[int]:
-        import jax
-        import jax.numpy as jnp
-        from flax import nnx
-
         greedy = self.temperature == 0.0
         if not self.use_cache:
             new_ids = gen.generate_ids(self.model, prompt_ids, max_new_tokens=max_new_tokens,
@@ -210,11 +200,10 @@ class ChatSession:
                                        seed=self.seed + self._replies, use_cache=False)
             stream.update([i for i in new_ids if i not in self.stop_ids])
             return new_ids
-        prefill, step = _jitted()
+        prefill, step = _prefill, _step
         prompt_length = len(prompt_ids)
         padded = -(-prompt_length // _PREFILL_CHUNK) * _PREFILL_CHUNK
-        cache = gen.empty_cache(self.model.config,
-                                _cache_length(max(prompt_length + max_new_tokens, padded), self.context_limit))
+        cache = self.model.init_cache(1, _cache_length(max(prompt_length + max_new_tokens, padded), self.context_limit))
         buffer = np.zeros(padded, np.int32)
         buffer[:prompt_length] = prompt_ids
         graphdef, state = nnx.split(self.model)
@@ -276,8 +265,6 @@ def _read_lines(interactive: bool):
 
 def run(args) -> int:
     """Reads user lines from stdin and prints each reply to stdout as it is produced; notes go to stderr."""
-    from sftjax.models.loading import load_model, load_tokenizer
-
     model, _ = load_model(args.model)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     session = ChatSession(model, tokenizer, system=args.system, chat_template=args.chat_template,

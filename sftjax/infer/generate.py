@@ -1,11 +1,15 @@
-"""Text generation with a Decoder: ``generate(...)`` and the ``sftjax generate`` command.
+"""Text generation with a Decoder: ``generate(...)``, ``generate_batch_ids(...)`` and the ``sftjax generate`` command.
 
-Design: the decoder has no KV cache, so decoding recomputes the forward pass over a fixed buffer. The buffer length
-is the prompt plus ``max_new_tokens``, rounded up to a bucket so that different prompts reuse one compiled program.
-The whole decode loop is a single jitted ``lax.while_loop``: each step runs the causal forward over the buffer (the
-not-yet-written tail is invisible to earlier positions), projects only the hidden state of the last written
-position onto the vocabulary, picks the next token (argmax, or temperature + top-p sampling) and stops at any stop
-token. Prompt length, temperature and top-p are traced values, so none of them triggers a recompile.
+Design: decoding runs the model's own layers in decode mode (``Decoder.decode`` with a KV cache; see
+``sftjax.models.decoder``), so there is one forward for training and generation. A batch of prompts (right-padded
+into one [B, S] buffer, S = the longest prompt plus ``max_new_tokens``, rounded up to a bucket so that different
+prompts reuse one compiled program) is decoded by a single jitted ``lax.while_loop``: one prefill pass over the
+prompts writes the cache, then each step feeds every row's last token at that row's own position, projects its
+hidden state onto the vocabulary, picks the next token (argmax, or temperature + top-p sampling) and stops the row
+at a stop token or its length limit; the loop ends when every row is done. Prompt lengths, temperature and top-p
+are traced values, so none of them triggers a recompile. Models whose RoPE frequencies depend on the sequence
+length (``dynamic``, ``longrope``) cannot reuse cached keys; they recompute the forward over the buffer each step,
+one row at a time.
 
 Stop tokens are the tokenizer's and the model's EOS ids plus the chat template's end-of-turn token, found by
 rendering a one-turn conversation and taking the first token after the assistant's text (so no model family's
@@ -14,14 +18,19 @@ format is hard-coded here).
 
 from __future__ import annotations
 
-import functools
 import os
 import pathlib
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from sftjax.errors import ConfigError, DataError
+from sftjax.models.loading import load_model
+from sftjax.models.scan import unstacked
+from sftjax.models.tokenizer import load_tokenizer
 
 _BUCKET = 64
 _MARKER = "Xq7zSftjaxMarker"
@@ -116,9 +125,7 @@ def stop_token_ids(tokenizer, model_config=None, *, chat_template=None) -> list[
 
 
 def pick_token(logits_V, key, temperature, top_p, greedy: bool):
-    import jax
-    import jax.numpy as jnp
-
+    """The next token from logits [V]: argmax, or a temperature + nucleus (top-p) sample with ``key``."""
     if greedy:
         return jnp.argmax(logits_V).astype(jnp.int32)
     scaled = logits_V / jnp.maximum(temperature, 1e-6)
@@ -131,181 +138,139 @@ def pick_token(logits_V, key, temperature, top_p, greedy: bool):
     return order[choice].astype(jnp.int32)
 
 
-def _attend_to_cache(q_THD, k_LKD, v_LKD, query_positions_T, *, sliding_window, softcap, scale):
-    """Attention of T new queries over the cache (causal by position, optional window); f32 scores."""
-    import jax
-    import jax.numpy as jnp
-
-    length, kv_heads, head_dim = k_LKD.shape
-    queries, heads = q_THD.shape[0], q_THD.shape[1]
-    q = q_THD.astype(jnp.float32).reshape(queries, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("tkgd,lkd->tkgl", q, k_LKD.astype(jnp.float32)) * scale
-    if softcap is not None:
-        scores = jnp.tanh(scores / softcap) * softcap
-    key_positions = jnp.arange(length)[None, :]
-    visible = key_positions <= query_positions_T[:, None]
-    if sliding_window is not None:
-        visible &= (query_positions_T[:, None] - key_positions) < sliding_window
-    scores = jnp.where(visible[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("tkgl,lkd->tkgd", probs, v_LKD.astype(jnp.float32))
-    return out.reshape(queries, heads * head_dim).astype(q_THD.dtype)
-
-
-def cached_forward(model, tokens_T, start, cache):
-    """Hidden states [T, D] of tokens at positions start..start+T-1, reading and extending the KV cache.
-
-    ``cache`` is a tuple of (k [L, Hkv, Dh], v) per layer; the new keys/values are written at ``start``. This
-    mirrors ``Decoder.hidden_states`` layer by layer (tests check the logits agree) for one sequence.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from sftjax.models.rope import apply_rope, rope_cos_sin
-
-    config = model.config
-    length = tokens_T.shape[0]
-    positions_T = start + jnp.arange(length, dtype=jnp.int32)
-    x_BTD = model.embed_tokens(tokens_T[None], dtype=jnp.dtype(config.dtype), scale=config.embedding_scale)
-    cos, sin = rope_cos_sin(config, positions_T[None])
-    new_cache = []
-    for layer, (k_cache, v_cache) in zip(model.layers, cache):
-        attn = layer.attn
-        h = layer.attn_norm(x_BTD)
-        q = attn.q_proj(h).reshape(1, length, attn.num_heads, attn.head_dim)
-        k = attn.k_proj(h).reshape(1, length, attn.num_kv_heads, attn.head_dim)
-        v = attn.v_proj(h).reshape(1, length, attn.num_kv_heads, attn.head_dim)
-        if attn.q_norm is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k[0].astype(k_cache.dtype), (start, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v[0].astype(v_cache.dtype), (start, 0, 0))
-        new_cache.append((k_cache, v_cache))
-        out = _attend_to_cache(q[0], k_cache, v_cache, positions_T, sliding_window=attn.sliding_window,
-                               softcap=attn.softcap, scale=attn.scale)
-        h = attn.o_proj(out[None])
-        if layer.attn_out_norm is not None:
-            h = layer.attn_out_norm(h)
-        x_BTD = x_BTD + h
-        h = layer.mlp(layer.mlp_norm(x_BTD))
-        if layer.mlp_out_norm is not None:
-            h = layer.mlp_out_norm(h)
-        x_BTD = x_BTD + h
-    return model.norm(x_BTD)[0], tuple(new_cache)
-
-
-def empty_cache(config, length: int):
-    import jax.numpy as jnp
-
-    shape = (length, config.num_kv_heads, config.head_dim)
-    return tuple((jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype)) for _ in range(config.num_layers))
-
-
 def head_logits(model, hidden_D):
     """float32 logits [V] of one final hidden state [D] (the decoder's head, soft-capped like training)."""
-    from pallas_kernels.cross_entropy.api import project_logits
-
-    head_DV = model.head_weight()
-    return project_logits(hidden_D[None], head_DV.astype(hidden_D.dtype),
-                          logit_softcap=model.config.final_logit_softcap)[0]
+    return model.logits(hidden_D[None])[0]
 
 
-def _decode_loop(graphdef, state, tokens_L, prompt_length, end, stop_ids, temperature, top_p, key, *, greedy,
-                 prefill_length, use_cache):
-    """Fill tokens_L[prompt_length:end] one token at a time; returns (tokens_L, first unwritten position)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
+def uses_cache(config) -> bool:
+    """Whether decoding can reuse cached keys/values (not when RoPE frequencies depend on the sequence length)."""
+    return getattr(config, "rope_type", "default") not in ("dynamic", "longrope")
 
+
+def _row_keys(key, rows: int):
+    """One PRNG key per row; row 0 uses ``key`` itself, so a batch of one samples like ``generate``."""
+    if rows == 1:
+        return key[None]
+    keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(rows))
+    return keys.at[0].set(key)
+
+
+def _decode_loop(graphdef, state, buffer_BS, lengths_B, max_new_tokens, stop_ids, temperature, top_p, key, *,
+                 greedy, prefill_length, use_cache):
+    """Fill each row's buffer after its prompt; returns (buffer, first unwritten position per row)."""
     model = nnx.merge(graphdef, state)
-    length = tokens_L.shape[0]
+    rows, length = buffer_BS.shape
+    row_keys = _row_keys(key, rows)
+    end_B = jnp.minimum(lengths_B + max_new_tokens, length)
+    index_B = jnp.arange(rows)
 
-    def pick(hidden_D, position):
-        logits_V = head_logits(model, hidden_D)
-        return pick_token(logits_V, jax.random.fold_in(key, position), temperature, top_p, greedy)
+    def pick(hidden_BD, positions_B):
+        """The token for position ``positions_B`` of each row, from the hidden state before it."""
+        logits_BV = model.logits(hidden_BD)
+        keys = jax.vmap(jax.random.fold_in)(row_keys, positions_B)
+        return jax.vmap(pick_token, in_axes=(0, 0, None, None, None))(logits_BV, keys, temperature, top_p, greedy)
+
+    def stopped(token_B):
+        return jnp.any(token_B[:, None] == stop_ids[None, :], axis=1)
 
     def keep_going(carry):
-        return (carry[0] < end) & ~carry[2]
+        return ~jnp.all(carry[2])
 
-    if not use_cache:
-        positions_BL = jnp.arange(length, dtype=jnp.int32)[None]
-        segment_ids_BL = jnp.ones((1, length), jnp.int32)
+    if use_cache:
+        positions = jnp.broadcast_to(jnp.arange(prefill_length, dtype=jnp.int32), (rows, prefill_length))
+        hidden_BTD, cache = model.decode(buffer_BS[:, :prefill_length], positions, model.init_cache(rows, length))
+        last_BD = hidden_BTD[index_B, lengths_B - 1]
+    else:
+        hidden_BLD = model.hidden_states(buffer_BS)
+        last_BD, cache = hidden_BLD[index_B, lengths_B - 1], None
+    token_B = pick(last_BD, lengths_B)
+    buffer_BS = buffer_BS.at[index_B, lengths_B].set(token_B)
+    position_B = lengths_B + 1
+    done_B = stopped(token_B) | (position_B >= end_B)
 
-        def step(carry):
-            position, tokens, _ = carry
-            hidden_BLD = model.hidden_states(tokens[None], positions_BL=positions_BL, segment_ids_BL=segment_ids_BL)
-            token = pick(jax.lax.dynamic_index_in_dim(hidden_BLD[0], position - 1, keepdims=False), position)
-            return position + 1, tokens.at[position].set(token), jnp.any(token == stop_ids)
+    def step(carry):
+        position_B, buffer_BS, done_B, cache = carry
+        feed_B = jnp.minimum(position_B, length) - 1  # done rows repeat their last step, unwritten
+        previous_B = buffer_BS[index_B, feed_B]
+        if use_cache:
+            hidden_BTD, cache = model.decode(previous_B[:, None], feed_B[:, None], cache)
+            hidden_BD = hidden_BTD[:, 0]
+        else:
+            hidden_BD = model.hidden_states(buffer_BS)[index_B, feed_B]
+        token_B = pick(hidden_BD, position_B)
+        write_B = jnp.minimum(position_B, length - 1)
+        buffer_BS = buffer_BS.at[index_B, write_B].set(jnp.where(done_B, buffer_BS[index_B, write_B], token_B))
+        new_position_B = jnp.where(done_B, position_B, position_B + 1)
+        done_B = done_B | stopped(token_B) | (new_position_B >= end_B)
+        return new_position_B, buffer_BS, done_B, cache
 
-        position, tokens, _ = jax.lax.while_loop(keep_going, step, (prompt_length, tokens_L, jnp.bool_(False)))
-        return tokens, position
-
-    # prefill: the (bucket-padded) prompt in one pass; padding writes cache rows that are overwritten before use
-    hidden_TD, cache = cached_forward(model, tokens_L[:prefill_length], 0, empty_cache(model.config, length))
-    token = pick(jax.lax.dynamic_index_in_dim(hidden_TD, prompt_length - 1, keepdims=False), prompt_length)
-    tokens_L = tokens_L.at[prompt_length].set(token)
-
-    def cached_step(carry):
-        position, tokens, _, cache = carry
-        previous = jax.lax.dynamic_slice(tokens, (position - 1,), (1,))
-        hidden_TD, cache = cached_forward(model, previous, position - 1, cache)
-        token = pick(hidden_TD[0], position)
-        return position + 1, tokens.at[position].set(token), jnp.any(token == stop_ids), cache
-
-    carry = (prompt_length + 1, tokens_L, jnp.any(token == stop_ids), cache)
-    position, tokens, _, _ = jax.lax.while_loop(keep_going, cached_step, carry)
-    return tokens, position
+    position_B, buffer_BS, _, _ = jax.lax.while_loop(keep_going, step, (position_B, buffer_BS, done_B, cache))
+    return buffer_BS, position_B
 
 
-@functools.cache
-def _jitted_decode_loop():
-    """Built on first use so that importing this module (the CLI does) does not import jax."""
-    import jax
+_jitted_decode_loop = jax.jit(_decode_loop, static_argnames=("graphdef", "greedy", "prefill_length", "use_cache"))
 
-    return jax.jit(_decode_loop, static_argnames=("graphdef", "greedy", "prefill_length", "use_cache"))
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ConfigError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
+
+
+def generate_batch_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+                       stop_ids: Sequence[int] = (), temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                       use_cache: bool | None = None) -> list[list[int]]:
+    """New token ids after each prompt, decoded together (the stop token, if reached, ends each list).
+
+    ``use_cache`` (default: on, except for RoPE types whose frequencies depend on the sequence length) decodes
+    with a KV cache; off, every step recomputes the forward pass over the whole buffer (one row at a time).
+    """
+    _check_sampling(max_new_tokens, temperature, top_p)
+    prompts = [list(p) for p in prompts]
+    if not prompts:
+        return []
+    for index, prompt in enumerate(prompts):
+        if not prompt:
+            raise DataError(f"generate: prompt {index} is empty")
+    model = unstacked(model)  # decoding runs one module per layer
+    if use_cache is None:
+        use_cache = uses_cache(model.config)
+    if not use_cache and len(prompts) > 1:  # frequencies of these RoPE types depend on the whole batch's length
+        return [generate_batch_ids(model, [p], max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                                   temperature=temperature, top_p=top_p, seed=seed, use_cache=False)[0]
+                for p in prompts]
+    longest = max(len(p) for p in prompts)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and longest + max_new_tokens > limit:
+        raise ConfigError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                          f"context of {limit} tokens (max_position_embeddings); shorten the prompt or "
+                          "lower max_new_tokens")
+    length = -(-(longest + max_new_tokens) // _BUCKET) * _BUCKET
+    buffer = np.zeros((len(prompts), length), np.int32)
+    for row, prompt in enumerate(prompts):
+        buffer[row, :len(prompt)] = prompt
+    lengths = np.asarray([len(p) for p in prompts], np.int32)
+    stops = np.asarray(list(stop_ids) or [-1], np.int32)
+    prefill_length = min(-(-longest // _BUCKET) * _BUCKET, length)
+    graphdef, state = nnx.split(model)
+    tokens, stop = _jitted_decode_loop(
+        graphdef, state, jnp.asarray(buffer), jnp.asarray(lengths), jnp.int32(max_new_tokens), jnp.asarray(stops),
+        jnp.float32(temperature), jnp.float32(top_p), jax.random.key(seed), greedy=temperature == 0.0,
+        prefill_length=prefill_length, use_cache=use_cache)
+    tokens, stop = np.asarray(tokens), np.asarray(stop)
+    return [tokens[row, lengths[row]:int(stop[row])].tolist() for row in range(len(prompts))]
 
 
 def generate_ids(model, prompt_ids: Sequence[int], *, max_new_tokens: int = 64, stop_ids: Sequence[int] = (),
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, use_cache: bool | None = None
                  ) -> list[int]:
-    """New token ids after ``prompt_ids`` (the stop token, if reached, is included as the last id).
-
-    ``use_cache`` (default: on, except for RoPE types whose frequencies depend on the sequence length) decodes
-    with a KV cache; off, every step recomputes the forward pass over the whole buffer.
-    """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from sftjax.models.scan import unstacked
-
-    model = unstacked(model)  # the KV-cache decoder runs one module per layer
-
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ConfigError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
-    prompt_length = len(prompt_ids)
-    if prompt_length == 0:
+    """New token ids after ``prompt_ids`` (the stop token, if reached, is included as the last id)."""
+    if not len(prompt_ids):
         raise DataError("generate: the prompt is empty")
-    end = prompt_length + max_new_tokens
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and end > limit:
-        raise ConfigError(f"prompt ({prompt_length} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                          f"model's max_position_embeddings ({limit})")
-    length = -(-end // _BUCKET) * _BUCKET
-    buffer = np.zeros(length, np.int32)
-    buffer[:prompt_length] = prompt_ids
-    stops = np.asarray(list(stop_ids) or [-1], np.int32)
-    if use_cache is None:
-        use_cache = getattr(model.config, "rope_type", "default") not in ("dynamic", "longrope")
-    prefill_length = min(-(-prompt_length // _BUCKET) * _BUCKET, length)
-    graphdef, state = nnx.split(model)
-    tokens, stop = _jitted_decode_loop()(
-        graphdef, state, jnp.asarray(buffer), jnp.int32(prompt_length), jnp.int32(end), jnp.asarray(stops),
-        jnp.float32(temperature), jnp.float32(top_p), jax.random.key(seed), greedy=temperature == 0.0,
-        prefill_length=prefill_length, use_cache=use_cache)
-    return np.asarray(tokens)[prompt_length:int(stop)].tolist()
+    return generate_batch_ids(model, [prompt_ids], max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                              temperature=temperature, top_p=top_p, seed=seed, use_cache=use_cache)[0]
 
 
 def generate(model, tokenizer, prompt_or_messages, *, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -342,8 +307,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from sftjax.models.loading import load_model, load_tokenizer
-
     model, _ = load_model(args.model)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     answer = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,

@@ -2,9 +2,16 @@
 
 Block layout (pre-norm residual):  h += [attn_out_norm](attn(attn_norm(h)));  h += [mlp_out_norm](mlp(mlp_norm(h)))
 where the bracketed "sandwich" norms exist only for Gemma2-style configs. Attention is causal and block-diagonal
-over ``segment_ids`` (packed examples never see each other), through ``pallas_kernels.attention``; the logits
-go through ``pallas_kernels.cross_entropy.project_logits`` so training can fuse the head with the loss instead.
-There is no dropout in the base model (SFT does not use it); LoRA adapters bring their own.
+over ``segment_ids`` (packed examples never see each other), through ``pallas_kernels.attention`` with the
+implementation the Decoder holds (``attention_implementation``: a static field, so a change retraces; None picks
+the best for the backend); the logits go through ``pallas_kernels.cross_entropy.project_logits`` so training can
+fuse the head with the loss instead. There is no dropout in the base model (SFT does not use it); LoRA adapters
+bring their own.
+
+Generation uses the same layers in decode mode: ``Decoder.decode(tokens_BT, positions_BT, cache)`` runs the
+tokens at the given positions, writes their keys/values into the cache (``init_cache``: per layer [B, S, Hkv, D])
+and attends over it (``pallas_kernels.attention.cached``). The block code (norms, residuals, MLP) is shared with
+the training forward; only the attention call differs.
 """
 
 from __future__ import annotations
@@ -14,10 +21,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels.attention.api import attention
+from pallas_kernels.attention.cached import attention_over_cache, write_cache
 from pallas_kernels.cross_entropy.api import project_logits
 from sftjax.models.config import ModelConfig
 from sftjax.models.layers import Embed, Linear, RMSNorm
 from sftjax.models.rope import apply_rope, rope_cos_sin
+from sftjax.models.scan import run_scanned
+from sftjax.errors import ConfigError
+from sftjax.models.config import REMAT_POLICIES
 from sftjax.sharding import gather_for_compute
 
 _ACTIVATIONS = {
@@ -26,8 +37,6 @@ _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "relu": jax.nn.relu,
 }
-
-REMAT_CHOICES = ("none", "full", "save_dots", "offload_dots")
 
 
 def remat_policy(name: str):
@@ -40,17 +49,17 @@ def remat_policy(name: str):
     if name == "offload_dots":
         kinds = {memory.kind for memory in jax.devices()[0].addressable_memories()}
         if "pinned_host" not in kinds:
-            from sftjax.errors import ConfigError
-
             raise ConfigError(f"model.remat=offload_dots needs pinned host memory, which the {jax.default_backend()} "
                               f"backend does not offer (memory kinds: {sorted(kinds)}); use save_dots or full")
         return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
-    raise ValueError(f"remat {name!r} not in {REMAT_CHOICES}")
+    raise ValueError(f"remat {name!r} not in {REMAT_POLICIES}")
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: ModelConfig, layer_index: int, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, layer_index: int, *, rngs: nnx.Rngs,
+                 implementation: str | None = None):
         c = config
+        self.implementation = implementation  # pallas_kernels.attention implementation; None = automatic
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.sliding_window = c.sliding_window_for_layer(layer_index)
         self.softcap = c.attn_logit_softcap
@@ -74,17 +83,34 @@ class Attention(nnx.Module):
             self.q_norm = None
             self.k_norm = None
 
-    def __call__(self, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, *, deterministic: bool = True):
+    def _qkv(self, x_BLD, cos_BLR, sin_BLR, deterministic):
         batch, length, _ = x_BLD.shape
         q = self.q_proj(x_BLD, deterministic=deterministic).reshape(batch, length, self.num_heads, self.head_dim)
         k = self.k_proj(x_BLD, deterministic=deterministic).reshape(batch, length, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x_BLD, deterministic=deterministic).reshape(batch, length, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos_BLR, sin_BLR), apply_rope(k, cos_BLR, sin_BLR)
+        return apply_rope(q, cos_BLR, sin_BLR), apply_rope(k, cos_BLR, sin_BLR), v
+
+    def _out(self, out_BLHD, deterministic):
+        batch, length = out_BLHD.shape[:2]
+        return self.o_proj(out_BLHD.reshape(batch, length, -1), deterministic=deterministic)
+
+    def __call__(self, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, *, deterministic: bool = True):
+        q, k, v = self._qkv(x_BLD, cos_BLR, sin_BLR, deterministic)
         out = attention(q, k, v, segment_ids_BL, causal=True, sliding_window=self.sliding_window,
-                        logit_softcap=self.softcap, scale=self.scale)
-        return self.o_proj(out.reshape(batch, length, -1), deterministic=deterministic)
+                        logit_softcap=self.softcap, scale=self.scale, implementation=self.implementation)
+        return self._out(out, deterministic)
+
+    def decode(self, x_BTD, cos_BTR, sin_BTR, positions_BT, cache):
+        """Decode mode: write this chunk's keys/values at ``positions_BT`` and attend over the cache."""
+        q, k, v = self._qkv(x_BTD, cos_BTR, sin_BTR, True)
+        k_cache, v_cache = cache
+        start_B = positions_BT[:, 0]
+        k_cache, v_cache = write_cache(k_cache, k, start_B), write_cache(v_cache, v, start_B)
+        out = attention_over_cache(q, k_cache, v_cache, positions_BT, sliding_window=self.sliding_window,
+                                   logit_softcap=self.softcap, scale=self.scale)
+        return self._out(out, True), (k_cache, v_cache)
 
 
 class MLP(nnx.Module):
@@ -107,7 +133,8 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, layer_index: int, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, layer_index: int, *, rngs: nnx.Rngs,
+                 attention_implementation: str | None = None):
         c = config
         pd = jnp.dtype(c.param_dtype)
 
@@ -115,21 +142,31 @@ class DecoderLayer(nnx.Module):
             return RMSNorm(c.hidden_size, eps=c.rms_norm_eps, plus_one=c.norm_plus_one, param_dtype=pd)
 
         self.attn_norm = norm()
-        self.attn = Attention(c, layer_index, rngs=rngs)
+        self.attn = Attention(c, layer_index, rngs=rngs, implementation=attention_implementation)
         self.attn_out_norm = norm() if c.sandwich_norms else None
         self.mlp_norm = norm()
         self.mlp = MLP(c, rngs=rngs)
         self.mlp_out_norm = norm() if c.sandwich_norms else None
 
-    def __call__(self, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, deterministic: bool = True):
-        h = self.attn(self.attn_norm(x_BLD), cos_BLR, sin_BLR, segment_ids_BL, deterministic=deterministic)
+    def _block(self, x_BLD, attend, deterministic):
+        """The residual block around ``attend`` (normed input -> (output, extra)); returns (x, extra)."""
+        h, extra = attend(self.attn_norm(x_BLD))
         if self.attn_out_norm is not None:
             h = self.attn_out_norm(h)
         x_BLD = x_BLD + h
         h = self.mlp(self.mlp_norm(x_BLD), deterministic=deterministic)
         if self.mlp_out_norm is not None:
             h = self.mlp_out_norm(h)
-        return x_BLD + h
+        return x_BLD + h, extra
+
+    def __call__(self, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, deterministic: bool = True):
+        def attend(h):
+            return self.attn(h, cos_BLR, sin_BLR, segment_ids_BL, deterministic=deterministic), None
+
+        return self._block(x_BLD, attend, deterministic)[0]
+
+    def decode(self, x_BTD, cos_BTR, sin_BTR, positions_BT, cache):
+        return self._block(x_BTD, lambda h: self.attn.decode(h, cos_BTR, sin_BTR, positions_BT, cache), True)
 
 
 def _run_layer(layer: DecoderLayer, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, deterministic):
@@ -138,16 +175,20 @@ def _run_layer(layer: DecoderLayer, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, det
 
 class Decoder(nnx.Module):
     """Decoder-only LM. ``remat`` ('none' | 'full' | 'save_dots' | 'offload_dots') rematerializes each layer in the
-    backward pass. ``layers`` is one module per layer, or stacked for ``lax.scan`` once
+    backward pass; ``attention_implementation`` names the ``pallas_kernels.attention`` implementation (None =
+    automatic). ``layers`` is one module per layer, or stacked for ``lax.scan`` once
     :func:`sftjax.models.scan.stack_layers` ran (then ``scan_plan`` says how; see that module)."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, remat: str | None = None):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, remat: str | None = None,
+                 attention_implementation: str | None = None):
         c = config
         pd = jnp.dtype(c.param_dtype)
         self.config = c
         self.remat = remat or c.remat
+        self.attention_implementation = attention_implementation
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, param_dtype=pd, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(c, i, rngs=rngs) for i in range(c.num_layers)])
+        self.layers = nnx.List([DecoderLayer(c, i, rngs=rngs, attention_implementation=attention_implementation)
+                                for i in range(c.num_layers)])
         self.scan_plan = None
         self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, plus_one=c.norm_plus_one, param_dtype=pd)
         if c.tie_word_embeddings:
@@ -156,17 +197,32 @@ class Decoder(nnx.Module):
             self.lm_head = Linear(c.hidden_size, c.vocab_size, logical_axes=("embed", "vocab"), param_dtype=pd,
                                   rngs=rngs)
 
+    def configure(self, *, remat: str | None = None, attention_implementation: str | None = None,
+                  dtype: str | None = None) -> "Decoder":
+        """Set the run-time options of a built (e.g. loaded) model in place: remat policy, attention
+        implementation (None = automatic) and compute dtype. They are static graph data, so a jitted function
+        traced afterwards sees them; returns the model."""
+        if remat is not None:
+            if remat not in REMAT_POLICIES:
+                raise ConfigError(f"remat={remat!r} is not one of {', '.join(REMAT_POLICIES)}")
+            self.remat = remat
+            self.config = self.config.replace(remat=remat)
+        if dtype is not None:
+            self.config = self.config.replace(dtype=dtype)
+        self.attention_implementation = attention_implementation
+        for _, node in nnx.iter_graph(self):
+            if isinstance(node, Attention):
+                node.implementation = attention_implementation
+        return self
+
     def head_weight(self):
         """[D, V]: the lm_head kernel (LoRA merged if any), or the tied embedding transposed; fsdp-gathered."""
         if self.lm_head is None:
             return gather_for_compute(self.embed_tokens.embedding[...], ("vocab", "embed")).T
         return self.lm_head.compute_kernel()
 
-    def hidden_states(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None, deterministic: bool = True,
-                      positions=None, segment_ids=None):
-        """Final-norm hidden states [B, L, D] (``positions``/``segment_ids`` are accepted as aliases)."""
-        positions_BL = positions_BL if positions_BL is not None else positions
-        segment_ids_BL = segment_ids_BL if segment_ids_BL is not None else segment_ids
+    def hidden_states(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None, deterministic: bool = True):
+        """Final-norm hidden states [B, L, D]; positions default to 0..L-1 and segments to one per row."""
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1], dtype=jnp.int32), tokens_BL.shape)
         if segment_ids_BL is None:
@@ -176,8 +232,6 @@ class Decoder(nnx.Module):
         cos, sin = rope_cos_sin(self.config, positions_BL)
         policy = remat_policy(self.remat) if self.remat != "none" else None
         if self.scan_plan is not None:
-            from sftjax.models.scan import run_scanned
-
             x = run_scanned(self, x, cos, sin, segment_ids_BL, deterministic, policy=policy, remat=self.remat != "none")
             return self.norm(x)
         run = _run_layer
@@ -187,10 +241,35 @@ class Decoder(nnx.Module):
             x = run(layer, x, cos, sin, segment_ids_BL, deterministic)
         return self.norm(x)
 
-    def __call__(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None, deterministic: bool = True,
-                 positions=None, segment_ids=None):
+    def __call__(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None, deterministic: bool = True):
         """float32 logits [B, L, V]."""
         hidden = self.hidden_states(tokens_BL, positions_BL=positions_BL, segment_ids_BL=segment_ids_BL,
-                                    deterministic=deterministic, positions=positions, segment_ids=segment_ids)
-        return project_logits(hidden, self.head_weight().astype(hidden.dtype),
+                                    deterministic=deterministic)
+        return self.logits(hidden)
+
+    def logits(self, hidden_BLD):
+        """float32 logits [..., V] of final hidden states [..., D] (soft-capped like training)."""
+        return project_logits(hidden_BLD, self.head_weight().astype(hidden_BLD.dtype),
                               logit_softcap=self.config.final_logit_softcap)
+
+    # ------------------------------------------------------------------------------------------- decode mode
+
+    def init_cache(self, batch: int, length: int):
+        """An empty KV cache for ``batch`` rows of ``length`` positions: per layer (k, v) [B, S, Hkv, D]."""
+        c = self.config
+        shape = (batch, length, c.num_kv_heads, c.head_dim)
+        dtype = jnp.dtype(c.dtype)
+        return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_layers))
+
+    def decode(self, tokens_BT, positions_BT, cache):
+        """Final-norm hidden states [B, T, D] of tokens at ``positions_BT`` (consecutive per row), reading and
+        extending ``cache``; returns (hidden, new cache). Runs one module per layer (unstack a scanned model)."""
+        if self.scan_plan is not None:
+            raise ValueError("Decoder.decode runs one module per layer: use sftjax.models.scan.unstacked(model)")
+        x = self.embed_tokens(tokens_BT, dtype=jnp.dtype(self.config.dtype), scale=self.config.embedding_scale)
+        cos, sin = rope_cos_sin(self.config, positions_BT)
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, layer_cache = layer.decode(x, cos, sin, positions_BT, layer_cache)
+            new_cache.append(layer_cache)
+        return self.norm(x), tuple(new_cache)

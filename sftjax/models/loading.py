@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sftjax.errors import CheckpointError
-from sftjax.models import gguf_io, hf_io
+from sftjax.models import gguf_read, hf_io
 from sftjax.models.config import ModelConfig
 from sftjax.models.decoder import Decoder
 from sftjax.models.registry import family_for_hf
@@ -27,7 +27,7 @@ def load_model(path_or_alias, *, dtype=jnp.float32, mesh=None) -> tuple[Decoder,
     """Load a HF checkpoint directory or a .gguf file (or a zoo alias) into a Decoder of ``dtype``."""
     path = resolve_model_path(path_or_alias)
     if path.is_file() and path.suffix.lower() == ".gguf":
-        hf_config, tensors = gguf_io.read_gguf_checkpoint(path)
+        hf_config, tensors = gguf_read.read_gguf_checkpoint(path)
         return model_from_hf_tensors(hf_config, tensors, dtype=dtype, mesh=mesh, source=str(path))
     hf_config = hf_io.read_config_json(path)
     family_for_hf(hf_config, source=str(path / "config.json"))  # fail on the architecture before reading weights
@@ -64,19 +64,3 @@ def save_model(model: Decoder, config: ModelConfig, out_dir, *, dtype=None, toke
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
-
-
-def load_tokenizer(path_or_alias):
-    """A transformers tokenizer from a checkpoint directory, or from a .gguf file's embedded vocabulary."""
-    path = resolve_model_path(path_or_alias)
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return gguf_io.load_gguf_tokenizer(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: tokenizer path does not exist")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as error:  # transformers raises many types for unusable tokenizer files
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: cannot load a tokenizer ({message})") from None

@@ -45,6 +45,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.checkpoint_managers import preservation_policy as preservation
 
+from sftjax.config import SECTIONS, config_from_dict
 from sftjax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -87,10 +88,10 @@ def config_to_dict(config: Any) -> dict | None:
     """A run config (dataclass, mapping or None) as a JSON-safe dict."""
     if config is None:
         return None
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config = dataclasses.asdict(config)
-    elif hasattr(config, "to_dict"):
+    if hasattr(config, "to_dict"):
         config = config.to_dict()
+    elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
     if not isinstance(config, Mapping):
         raise TypeError(f"config must be a dataclass or a mapping, got {type(config).__name__}")
     return json.loads(json.dumps(config, default=str))
@@ -209,52 +210,28 @@ def abstract_like(tree: Any) -> Any:
     return jax.tree_util.tree_map(one, tree)
 
 
-@dataclasses.dataclass
-class CheckpointSection:
-    """The ``checkpoint:`` section of a run config."""
+def run_config(meta: Mapping, where) -> Any:
+    """The run's :class:`sftjax.config.Config` from a checkpoint's meta (older metas kept the checkpoint section
+    under ``extra``)."""
+    saved = dict(meta.get("config") or {})
+    extra = saved.pop("extra", None) or {}
+    saved.pop("source_path", None)
+    if "checkpoint" in extra and "checkpoint" not in saved:
+        saved["checkpoint"] = extra["checkpoint"]
+    try:
+        return config_from_dict({k: v for k, v in saved.items() if k in SECTIONS and v is not None})
+    except Exception as error:  # a ConfigError, or a config written by another version
+        raise CheckpointError(f"{where}: the run config saved with this checkpoint does not load "
+                              f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
 
-    directory: str | None = None  # default: <train.output_dir>/checkpoints
-    save_every_steps: int | None = None
-    save_every_minutes: float | None = 30.0
-    keep: int | None = 3
-    keep_best: int = 0  # also keep this many with the lowest eval_loss
-    resume: str = "auto"  # auto | never | <path to a run, checkpoint root or step directory>
-    async_save: bool = True
 
-    @classmethod
-    def from_dict(cls, raw: Mapping | None) -> CheckpointSection:
-        """Validate a raw mapping (unknown keys and bad values are one-line ConfigErrors)."""
-        from sftjax.errors import ConfigError
-
-        raw = dict(raw or {})
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - fields)
-        if unknown:
-            raise ConfigError(f"checkpoint.{unknown[0]} is not a checkpoint setting; known: {', '.join(sorted(fields))}")
-        section = cls(**raw)
-        for key in ("save_every_steps", "save_every_minutes", "keep"):
-            value = getattr(section, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
-                raise ConfigError(f"checkpoint.{key}={value!r} must be a positive number or null")
-        if isinstance(section.keep_best, bool) or not isinstance(section.keep_best, int) or section.keep_best < 0:
-            raise ConfigError(f"checkpoint.keep_best={section.keep_best!r} must be an integer >= 0")
-        if not isinstance(section.resume, str) or not section.resume:
-            raise ConfigError(f"checkpoint.resume={section.resume!r} must be auto, never or a path")
-        return section
-
-    def manager(self, output_dir, config: Any = None, **kwargs) -> CheckpointManager:
-        """The manager this section describes, rooted at ``directory`` or ``<output_dir>/checkpoints``."""
-        directory = self.directory or pathlib.Path(output_dir) / "checkpoints"
-        return CheckpointManager(
-            directory,
-            config,
-            save_every_steps=self.save_every_steps,
-            save_every_minutes=self.save_every_minutes,
-            keep=self.keep,
-            keep_best=self.keep_best,
-            async_save=self.async_save,
-            **kwargs,
-        )
+def manager_for(section, output_dir, config: Any = None, **kwargs) -> CheckpointManager:
+    """The manager a ``checkpoint:`` section (:class:`sftjax.config.CheckpointSection`) describes, rooted at its
+    ``directory`` or ``<output_dir>/checkpoints``."""
+    directory = section.directory or pathlib.Path(output_dir) / "checkpoints"
+    return CheckpointManager(directory, config, save_every_steps=section.save_every_steps,
+                             save_every_minutes=section.save_every_minutes, keep=section.keep,
+                             keep_best=section.keep_best, async_save=section.async_save, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ save is logged and training goes on (the in-memory state is intact); a failed fi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -25,90 +26,77 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from sftjax.config import Config
+from sftjax.data.pipeline import build_datasets
 from sftjax.errors import CheckpointError, ConfigError
+from sftjax.models.loading import save_model
+from sftjax.models.tokenizer import load_tokenizer
+from sftjax.models.scan import unstacked
+from sftjax.models.zoo import resolve_model_path
+from sftjax.peft.adapter_io import write_peft_adapter
+from sftjax.sharding import make_mesh
+from sftjax.train import checkpoint as ckpt
 from sftjax.train import flops as flops_lib
-from sftjax.peft.lora import apply_lora, split_model
 from sftjax.train.metrics import MetricsLogger, device_memory_bytes
-from sftjax.train.optim import make_optimizer
-from sftjax.train.step import LossOptions, TrainState, make_eval_step, make_train_step
+from sftjax.train.preemption import PreemptionGuard
+from sftjax.train.program import BATCH_KEYS, build_program, check_backend
+from sftjax.train.step import TrainState
 
 logger = logging.getLogger("sftjax.train")
 
-BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
+class MetricsWindow:
+    """Step metrics dispatched to the device but not yet fetched, written a window at a time.
 
-def _dtype(name: str):
-    return jnp.dtype(name)
+    ``add`` collects a step's (device) metrics; ``close(step)`` ends the window at ``step``; ``write()`` fetches and
+    writes a closed window (the loop calls it right after dispatching the next step, so the host never waits on
+    the device); ``write_through(step)`` writes everything up to ``step`` now (before a checkpoint or a stop).
+    """
 
+    def __init__(self, write: Callable[[int, list[dict]], None]):
+        self._write, self._pending, self._closed = write, [], None
 
-def build_model(cfg: Config, *, mesh=None, tokenizer=None):
-    """(model, model_config) from ``model.path`` (loaded) or ``model.init`` (random init, seeded)."""
-    section = cfg.model
-    if section.init is not None:
-        from sftjax.models.config import ModelConfig
-        from sftjax.models.decoder import Decoder
+    def add(self, metrics: dict) -> None:
+        self._pending.append(metrics)
 
-        spec = {k: tuple(v) if isinstance(v, list) else v for k, v in section.init.items()}
-        if "vocab_size" not in spec and tokenizer is not None:
-            spec["vocab_size"] = len(tokenizer)
-        spec.update(dtype=section.compute_dtype, param_dtype=section.param_dtype, remat=section.remat)
-        try:
-            model_config = ModelConfig(**spec)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"model.init: {str(err).splitlines()[0]}") from None
-        model = Decoder(model_config, rngs=nnx.Rngs(params=cfg.train.seed))
-        if mesh is not None:
-            from sftjax.sharding import shard_model
+    def close(self, step: int) -> None:
+        if not self._pending:
+            return
+        self.write()
+        self._closed, self._pending = (step, self._pending), []
 
-            shard_model(model, mesh)
-        return model, model_config
-    from sftjax.models.loading import load_model
+    def write(self) -> None:
+        if self._closed is not None:
+            step, window = self._closed
+            self._closed = None
+            self._write(step, jax.device_get(window))
 
-    model, model_config = load_model(section.path, dtype=_dtype(section.param_dtype), mesh=mesh)
-    model_config = model_config.replace(dtype=section.compute_dtype, remat=section.remat)
-    model.config = model_config
-    model.remat = section.remat
-    return model, model_config
-
-
-def _set_kernel_defaults(cfg: Config) -> None:
-    from pallas_kernels import dispatch
-
-    dispatch.set_default_implementation("attention", cfg.model.attention_implementation)
-    dispatch.set_default_implementation("cross_entropy", cfg.model.cross_entropy_implementation)
+    def write_through(self, step: int) -> None:
+        self.close(step)
+        self.write()
 
 
 class Trainer:
-    """Fine-tunes ``config``'s model on its data; ``fit()`` runs the loop, ``evaluate()`` one evaluation."""
+    """Fine-tunes ``config``'s model on its data; ``fit()`` runs the loop, ``evaluate()`` one evaluation.
 
-    def __init__(self, config: Config, *, model=None, model_config=None, tokenizer=None, train_data=None,
-                 eval_data=None):
+    Everything before the loop is built by :func:`sftjax.train.program.build_program`, the recipe that ``plan``
+    and ``export`` use too. ``model`` (an unadapted Decoder), ``tokenizer`` and the datasets may be passed in
+    instead of being built from the config. A multi-process job must have joined before (``sftjax train`` does
+    it: :func:`sftjax.train.distributed.initialize`).
+    """
+
+    def __init__(self, config: Config, *, model=None, tokenizer=None, train_data=None, eval_data=None):
         self.config = cfg = config
         train = cfg.train
-        from sftjax.train.distributed import initialize
-
-        initialize(train.distributed)  # before anything touches the devices
-        self.checkpoint_section = cfg.checkpoint  # validated before anything is built
         self.checkpoints = None  # the CheckpointManager, once open_checkpoints() ran
         self.mesh_sizes = cfg.check_devices(jax.device_count())
-        from sftjax.sharding import make_mesh
-
         self.mesh = make_mesh(**self.mesh_sizes)
-        if cfg.model.remat == "offload_dots":  # fail now, not at the first trace, on a backend without host memory
-            from sftjax.models.decoder import remat_policy
-
-            remat_policy(cfg.model.remat)
-        _set_kernel_defaults(cfg)
+        check_backend(cfg)
         self.tokenizer = tokenizer
         if self.tokenizer is None and (cfg.tokenizer.path or cfg.model.path):
-            from sftjax.models.loading import load_tokenizer
-
             self.tokenizer = load_tokenizer(cfg.tokenizer.path or cfg.model.path)
         self.train_data, self.eval_data, self.data_stats = train_data, eval_data, {}
         if self.train_data is None:
@@ -116,46 +104,23 @@ class Trainer:
                 raise ConfigError("data: the config has no data section (data.sources is required to train)")
             if self.tokenizer is None:
                 raise ConfigError("tokenizer.path is required when the model is randomly initialized (model.init)")
-            from sftjax.data.pipeline import build_datasets
-
             self.train_data, self.eval_data, self.data_stats = build_datasets(
                 cfg.data, self.tokenizer, global_batch_size=train.global_batch_size)
-        if model is None:
-            model, model_config = build_model(cfg, mesh=self.mesh, tokenizer=self.tokenizer)
-        self.model, self.model_config = model, model_config or model.config
-        self.lora_targets = apply_lora(self.model, cfg.lora, rngs=nnx.Rngs(params=train.seed + 1,
-                                                                            dropout=train.seed + 2))
-        if cfg.model.scan_layers:
-            from sftjax.models.scan import stack_layers
-
-            stack_layers(self.model)
-            logger.info("scan over layers: %s", self.model.scan_plan)
-        if self.lora_targets or cfg.model.scan_layers:
-            from sftjax.sharding import shard_model
-
-            shard_model(self.model, self.mesh)
-        self.graphdef, trainable, self.frozen = split_model(self.model, cfg.lora)
-
         self.total_steps = self._total_steps()
-        self.tx, self.schedule = make_optimizer(cfg.optim, self.total_steps)
-        self.state = self._place(TrainState.create(trainable, self.tx))
-        shardings = jax.tree.map(lambda x: x.sharding, trainable)
-        options = LossOptions(logit_softcap=self.model_config.final_logit_softcap, z_loss=cfg.optim.z_loss,
-                              compute_dtype=_dtype(cfg.model.compute_dtype),
-                              cross_entropy_implementation=cfg.model.cross_entropy_implementation,
-                              dropout=cfg.lora.enabled and cfg.lora.dropout > 0)
-        self.train_step = make_train_step(self.graphdef, self.tx, self.schedule, options,
-                                          max_grad_norm=cfg.optim.max_grad_norm, param_shardings=shardings,
-                                          state_shardings=jax.tree.map(lambda x: x.sharding, self.state))
-        self.eval_step = make_eval_step(self.graphdef, options)
-        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(None, ("data", "fsdp"), None))
-        self.eval_sharding = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp"), None))
+        self.program = program = build_program(cfg, mesh=self.mesh, total_steps=self.total_steps,
+                                               tokenizer=self.tokenizer, model=model)
+        if cfg.model.scan_layers:
+            logger.info("scan over layers: %s", program.model.scan_plan)
+        self.model, self.model_config, self.lora_targets = program.model, program.model_config, program.lora_targets
+        self.graphdef, self.frozen, self.state = program.graphdef, program.frozen, program.state
+        self.tx, self.schedule = program.tx, program.schedule
+        self.train_step, self.eval_step = program.train_step, program.eval_step
+        self.batch_sharding, self.eval_sharding = program.batch_sharding, program.eval_sharding
         self.hooks: list[Callable] = []
         self.rng = jax.random.key(train.seed)
         self.start_step = 0
-        num_params = sum(x.size for x in jax.tree.leaves(nnx.state(self.model, nnx.Param)))
-        self.num_params = int(num_params)
-        self.num_trainable = int(sum(x.size for x in jax.tree.leaves(trainable)))
+        self.num_params = int(sum(x.size for x in jax.tree.leaves(nnx.state(self.model, nnx.Param))))
+        self.num_trainable = program.num_trainable
 
     # ------------------------------------------------------------------------------------------ setup helpers
 
@@ -167,18 +132,6 @@ class Trainer:
         if not steps_per_epoch:
             raise ConfigError("train.epochs needs a dataset that knows its steps per epoch; give train.steps")
         return max(1, math.ceil(train.epochs * steps_per_epoch))
-
-    def _place(self, tree):
-        """Every array on the mesh: sharded ones keep their layout, the rest (counters, scalars) replicated."""
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-
-        def place(x):
-            sharding = getattr(x, "sharding", None)
-            if isinstance(sharding, NamedSharding) and sharding.mesh == self.mesh:
-                return x
-            return jax.device_put(x, replicated)
-
-        return jax.tree.map(place, tree)
 
     def add_hook(self, hook: Callable) -> None:
         """``hook(trainer, step)`` after every dispatched step (e.g. a checkpoint manager's maybe_save)."""
@@ -200,24 +153,20 @@ class Trainer:
         ``resume: never`` refuses a checkpoint directory that already holds checkpoints: the new run's saves and
         retention would delete them. Use another ``train.output_dir``/``checkpoint.directory`` or remove them.
         """
-        from sftjax.train.checkpoint import abstract_like, restore_for_resume, train_state_from_items, train_state_items
-
-        section, cfg = self.checkpoint_section, self.config
+        cfg = self.config
         base_model = None
         if cfg.model.path:
-            from sftjax.train.checkpoint import fingerprint_model
-            from sftjax.models.zoo import resolve_model_path
-
             resolved = resolve_model_path(cfg.model.path).absolute()
-            base_model = {"path": str(resolved), "fingerprint": fingerprint_model(resolved)}
-        manager = section.manager(cfg.train.output_dir, cfg, base_model=base_model)
+            base_model = {"path": str(resolved), "fingerprint": ckpt.fingerprint_model(resolved)}
+        manager = ckpt.manager_for(cfg.checkpoint, cfg.train.output_dir, cfg, base_model=base_model)
         try:
-            if section.resume in ("never", "none") and manager.all_steps:
+            if cfg.checkpoint.resume in ("never", "none") and manager.all_steps:
                 raise CheckpointError(
                     f"checkpoint.resume=never but {manager.directory} already holds checkpoints (steps "
                     f"{manager.all_steps}); refusing to overwrite them: resume with checkpoint.resume=auto, or use "
                     "another train.output_dir (or checkpoint.directory), or delete them yourself")
-            restored = restore_for_resume(section.resume, manager, abstract_like(train_state_items(self.state)))
+            restored = ckpt.restore_for_resume(cfg.checkpoint.resume, manager,
+                                              ckpt.abstract_like(ckpt.train_state_items(self.state)))
             if restored is not None:
                 self._check_base_model(restored, base_model)
         except BaseException:
@@ -225,7 +174,7 @@ class Trainer:
             raise
         self.checkpoints = manager
         if restored is not None:
-            self.restore(train_state_from_items(self.state, restored.state), restored.data_state)
+            self.restore(ckpt.train_state_from_items(self.state, restored.state), restored.data_state)
             self.start_step = restored.step  # the loop's step: TrainState.step does not count skipped steps
             if restored.rng is not None:
                 self.rng = restored.rng
@@ -248,24 +197,20 @@ class Trainer:
     def _save_checkpoint(self, step: int, *, force: bool, metrics: dict | None = None) -> None:
         """Start a checkpoint at ``step`` (on the triggers, or now when ``force``); a failure is logged, not raised:
         the in-memory state is intact and the next save may succeed."""
-        from sftjax.train.checkpoint import train_state_items
-
         try:
-            self.checkpoints.maybe_save(step, train_state_items(self.state), data_state=self.train_data.get_state(),
+            self.checkpoints.maybe_save(step, ckpt.train_state_items(self.state), data_state=self.train_data.get_state(),
                                         rng=self.rng, metrics=metrics, force=force)
         except CheckpointError as err:
             logger.error("%s; training continues", err)
 
     def _final_checkpoint(self, step: int) -> pathlib.Path:
         """Write the checkpoint at ``step`` and wait until it is committed (errors raise)."""
-        from sftjax.train.checkpoint import train_state_items
-
         manager = self.checkpoints
         try:
             manager.wait()  # an earlier background save's error must not be mistaken for this one's
         except CheckpointError as err:
             logger.error("%s", err)
-        manager.save(step, train_state_items(self.state), data_state=self.train_data.get_state(), rng=self.rng)
+        manager.save(step, ckpt.train_state_items(self.state), data_state=self.train_data.get_state(), rng=self.rng)
         manager.wait()
         return manager.directory / str(step)
 
@@ -293,10 +238,6 @@ class Trainer:
     def fit(self) -> dict:
         """Train up to ``total_steps`` steps; returns the last logged train metrics and the final eval metrics,
         plus ``stopped_at``/``checkpoint`` when a stop signal ended the run early (no final model then)."""
-        import contextlib
-
-        from sftjax.train.preemption import PreemptionGuard
-
         cfg = self.config.train
         out_dir = pathlib.Path(cfg.output_dir)
         log = MetricsLogger(out_dir, total_steps=self.total_steps, tensorboard=cfg.tensorboard,
@@ -304,69 +245,58 @@ class Trainer:
         peak = cfg.peak_flops or flops_lib.device_peak_flops()
         seq_len = int(self.config.data.max_length) if self.config.data is not None else None
         data_iter = iter(self.train_data)
-        pending: list[dict] = []
-        scheduled = None  # a logging window (step, metrics), written after the next step is dispatched
         last_train, last_eval = {}, {}
         # Timing is measured between host syncs (fetching step N's metrics waits for step N on device), so
         # asynchronous dispatch does not inflate throughput. The first window includes compilation.
         sync = {"time": time.perf_counter(), "step": self.start_step}
         stopped = {}
 
-        def flush():
-            nonlocal scheduled, last_train
-            if scheduled is not None:
-                at, window = scheduled
-                fetched = jax.device_get(window)
-                now = time.perf_counter()
-                last_train = self._summarize(fetched, now - sync["time"], at - sync["step"], seq_len, peak)
-                sync.update(time=now, step=at)
-                log.log(at, last_train)
-                scheduled = None
+        def write(at: int, fetched: list[dict]) -> None:
+            nonlocal last_train
+            now = time.perf_counter()
+            last_train = self._summarize(fetched, now - sync["time"], at - sync["step"], seq_len, peak)
+            sync.update(time=now, step=at)
+            log.log(at, last_train)
 
-        guard = PreemptionGuard() if self.checkpoints is not None else contextlib.nullcontext()
+        window = MetricsWindow(write)
+        guard = PreemptionGuard() if self.checkpoints is not None else None
         try:
-            with guard:
+            with guard if guard is not None else contextlib.nullcontext():
                 for step in range(self.start_step, self.total_steps):
                     local = next(data_iter)
                     seq_len = seq_len or int(np.asarray(local["tokens"]).shape[1])
                     batch = self.global_batch(local)
                     self.state, metrics = self.train_step(self.state, self.frozen, batch,
                                                           jax.random.fold_in(self.rng, step))
-                    flush()  # the previous window's metrics: step N+1 is already dispatched
-                    pending.append(metrics)
+                    window.write()  # the previous window's metrics: step N+1 is already dispatched
+                    window.add(metrics)
                     done = step + 1
                     for hook in self.hooks:
                         hook(self, done)
                     log.advance()
                     last = done == self.total_steps
-                    if done % cfg.log_every == 0 or last:
-                        scheduled, pending = (done, pending), []
+                    if done % cfg.log_interval == 0 or last:
+                        window.close(done)
                     evaluated = False
-                    if (cfg.eval_every and done % cfg.eval_every == 0) or last:
-                        if self.eval_data is not None:
-                            flush()
-                            last_eval, evaluated = self.evaluate(), True
-                            log.log(done, last_eval, prefix="eval/")
-                            sync.update(time=time.perf_counter(), step=done)
-                    if self.checkpoints is None or last:
+                    if ((cfg.eval_every and done % cfg.eval_every == 0) or last) and self.eval_data is not None:
+                        window.write()
+                        last_eval, evaluated = self.evaluate(), True
+                        log.log(done, last_eval, prefix="eval/")
+                        sync.update(time=time.perf_counter(), step=done)
+                    if guard is None or last:
                         continue
                     if self.checkpoints.should_save(done):
                         # Metrics of every step up to a checkpoint reach metrics.jsonl before it exists: a run
                         # killed later resumes after this step and would never log those steps again.
-                        if pending:
-                            flush()
-                            scheduled, pending = (done, pending), []
-                        flush()
+                        window.write_through(done)
                         self._save_checkpoint(done, force=True,
                                               metrics={"eval_loss": last_eval["loss"]} if evaluated else None)
                     if guard.should_stop(done):
-                        if pending:  # log the partial window: the resumed run starts after it
-                            flush()
-                            scheduled, pending = (done, pending), []
+                        window.write_through(done)  # the partial window: the resumed run starts after it
                         stopped = {"stopped_at": done, "checkpoint": str(self._final_checkpoint(done))}
                         print(guard.stop_message(stopped["checkpoint"]), flush=True)
                         break
-                flush()
+                window.write()
                 if not stopped and self.checkpoints is not None:
                     self._final_checkpoint(self.total_steps)
         finally:
@@ -420,8 +350,6 @@ class Trainer:
 
     def updated_model(self):
         """The model with the current trained params (a new module, one module per layer; adapters not merged)."""
-        from sftjax.models.scan import unstacked
-
         return unstacked(nnx.merge(self.graphdef, self.state.params, self.frozen))
 
     def save(self, out_dir) -> pathlib.Path:
@@ -429,12 +357,8 @@ class Trainer:
         model = self.updated_model()
         out_dir = pathlib.Path(out_dir)
         if self.config.train.save == "adapter" and self.lora_targets:
-            from sftjax.peft.adapter_io import write_peft_adapter
-
             lora = dataclasses.asdict(self.config.lora)
             return write_peft_adapter(model, self.model_config, out_dir, lora=lora,
                                       base_model_name_or_path=str(self.config.model.path or ""))
-        from sftjax.models.loading import save_model
-
         return save_model(model, self.model_config, out_dir, dtype=self.config.model.param_dtype,
                           tokenizer=self.tokenizer)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sftjax.data.cache import tokenize_source
-from sftjax.data.config import SourceConfig
+from sftjax.config import SourceConfig
 from sftjax.errors import DataError
 
 CALLS = {"count": 0}

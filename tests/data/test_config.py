@@ -2,7 +2,7 @@
 
 import pytest
 
-from sftjax.data.config import DataConfig, SourceConfig
+from sftjax.config import DataConfig, SourceConfig
 from sftjax.errors import ConfigError
 
 
@@ -17,7 +17,7 @@ def test_defaults_and_from_dict():
 
 
 @pytest.mark.parametrize("data, needle", [
-    ({"sources": ["a"], "maskng": "all"}, "did you mean 'masking'"),
+    ({"sources": ["a"], "maskng": "all"}, "unknown key data.maskng; did you mean data.masking?"),
     ({"sources": ["a"], "masking": "everything"}, "data.masking='everything'"),
     ({"sources": ["a"], "packing": "greedy"}, "data.packing"),
     ({"sources": ["a"], "overflow": "wrap"}, "data.overflow"),
@@ -26,8 +26,8 @@ def test_defaults_and_from_dict():
     ({"sources": ["a"], "eval_fraction": 1.5}, "data.eval_fraction=1.5"),
     ({"sources": []}, "data.sources is empty"),
     ({}, "'sources'"),
-    ({"sources": [{"path": "a", "formt": "alpaca"}]}, "did you mean 'format'"),
-    ({"sources": [{"path": "a", "format": "yaml"}]}, "format='yaml'"),
+    ({"sources": [{"path": "a", "formt": "alpaca"}]}, "unknown key data.sources[0].formt; did you mean data.sources[0].format?"),
+    ({"sources": [{"path": "a", "format": "yaml"}]}, "data.sources[0].format='yaml' is not allowed"),
     ({"sources": [{"path": "a", "weight": -1}]}, "weight=-1"),
     ({"sources": [{"path": "a", "columns": {"promt": "q"}}]}, "did you mean 'prompt'"),
     ({"sources": [{"weight": 1}]}, "'path'"),

@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 from sftjax.data.chat import encode_rows
-from sftjax.data.config import SourceConfig
+from sftjax.config import SourceConfig
 from sftjax.data.formats import detect_format, to_conversation
 from sftjax.data.sources import iter_rows
 from sftjax.errors import DataError

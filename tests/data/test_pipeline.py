@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import pytest
 
-from sftjax.data.config import DataConfig
+from sftjax.config import DataConfig
 from sftjax.data.pipeline import build_datasets, mix_indices
 from sftjax.errors import ConfigError, DataError
 

@@ -70,7 +70,7 @@ def test_errors_are_one_line(tmp_path, assets_dir, capsys):
     config.write_text("data:\n  sources: [missing.jsonl]\n  maskng: all\n")
     assert main(["data", "preview", str(config), "--tokenizer", str(assets_dir / "tokenizers" / "smollm2")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "did you mean 'masking'" in err
+    assert err.count("\n") == 0 and "did you mean data.masking?" in err
     config.write_text("data:\n  sources: [missing.jsonl]\n")
     assert main(["data", "preview", str(config), "--tokenizer", str(assets_dir / "tokenizers" / "smollm2")]) == 2
     err = capsys.readouterr().err.strip()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sftjax.data.config import SourceConfig
+from sftjax.config import SourceConfig
 from sftjax.data.sources import iter_rows
 from sftjax.errors import DataError
 

@@ -26,7 +26,8 @@ def _reference_ids(tokenizer, messages):
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf):
-    from sftjax.models.loading import load_model, load_tokenizer
+    from sftjax.models.loading import load_model
+    from sftjax.models.tokenizer import load_tokenizer
 
     model, _ = load_model(smollm2_gguf)
     return model, load_tokenizer(smollm2_gguf)
@@ -193,7 +194,8 @@ def test_cli_exit_stops_reading(tmp_path, assets_dir, monkeypatch, capsys):
     from sftjax.cli import main
     from sftjax.models.config import ModelConfig
     from sftjax.models.decoder import Decoder
-    from sftjax.models.loading import load_model, load_tokenizer, save_model
+    from sftjax.models.loading import load_model, save_model
+    from sftjax.models.tokenizer import load_tokenizer
 
     config = ModelConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=8, max_position_embeddings=128, tie_word_embeddings=True)

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from sftjax.errors import ConfigError
 from sftjax.infer import generate as gen
 from sftjax.models.config import SLIDING_ATTENTION, FULL_ATTENTION, ModelConfig
 from sftjax.models.decoder import Decoder
@@ -43,14 +47,40 @@ def test_cached_forward_matches_full_forward(name):
     model = _random_model(config)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, 12), jnp.int32)
     reference = model(tokens[None])[0]  # [12, V]
-    cached_forward = nnx.jit(gen.cached_forward)
-    cache = gen.empty_cache(config, 16)
-    hidden, cache = cached_forward(model, tokens[:5], jnp.int32(0), cache)
-    logits = [gen.head_logits(model, h) for h in hidden]
+    decode = nnx.jit(lambda model, t, p, c: model.decode(t, p, c))
+    cache = model.init_cache(1, 16)
+    hidden, cache = decode(model, tokens[None, :5], jnp.arange(5, dtype=jnp.int32)[None], cache)
+    logits = [gen.head_logits(model, h) for h in hidden[0]]
     for position in range(5, 12):
-        hidden, cache = cached_forward(model, tokens[position:position + 1], jnp.int32(position), cache)
-        logits.append(gen.head_logits(model, hidden[0]))
+        hidden, cache = decode(model, tokens[None, position:position + 1], jnp.full((1, 1), position, jnp.int32), cache)
+        logits.append(gen.head_logits(model, hidden[0, 0]))
     np.testing.assert_allclose(np.stack(logits), np.asarray(reference), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gemma2_like", "llama_gqa_tied"])
+def test_batched_decode_rows_at_their_own_positions(name):
+    """Two rows of different prompt lengths decoded together: each row's logits equal its own uncached forward."""
+    config = VARIANTS[name]
+    model = _random_model(config, seed=2)
+    rng = np.random.default_rng(4)
+    rows = [rng.integers(0, config.vocab_size, 11), rng.integers(0, config.vocab_size, 8)]
+    references = [np.asarray(model(jnp.asarray(r, jnp.int32)[None])[0]) for r in rows]
+    decode = nnx.jit(lambda model, t, p, c: model.decode(t, p, c))
+    prompt = np.zeros((2, 6), np.int32)
+    prompt[0], prompt[1, :4] = rows[0][:6], rows[1][:4]  # row 1 is right-padded in the prefill
+    hidden, cache = decode(model, jnp.asarray(prompt), jnp.broadcast_to(jnp.arange(6, dtype=jnp.int32), (2, 6)),
+                           model.init_cache(2, 16))
+    got = [[np.asarray(gen.head_logits(model, hidden[0, t])) for t in range(6)],
+           [np.asarray(gen.head_logits(model, hidden[1, t])) for t in range(4)]]
+    positions = [6, 4]
+    for _ in range(4):
+        tokens = jnp.asarray([[rows[0][positions[0]]], [rows[1][positions[1]]]], jnp.int32)
+        hidden, cache = decode(model, tokens, jnp.asarray([[positions[0]], [positions[1]]], jnp.int32), cache)
+        for row in range(2):
+            got[row].append(np.asarray(gen.head_logits(model, hidden[row, 0])))
+            positions[row] += 1
+    for row in range(2):
+        np.testing.assert_allclose(np.stack(got[row]), references[row][:len(got[row])], atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["gemma2_like", "llama_gqa_tied"])
@@ -174,7 +204,7 @@ def test_smollm2_greedy_matches_transformers_generate(smollm2, smollm2_tokenizer
     torch = pytest.importorskip("torch")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sftjax.models.gguf_io import read_gguf_checkpoint
+    from sftjax.models.gguf_read import read_gguf_checkpoint
 
     hf_config, tensors = read_gguf_checkpoint(smollm2_gguf)
     reference = LlamaForCausalLM(LlamaConfig(**hf_config)).eval()
@@ -218,3 +248,42 @@ def test_cli_missing_model_is_one_line_error(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nowhere"), "--prompt", "Hi"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nowhere" in err
+
+
+RECORDED = pathlib.Path(__file__).with_name("generate_smollm2_recorded.json")
+
+
+def test_demo_model_generation_equals_the_recorded_outputs(smollm2_gguf):
+    """Greedy and seeded sampling on SmolLM2 through the decoder's decode mode equal, token for token, what the
+    earlier stand-alone cached decoder produced (recorded in generate_smollm2_recorded.json before it was
+    replaced); batched decoding of all prompts together equals decoding them one by one."""
+    import sftjax
+
+    recorded = json.loads(RECORDED.read_text())
+    model, config = sftjax.load_model(smollm2_gguf)
+    tokenizer = sftjax.load_tokenizer(smollm2_gguf)
+    stops = gen.stop_token_ids(tokenizer, config)
+    max_new = recorded["max_new_tokens"]
+    for item in recorded["generate"]:
+        assert gen.render_prompt_ids(tokenizer, item["prompt"]) == item["prompt_ids"]
+        assert gen.generate_ids(model, item["prompt_ids"], max_new_tokens=max_new, stop_ids=stops) == item["new_ids"]
+    batched = gen.generate_batch_ids(model, [item["prompt_ids"] for item in recorded["generate"]],
+                                     max_new_tokens=max_new, stop_ids=stops)
+    assert batched == [item["new_ids"] for item in recorded["generate"]]
+    sampled = recorded["sampled"][0]
+    ids = gen.render_prompt_ids(tokenizer, sampled["prompt"])
+    assert gen.generate_ids(model, ids, max_new_tokens=max_new, stop_ids=stops, temperature=sampled["temperature"],
+                            top_p=sampled["top_p"], seed=sampled["seed"]) == sampled["new_ids"]
+    from sftjax.infer.chat import ChatSession
+
+    session = ChatSession(model, tokenizer, system="You are terse.", max_new_tokens=30)
+    for turn in recorded["chat"]:
+        assert session.send(turn["user"]) == turn["reply"]
+
+
+def test_prompt_longer_than_the_context_is_one_line(tmp_path):
+    model = _random_model(VARIANTS["llama_gqa_tied"])
+    limit = model.config.max_position_embeddings
+    with pytest.raises(ConfigError, match="exceeds the model's context") as info:
+        gen.generate_ids(model, [1] * limit, max_new_tokens=4)
+    assert "\n" not in str(info.value)

@@ -140,7 +140,7 @@ def test_entry_point_runs_each_implementation(name):
     assert relative_error(out, attention_reference(q, k, v, segments, sliding_window=12)) <= 1e-5
 
 
-def test_configured_default_is_used(monkeypatch):
+def test_explicit_choice_and_automatic_choice(monkeypatch):
     calls = []
     real = attention_xla_chunked
 
@@ -150,32 +150,36 @@ def test_configured_default_is_used(monkeypatch):
 
     monkeypatch.setattr("pallas_kernels.attention.xla_chunked.attention_xla_chunked", spy)
     q, k, v, segments, _ = random_inputs(1, length=16)
-    with pallas_kernels.use_implementation("attention", "xla_chunked"):
-        jax.jit(lambda *args: attention(*args)).lower(q, k, v, segments)
+    jax.jit(lambda *args: attention(*args, implementation="xla_chunked")).lower(q, k, v, segments)
     assert len(calls) == 1
     jax.jit(lambda *args: attention(*args)).lower(q, k, v, segments)  # automatic choice on CPU for short rows: the reference
+    jax.jit(lambda *args: attention(*args, implementation="auto")).lower(q, k, v, segments)
     assert len(calls) == 1
-    pallas_kernels.set_default_implementation("attention", "xla_chunked")
-    try:
-        assert pallas_kernels.get_default_implementation("attention") == "xla_chunked"
-        jax.jit(lambda *args: attention(*args)).lower(q, k, v, segments)
-        assert len(calls) == 2
-    finally:
-        pallas_kernels.set_default_implementation("attention", None)
-    assert pallas_kernels.get_default_implementation("attention") is None
 
 
-def test_automatic_choice_on_cpu():
-    assert api._automatic(api.CPU_CHUNKED_MIN_LENGTH - 1, 64, None)[0] == "reference"
-    assert api._automatic(api.CPU_CHUNKED_MIN_LENGTH, 64, None)[0] == "xla_chunked"
+def test_automatic_choice_per_backend():
+    assert api.automatic_implementation("cpu", api.CPU_CHUNKED_MIN_LENGTH - 1)[0] == "reference"
+    assert api.automatic_implementation("cpu", api.CPU_CHUNKED_MIN_LENGTH)[0] == "xla_chunked"
+    assert api.automatic_implementation("tpu", 16)[0] == "splash_tpu"
+    assert api.automatic_implementation("gpu", 4096)[0] == "xla_chunked"
+
+
+def test_no_process_wide_default_remains():
+    assert not any(hasattr(pallas_kernels, name) for name in ("set_default_implementation", "use_implementation"))
+    from pallas_kernels import dispatch
+
+    assert not any(hasattr(dispatch, name) for name in ("set_default_implementation", "use_implementation",
+                                                        "get_default_implementation", "_defaults"))
 
 
 def test_unknown_implementation_and_op_are_errors():
+    from pallas_kernels import dispatch
+
     q, k, v, segments, _ = random_inputs(1, length=16)
     with pytest.raises(ValueError, match="unknown implementation 'flash9'"):
         attention(q, k, v, segments, implementation="flash9")
     with pytest.raises(ValueError, match="unknown op"):
-        pallas_kernels.set_default_implementation("softmax", "reference")
+        dispatch.resolve("softmax", "reference", ("reference",), lambda: ("reference", ""))
 
 
 def test_bad_inputs_fail_at_trace_time_with_one_line_message():

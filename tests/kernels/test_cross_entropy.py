@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import pallas_kernels
 from pallas_kernels.cross_entropy import api
 from pallas_kernels.cross_entropy.api import fused_linear_cross_entropy, project_logits
 from pallas_kernels.cross_entropy.pallas_gpu import fused_linear_cross_entropy_pallas_gpu
@@ -125,14 +124,13 @@ def test_project_logits_matches_matmul():
     assert logits.dtype == jnp.float32 and relative_error(logits, expected) <= 1e-5
 
 
-def test_configured_default_and_automatic_choice():
+def test_explicit_and_automatic_choice():
     hidden, weight, targets, loss_mask = random_inputs(7)
-    assert api._automatic(1000)[0] == "reference"
-    assert api._automatic(api.CHUNKED_MIN_LOGITS)[0] == "xla_chunked"  # CPU here
-    with pallas_kernels.use_implementation("cross_entropy", "no_such_kernel"):
-        with pytest.raises(ValueError, match="unknown implementation 'no_such_kernel'"):
-            fused_linear_cross_entropy(hidden, weight, targets, loss_mask)
-    fused_linear_cross_entropy(hidden, weight, targets, loss_mask)  # the context manager was undone
+    assert api.automatic_implementation("cpu", 1000)[0] == "reference"
+    assert api.automatic_implementation("cpu", api.CHUNKED_MIN_LOGITS)[0] == "xla_chunked"
+    with pytest.raises(ValueError, match="unknown implementation 'no_such_kernel'"):
+        fused_linear_cross_entropy(hidden, weight, targets, loss_mask, implementation="no_such_kernel")
+    fused_linear_cross_entropy(hidden, weight, targets, loss_mask, implementation="auto")
 
 
 def test_bad_inputs_fail_at_trace_time_with_one_line_message():

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from pallas_kernels import dispatch
 from pallas_kernels import sharding as kernel_sharding
 from pallas_kernels.attention.api import attention
 from pallas_kernels.cross_entropy.api import fused_linear_cross_entropy
@@ -308,7 +307,7 @@ def test_train_step_with_pallas_kernels_on_mesh_matches_single_device_reference(
     optim = OptimSection(name="sgd", learning_rate=learning_rate, schedule="constant", no_decay=[])
 
     def loss_and_gradient(mesh, attention_name, cross_entropy_name):
-        model = Decoder(config, rngs=nnx.Rngs(0), remat="full")
+        model = Decoder(config, rngs=nnx.Rngs(0), remat="full", attention_implementation=attention_name)
         if mesh is not None:
             shard_model(model, mesh)
         graphdef, trainable, frozen = split_model(model, LoraSection())
@@ -321,14 +320,13 @@ def test_train_step_with_pallas_kernels_on_mesh_matches_single_device_reference(
             micro_rows = NamedSharding(mesh, P(None, *batch_sharding(mesh).spec))
             data = {key: jax.device_put(value, micro_rows) for key, value in batch.items()}
         state = TrainState.create(trainable, tx)
-        with dispatch.use_implementation("attention", attention_name):
-            new_state, metrics = step(state, frozen, data, jax.random.key(0))
-            if mesh is not None:  # every kernel of the forward, the remat recompute and the backward is mapped
-                calls = pallas_calls_and_maps(jax.make_jaxpr(step)(state, frozen, data, jax.random.key(0)).jaxpr)
-                assert {call.params["name"] for call, _ in calls} >= {"sftjax_flash_attention_fwd",
-                                                                       "sftjax_flash_attention_dq",
-                                                                       "sftjax_ce_row_stats", "sftjax_ce_row_grads"}
-                assert all(shard_map is not None for _, shard_map in calls)
+        new_state, metrics = step(state, frozen, data, jax.random.key(0))
+        if mesh is not None:  # every kernel of the forward, the remat recompute and the backward is mapped
+            calls = pallas_calls_and_maps(jax.make_jaxpr(step)(state, frozen, data, jax.random.key(0)).jaxpr)
+            assert {call.params["name"] for call, _ in calls} >= {"sftjax_flash_attention_fwd",
+                                                                   "sftjax_flash_attention_dq",
+                                                                   "sftjax_ce_row_stats", "sftjax_ce_row_grads"}
+            assert all(shard_map is not None for _, shard_map in calls)
         gradient = jax.tree.map(lambda old, new: (np.asarray(old) - np.asarray(new)) / learning_rate,
                                 trainable, new_state.params)
         return metrics, gradient

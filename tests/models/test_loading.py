@@ -16,7 +16,8 @@ from flax import nnx  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from sftjax.errors import CheckpointError, SftjaxError  # noqa: E402
-from sftjax.models.loading import load_model, load_tokenizer, save_model
+from sftjax.models.loading import load_model, save_model
+from sftjax.models.tokenizer import load_tokenizer
 from sftjax.models.weights import iter_hf_tensors, model_from_hf_tensors  # noqa: E402
 
 VOCAB = 96

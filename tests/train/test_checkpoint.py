@@ -428,14 +428,16 @@ def test_nnx_state_with_list_indices_round_trips(tmp_path):
 def test_checkpoint_config_section(tmp_path):
     from sftjax.errors import ConfigError
 
-    section = ckpt.CheckpointSection.from_dict({"save_every_steps": 5, "keep": 2, "resume": "never"})
-    with section.manager(tmp_path / "run", CONFIG) as m:
+    from sftjax.config import CheckpointSection
+
+    section = CheckpointSection.from_dict({"save_every_steps": 5, "keep": 2, "resume": "never"})
+    with ckpt.manager_for(section, tmp_path / "run", CONFIG) as m:
         assert m.directory == (tmp_path / "run" / "checkpoints").absolute()
         assert m.should_save(10) and not m.should_save(11)
-    with pytest.raises(ConfigError, match="checkpoint.every is not a checkpoint setting"):
-        ckpt.CheckpointSection.from_dict({"every": 5})
+    with pytest.raises(ConfigError, match="unknown key checkpoint.every"):
+        CheckpointSection.from_dict({"every": 5})
     with pytest.raises(ConfigError, match="checkpoint.keep=0"):
-        ckpt.CheckpointSection.from_dict({"keep": 0})
+        CheckpointSection.from_dict({"keep": 0})
 
 
 # ------------------------------------------------------------------------------------------------ exact resume

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pallas_kernels import dispatch
 from pallas_kernels.attention import xla_chunked as attention_chunked
 from pallas_kernels.cross_entropy import xla_chunked as cross_entropy_chunked
 from sftjax.config import LoraSection
@@ -97,12 +96,13 @@ def loss_and_grads(graphdef, trainable, frozen, batch, *, attention: str, cross_
     """(summed masked CE, its gradient w.r.t. ``trainable``) through the train step's forward_loss, jitted afresh
     so the implementations apply."""
     options = LossOptions(cross_entropy_implementation=cross_entropy)
+    model = nnx.merge(graphdef, trainable, frozen)
+    graphdef = nnx.split(model.configure(attention_implementation=attention))[0]  # same state, other kernel
 
     def value_and_grad(trainable, frozen, batch):
         return jax.value_and_grad(lambda t: forward_loss(graphdef, t, frozen, batch, None, options).loss_sum)(trainable)
 
-    with dispatch.use_implementation("attention", attention):
-        return jax.jit(value_and_grad)(trainable, frozen, batch)
+    return jax.jit(value_and_grad)(trainable, frozen, batch)
 
 
 def place_first_axis_fsdp(mesh):

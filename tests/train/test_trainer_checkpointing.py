@@ -50,15 +50,15 @@ def copy_run(run_dir: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
 
 
 @pytest.mark.parametrize("setting, words", [
-    ("checkpoint.save_every_step=3", ["checkpoint.save_every_step is not a checkpoint setting", "save_every_steps"]),
+    ("checkpoint.save_every_step=3", ["unknown key checkpoint.save_every_step", "checkpoint.save_every_steps"]),
     ("checkpoint.keep=0", ["checkpoint.keep=0", "positive"]),
-    ("checkpoint.resume=", ["checkpoint.resume=None", "auto, never or a path"]),
+    ("checkpoint.resume=", ["checkpoint.resume=None", "expected a string"]),
     ("checkpoint=5", ["checkpoint=5 must be a mapping"]),
 ])
 def test_bad_checkpoint_section_is_one_line_before_building(assets_dir, tmp_path, capsys, monkeypatch, setting,
                                                             words):
     built = []
-    monkeypatch.setattr("sftjax.train.trainer.build_model", lambda *a, **k: built.append(1))
+    monkeypatch.setattr("sftjax.train.program.build_model", lambda *a, **k: built.append(1))
     assert main(["train", TINY, *overrides(assets_dir, tmp_path, "train.steps=2"), setting]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sftjax: error: ") and "\n" not in err, err
@@ -68,8 +68,7 @@ def test_bad_checkpoint_section_is_one_line_before_building(assets_dir, tmp_path
 
 
 def test_config_checkpoint_property_uses_checkpoint_section_defaults():
-    from sftjax.train.checkpoint import CheckpointSection
-    from sftjax.config import load_config
+    from sftjax.config import CheckpointSection, load_config
 
     # tiny_cpu.yaml sets save_every_steps, keep and resume; everything else takes the section's defaults.
     section = load_config(TINY, ["checkpoint.save_every_steps=100"]).checkpoint

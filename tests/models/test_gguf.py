@@ -15,7 +15,7 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 
 from sftjax.errors import CheckpointError  # noqa: E402
-from sftjax.models import gguf_io  # noqa: E402
+from sftjax.models import gguf_read, gguf_write  # noqa: E402
 from tests.oracle import assert_close  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -48,7 +48,7 @@ def _write_raw_gguf(path, tensors, *, arch="llama", metadata=True):
 
 def _decoded(path):
     reader = gguf.GGUFReader(str(path))
-    return {t.name: gguf_io._dequantize(t, path) for t in reader.tensors}
+    return {t.name: gguf_read._dequantize(t, path) for t in reader.tensors}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ def _decoded(path):
 
 @pytest.fixture(scope="module")
 def smollm2_read(smollm2_gguf):
-    config, tensors = gguf_io.read_gguf_checkpoint(smollm2_gguf)
+    config, tensors = gguf_read.read_gguf_checkpoint(smollm2_gguf)
     return config, dict(tensors)
 
 
@@ -109,9 +109,9 @@ def test_smollm2_logits_match_transformers(smollm2_read, transformers_gguf_model
 
 def test_rope_permutation_roundtrip():
     rows = np.arange(4 * 8 * 3, dtype=np.float32).reshape(4 * 8, 3)
-    permuted = gguf_io._rope_rows_to_ggml(rows, 4)
+    permuted = gguf_write._rope_rows_to_ggml(rows, 4)
     assert not np.array_equal(permuted, rows)
-    np.testing.assert_array_equal(gguf_io._rope_rows_from_ggml(permuted, 4), rows)
+    np.testing.assert_array_equal(gguf_read._rope_rows_from_ggml(permuted, 4), rows)
     # within a head, GGML's rows interleave the two halves HF keeps apart
     np.testing.assert_array_equal(permuted[:8:2], rows[:4])
     np.testing.assert_array_equal(permuted[1:8:2], rows[4:8])
@@ -266,13 +266,13 @@ def _assert_one_line(error, *parts):
 def test_unsupported_quantization_names_file_tensor_and_type(tmp_path):
     path = _write_raw_gguf(tmp_path / "q2k.gguf", _tiny_llama_tensors(raw_type_of_q=Q.Q2_K))
     with pytest.raises(CheckpointError) as error:
-        gguf_io.read_gguf_checkpoint(path)
+        gguf_read.read_gguf_checkpoint(path)
     _assert_one_line(error, str(path), "blk.0.attn_q.weight", "Q2_K")
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError) as error:
-        gguf_io.read_gguf_checkpoint(tmp_path / "absent.gguf")
+        gguf_read.read_gguf_checkpoint(tmp_path / "absent.gguf")
     _assert_one_line(error, "absent.gguf", "does not exist")
 
 
@@ -280,26 +280,26 @@ def test_garbage_file(tmp_path):
     path = tmp_path / "garbage.gguf"
     path.write_bytes(b"this is not a gguf file at all" * 10)
     with pytest.raises(CheckpointError) as error:
-        gguf_io.read_gguf_checkpoint(path)
+        gguf_read.read_gguf_checkpoint(path)
     _assert_one_line(error, str(path))
 
 
 @pytest.mark.parametrize("keep_fraction", [0.05, 0.5, 0.98])
 def test_truncated_file(tmp_path, keep_fraction):
     source = _write_raw_gguf(tmp_path / "full.gguf", _tiny_llama_tensors())
-    gguf_io.read_gguf_checkpoint(source)  # the untruncated file is fine
+    gguf_read.read_gguf_checkpoint(source)  # the untruncated file is fine
     data = source.read_bytes()
     path = tmp_path / "cut.gguf"
     path.write_bytes(data[: int(len(data) * keep_fraction)])
     with pytest.raises(CheckpointError) as error:
-        gguf_io.read_gguf_checkpoint(path)
+        gguf_read.read_gguf_checkpoint(path)
     _assert_one_line(error, str(path))
 
 
 def test_unknown_architecture(tmp_path):
     path = _write_raw_gguf(tmp_path / "arch.gguf", {"x.weight": (np.zeros(4, np.float32), None)}, arch="mamba9")
     with pytest.raises(CheckpointError) as error:
-        gguf_io.read_gguf_checkpoint(path)
+        gguf_read.read_gguf_checkpoint(path)
     _assert_one_line(error, str(path), "mamba9")
 
 
@@ -310,7 +310,7 @@ def test_unknown_architecture(tmp_path):
 def test_tokenizer_matches_hf_files(smollm2_gguf, assets_dir):
     from transformers import AutoTokenizer
 
-    ours = gguf_io.load_gguf_tokenizer(smollm2_gguf)
+    ours = gguf_read.load_gguf_tokenizer(smollm2_gguf)
     reference = AutoTokenizer.from_pretrained(str(assets_dir / "tokenizers" / "smollm2"))
     texts = ["What is the capital of France?", "  leading spaces, tabs\tand\nnewlines\n\n",
              "naïve café — 日本語 😀 x=1+2; def f(a):\n    return a**2", "<|im_start|>user\nhi<|im_end|>\n"]
@@ -429,7 +429,7 @@ def test_write_gguf_roundtrip_logits(tmp_path, source_tokenizer, tied, dtype):
     config, state = _random_llama(tied)
     expected = _torch_logits(config, {k: _as_stored(v, dtype) for k, v in state.items()}, _TOKENS)
     model, model_config = model_from_hf_tensors(config, state.items(), source="test")
-    path = gguf_io.write_gguf(model, model_config, source_tokenizer, tmp_path / "out.gguf", dtype=dtype)
+    path = gguf_write.write_gguf(model, model_config, source_tokenizer, tmp_path / "out.gguf", dtype=dtype)
     assert not list(tmp_path.glob("*.partial"))
     reloaded, reloaded_config = sftjax.load_model(path)
     assert reloaded_config.tie_word_embeddings == tied
@@ -443,7 +443,7 @@ def test_written_gguf_contents(tmp_path, source_tokenizer):
 
     config, state = _random_llama(tied=True)
     model, model_config = model_from_hf_tensors(config, state.items(), source="test")
-    path = gguf_io.write_gguf(model, model_config, source_tokenizer, tmp_path / "m.gguf", dtype="q8_0")
+    path = gguf_write.write_gguf(model, model_config, source_tokenizer, tmp_path / "m.gguf", dtype="q8_0")
     reader = gguf.GGUFReader(str(path))
     tensors = {t.name: t for t in reader.tensors}
     assert "output.weight" not in tensors and len(tensors) == 2 + 2 * 9
@@ -456,7 +456,7 @@ def test_written_gguf_contents(tmp_path, source_tokenizer):
     head0 = hf_q[:16]
     np.testing.assert_allclose(stored_q[0:16:2], head0[:8], atol=0.01)
     np.testing.assert_allclose(stored_q[1:16:2], head0[8:16], atol=0.01)
-    meta = gguf_io.read_gguf_metadata(path)
+    meta = gguf_read.read_gguf_metadata(path)
     assert meta["general.architecture"] == "llama" and meta["general.file_type"] == 7
     assert (meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"], meta["llama.block_count"],
             meta["llama.embedding_length"], meta["llama.feed_forward_length"]) == (4, 2, 2, 64, 128)
@@ -474,12 +474,12 @@ def test_written_gguf_reads_in_transformers(tmp_path, source_tokenizer):
 
     config, state = _random_llama(tied=False)
     model, model_config = model_from_hf_tensors(config, state.items(), source="test")
-    path = gguf_io.write_gguf(model, model_config, source_tokenizer, tmp_path / "m.gguf", dtype="f32")
+    path = gguf_write.write_gguf(model, model_config, source_tokenizer, tmp_path / "m.gguf", dtype="f32")
     theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = theirs(torch.from_numpy(_TOKENS), use_cache=False).logits.numpy()
     assert np.abs(logits - _torch_logits(config, state, _TOKENS)).max() <= 1e-4
-    ours = gguf_io.load_gguf_tokenizer(path)  # transformers' GGUF tokenizer converter underneath
+    ours = gguf_read.load_gguf_tokenizer(path)  # transformers' GGUF tokenizer converter underneath
     for text in ["What is the capital of France?", "x = [1, 2]\n\n\tdone  ", "<|im_start|>user\nhé<|im_end|>"]:
         expected = source_tokenizer(text, add_special_tokens=False)["input_ids"]
         assert ours(text, add_special_tokens=False)["input_ids"] == expected
@@ -495,25 +495,25 @@ def test_write_gguf_refuses_other_architectures_and_tokenizers(tmp_path, source_
     config, state = _random_llama(tied=True)
     qwen = {**config, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
     with pytest.raises(CheckpointError) as error:
-        gguf_io.write_gguf_from_hf(qwen, state.items(), source_tokenizer, tmp_path / "q.gguf")
+        gguf_write.write_gguf_from_hf(qwen, state.items(), source_tokenizer, tmp_path / "q.gguf")
     _assert_one_line(error, "Qwen2ForCausalLM", "Llama")
     with pytest.raises(CheckpointError) as error:
-        gguf_io.write_gguf_from_hf(config, state.items(), source_tokenizer, tmp_path / "d.gguf", dtype="q4_0")
+        gguf_write.write_gguf_from_hf(config, state.items(), source_tokenizer, tmp_path / "d.gguf", dtype="q4_0")
     _assert_one_line(error, "q4_0")
     word_level = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, "[UNK]")))
     with pytest.raises(CheckpointError) as error:
-        gguf_io.write_gguf_from_hf(config, state.items(), word_level, tmp_path / "w.gguf")
+        gguf_write.write_gguf_from_hf(config, state.items(), word_level, tmp_path / "w.gguf")
     _assert_one_line(error, "WordLevel")
     assert not list(tmp_path.iterdir())
 
 
 def test_tokenizer_errors(tmp_path):
     with pytest.raises(CheckpointError) as error:
-        gguf_io.load_gguf_tokenizer(tmp_path / "absent.gguf")
+        gguf_read.load_gguf_tokenizer(tmp_path / "absent.gguf")
     _assert_one_line(error, "absent.gguf")
     path = _write_raw_gguf(tmp_path / "no_vocab.gguf", _tiny_llama_tensors())
     with pytest.raises(CheckpointError) as error:
-        gguf_io.load_gguf_tokenizer(path)
+        gguf_read.load_gguf_tokenizer(path)
     _assert_one_line(error, str(path), "tokenizer")
 
 
@@ -591,7 +591,7 @@ def test_other_architectures_read_back_exactly(tmp_path, model_type):
     arch_name, extra = _OTHER_ARCHITECTURES[model_type]
     reference = _random_transformers_model(model_type, extra)
     path = _write_like_llama_cpp(tmp_path / "m.gguf", model_type, arch_name, reference)
-    config, tensors = gguf_io.read_gguf_checkpoint(path)
+    config, tensors = gguf_read.read_gguf_checkpoint(path)
     tensors = dict(tensors)
     expected = {k: v.numpy() for k, v in reference.state_dict().items()}
     if reference.config.tie_word_embeddings:
@@ -618,8 +618,8 @@ def test_pre_tokenizer_names(assets_dir, name, pre):
     from transformers import AutoTokenizer
 
     source = AutoTokenizer.from_pretrained(str(assets_dir / "tokenizers" / name))
-    assert gguf_io._tokenizer_pre(json.loads(source.backend_tokenizer.to_str())) == pre
-    rebuilt = gguf_io._pre_tokenizer(pre)
+    assert gguf_write._tokenizer_pre(json.loads(source.backend_tokenizer.to_str())) == pre
+    rebuilt = gguf_read._pre_tokenizer(pre)
     for text in _PRE_TOKENIZER_TEXTS:
         assert rebuilt.pre_tokenize_str(text) == source.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
 
@@ -632,14 +632,14 @@ def test_tokenizer_roundtrip_through_gguf_metadata(tmp_path, assets_dir, name, p
     source = AutoTokenizer.from_pretrained(str(assets_dir / "tokenizers" / name))
     path = tmp_path / "tok.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
-    gguf_io._add_tokenizer(writer, source, len(source), path, None)
+    gguf_write._add_tokenizer(writer, source, len(source), path, None)
     writer.add_tensor("token_embd.weight", np.zeros((len(source), 1), np.float32))  # placeholder tensor
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    assert gguf_io.read_gguf_metadata(path)["tokenizer.ggml.pre"] == pre
-    ours = gguf_io.load_gguf_tokenizer(path)
+    assert gguf_read.read_gguf_metadata(path)["tokenizer.ggml.pre"] == pre
+    ours = gguf_read.load_gguf_tokenizer(path)
     for text in _PRE_TOKENIZER_TEXTS + ["<|im_start|>user hi<|im_end|><|eot_id|>"]:
         assert ours(text, add_special_tokens=False)["input_ids"] == source(text, add_special_tokens=False)[
             "input_ids"], text
@@ -676,9 +676,9 @@ def test_llama3_rope_scaling_roundtrip(tmp_path):
                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
     config.pop("rope_theta")
     state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"][:128]
-    path = gguf_io.write_gguf_from_hf(config, state.items(), None, tmp_path / "l3.gguf", dtype="f32")
+    path = gguf_write.write_gguf_from_hf(config, state.items(), None, tmp_path / "l3.gguf", dtype="f32")
     assert "rope_freqs.weight" in {t.name for t in gguf.GGUFReader(str(path)).tensors}
-    read_config, tensors = gguf_io.read_gguf_checkpoint(path)
+    read_config, tensors = gguf_read.read_gguf_checkpoint(path)
     assert read_config["rope_parameters"] == config["rope_parameters"]
     assert "rope_freqs.weight" not in dict(tensors)
     tokens = np.array([[1, 5, 9, 33, 7, 100, 3, 60, 2, 11]])
