@@ -658,7 +658,7 @@ def test_gguf_tokenizer_needs_no_torch(smollm2_gguf):
     import sys
 
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from sftjax.models.gguf_io import load_gguf_tokenizer\n"
+            "from sftjax.models.gguf_read import load_gguf_tokenizer\n"
             f"tok = load_gguf_tokenizer({str(smollm2_gguf)!r})\n"
             "print(tok('What is the capital of France?')['input_ids'])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
