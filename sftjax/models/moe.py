@@ -49,7 +49,7 @@ from sftjax.sharding import gather_for_compute
 
 ROUTER_ORDERS = ("softmax_topk", "topk_softmax")
 EXPERT_ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu", "clamped_swiglu")
-IMPLEMENTATIONS = ("auto", "ragged_dot", "dense", "megablox")
+IMPLEMENTATIONS = ("auto", "ragged_dot", "dense", "megablox", "megablox_interpret")
 # megablox's gmm compiles for TPU inside shard_map, forward and backward (scripts/check_moe_tpu_lowering.py,
 # run against libtpu's compiler on a v5p topology); "auto" uses it there and ragged_dot everywhere else.
 MEGABLOX_ON_TPU = True
@@ -81,7 +81,7 @@ class MoEConfig:
     shared_expert_gate: bool = False  # sigmoid(x @ w_gate) scales the shared expert (Qwen2-MoE)
     router_aux_loss_coef: float = 0.0  # coefficient of the load-balancing loss in the training objective
     router_z_loss_coef: float = 0.0  # coefficient of the router z-loss
-    implementation: str = "auto"  # "ragged_dot" | "dense" (oracle) | "megablox" (TPU kernel) | "auto"
+    implementation: str = "auto"  # ragged_dot | dense (oracle) | megablox (TPU) | megablox_interpret (CPU) | auto
 
     def __post_init__(self):
         def bad(key, value, allowed):
@@ -209,7 +209,7 @@ def expert_activation(gate, up, config: MoEConfig):
     return _GLU_ACTIVATIONS[config.activation](gate) * up
 
 
-def ragged_matmul(implementation: str, *, interpret: bool | None = None) -> Callable:
+def ragged_matmul(implementation: str) -> Callable:
     """``(x [P, in], w [G, in, out], group_sizes [G], valid_P) -> [P, out]``: rows in runs of one group each.
 
     Rows past ``sum(group_sizes)`` are not part of any group; their output is 0. For megablox those rows are
@@ -221,10 +221,10 @@ def ragged_matmul(implementation: str, *, interpret: bool | None = None) -> Call
             del valid
             return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
         return matmul
-    if implementation == "megablox":
+    if implementation in ("megablox", "megablox_interpret"):
         from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
-        run_interpreted = jax.default_backend() != "tpu" if interpret is None else interpret
+        run_interpreted = implementation == "megablox_interpret"
 
         def matmul(x, w, group_sizes, valid):
             rows, k = x.shape

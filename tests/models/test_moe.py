@@ -285,7 +285,7 @@ def test_grouped_implementations_match_dense_oracle(variant):
         return jnp.sum(y * ct) + (lb + 0.1 * z) / count, (y, aux)
 
     results = {}
-    for implementation in ("dense", "ragged_dot", "megablox"):
+    for implementation in ("dense", "ragged_dot", "megablox_interpret"):
         moe = _skewed_moe(config.replace(implementation=implementation), lora=lora)
         grad_fn = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)
         (value, (y, aux)), (g_moe, g_x) = jax.jit(grad_fn)(moe, x)
@@ -298,7 +298,7 @@ def test_grouped_implementations_match_dense_oracle(variant):
         assert not np.any(np.asarray(dense[1]).reshape(-1, D)[padding]), "padding rows route nowhere"
     if lora:
         assert any(path.endswith("lora_a") for path in dense[3])
-    for implementation in ("ragged_dot", "megablox"):
+    for implementation in ("ragged_dot", "megablox_interpret"):
         value, y, aux, grads, g_x = results[implementation]
         assert_close(y, dense[1], RTOL, what=f"{implementation} output")
         assert_close(value, dense[0], RTOL, what=f"{implementation} loss")
