@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -111,7 +112,7 @@ class MoEConfig:
             raise ConfigError("model.moe.norm_topk_prob=True has no meaning with router_order=topk_softmax "
                               "(the softmax over the chosen experts already sums to 1); set it to False")
 
-    def replace(self, **changes) -> "MoEConfig":
+    def replace(self, **changes) -> MoEConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -138,11 +139,18 @@ class MoEAux:
     router_prob_sum: jax.Array  # [E] float32: sum over tokens of the router's softmax probabilities
     z_sum: jax.Array  # [] float32: sum over tokens of logsumexp(router logits)^2
 
-    def __add__(self, other: "MoEAux") -> "MoEAux":
+    def __add__(self, other: MoEAux) -> MoEAux:
         return jax.tree.map(jnp.add, self, other)
 
     @classmethod
-    def total(cls, stacked: "MoEAux") -> "MoEAux":
+    def zeros(cls, num_experts: int) -> MoEAux:
+        """The aux of a dense layer (counts nothing), so dense and MoE layers return the same structure."""
+        zero = jnp.zeros((), jnp.float32)
+        return cls(rows=zero, layers=zero, expert_counts=jnp.zeros((num_experts,), jnp.float32),
+                   router_prob_sum=jnp.zeros((num_experts,), jnp.float32), z_sum=zero)
+
+    @classmethod
+    def total(cls, stacked: MoEAux) -> MoEAux:
         """The sum over a leading layer axis (the aux of scanned layers)."""
         return jax.tree.map(lambda a: jnp.sum(a, axis=0), stacked)
 
@@ -229,7 +237,7 @@ def ragged_matmul(implementation: str) -> Callable:
         def matmul(x, w, group_sizes, valid):
             rows, k = x.shape
             n = w.shape[-1]
-            tm = 128 if rows >= 128 else max(8, -(-rows // 8) * 8)
+            tm = 128 if rows >= 128 else -(-rows // 16) * 16  # bf16 packs 16 rows a tile
             padded = -(-rows // tm) * tm
             tiling = (tm, _lane_tile(k), _lane_tile(n))
             xv = jnp.where(valid[:, None], x, 0).astype(x.dtype)
@@ -386,8 +394,8 @@ class ExpertLinear(nnx.Module):
                     rngs: nnx.Rngs, dtype=None) -> None:
         """Per-expert PEFT-style adapters: each A_e ~ U(+-1/sqrt(in)), each B_e = 0."""
         if dropout > 0:
-            raise ConfigError(f"lora.dropout={dropout} is not supported on expert weights yet; use 0, or leave "
-                              "the experts out of lora.target_modules")
+            raise ConfigError(f"lora.dropout={dropout} is not supported on expert weights (nor by PEFT's "
+                              "target_parameters); use 0, or leave the experts out of lora.target_modules")
         dtype = dtype or self.kernel[...].dtype
         experts = self.kernel[...].shape[0]
         bound = 1.0 / math.sqrt(self.in_features)

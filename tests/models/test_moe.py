@@ -14,8 +14,8 @@ from flax import nnx
 
 from sftjax.errors import CheckpointError, ConfigError
 from sftjax.models.moe import MoE, MoEAux, MoEConfig
-from sftjax.models.moe_weights import (HF_WEIGHT_STYLE, moe_config_from_hf, moe_params_from_hf, moe_params_to_hf,
-                                       module_params, set_module_params)
+from sftjax.models.moe_weights import (HF_WEIGHT_STYLE, module_params, moe_config_from_hf, moe_params_from_hf,
+                                       moe_params_to_hf, set_module_params)
 from tests.oracle import assert_close
 
 D, F, E, K = 16, 12, 4, 2
@@ -186,6 +186,9 @@ def test_padding_is_excluded_and_layers_pool_like_transformers():
     assert np.all(y1[~real] == 0), "padding tokens are not routed"
     stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), aux1, aux2)
     assert_close(MoEAux.total(stacked).load_balancing()[0], lb_sum, 1e-6, what="MoEAux.total of stacked layers")
+    with_dense_layer = aux + MoEAux.zeros(E)  # a dense layer adds nothing
+    assert_close(with_dense_layer.load_balancing()[0], lb_sum, 1e-7, what="a dense layer's zero aux")
+    assert float(with_dense_layer.token_count) == real.sum()
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
@@ -350,3 +353,11 @@ def test_expert_lora_dropout_and_jitter_are_refused():
 
     with pytest.raises(ConfigError, match="router_jitter_noise=0.1 is not supported"):
         moe_config_from_hf(MixtralConfig(router_jitter_noise=0.1), "mixtral")
+
+
+def test_automatic_implementation():
+    from sftjax.models.moe import resolve_implementation
+
+    assert resolve_implementation("auto", "tpu") == "megablox"
+    assert resolve_implementation("auto", "cpu") == resolve_implementation("auto", "gpu") == "ragged_dot"
+    assert resolve_implementation("dense", "tpu") == "dense"
