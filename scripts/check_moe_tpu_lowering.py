@@ -4,7 +4,8 @@ experts split over 4 chips (``shard_map`` + ``all_to_all``). It records per-devi
 compiled; ``sftjax.models.moe.MEGABLOX_ON_TPU`` rests on this.
 
     pip install --target /tmp/libtpu libtpu==0.0.42.*      # the libtpu of jax 0.10's jax[tpu]
-    PYTHONPATH=$PWD:/tmp/libtpu python scripts/check_moe_tpu_lowering.py [--out benchmarks/results/moe_tpu_lowering.json]
+    PYTHONPATH=$PWD:/tmp/libtpu python scripts/check_moe_tpu_lowering.py \
+        [--out benchmarks/results/moe_tpu_lowering.json]
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def compile_step(config: MoEConfig, devices, mesh_shape, batch: int, length: int
     state = jax.tree.map(with_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None, None))
     x = jax.ShapeDtypeStruct((batch, length, config.hidden_size), jnp.bfloat16, sharding=rows)
-    seg = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None)))
+    seg = jax.ShapeDtypeStruct((batch, length), jnp.int32,
+                               sharding=NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None)))
 
     def loss(state, x, seg):
         y, aux = nnx.merge(graphdef, state)(x, seg)

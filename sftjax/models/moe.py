@@ -24,13 +24,20 @@ Design, in plain words:
 Auxiliary losses (normalization rules): :class:`MoEAux` carries additive statistics of one forward (per layer,
 or summed over layers), never ratios, so they can be summed over layers, micro-batches and devices first and
 divided once. ``load_balancing()`` is transformers' ``load_balancing_loss_func`` of the whole forward
-(``E * sum_e f_e * P_e`` with f the fraction of (token, slot) assignments and P the mean router probability per
-expert, both pooled over every MoE layer of the forward, padding excluded) returned as ``(value * N, N)`` with N
-the forward's non-padding tokens; ``z_loss()`` is ST-MoE's router z-loss (mean over tokens and MoE layers of
-``logsumexp(logits)^2``) as ``(value * N, N)``. Summing those pairs over the micro-batches and devices of an
-optimizer step and dividing once gives, for one micro-batch, exactly transformers' per-forward value; for several
-it gives the token-weighted mean of the per-micro-batch values (the f_e * P_e product is a per-forward quantity,
-as in transformers, and cannot be split further).
+(``E * sum_e f_e * P_e``, f_e = tokens sent to expert e / tokens (the f_e sum to k), P_e = mean router probability
+of e, both pooled over every MoE layer of the forward, padding excluded; gradient through P only) returned as
+``(value * N, N)`` with N the forward's non-padding tokens; ``z_loss()`` is ST-MoE's router z-loss (mean over
+tokens and MoE layers of ``logsumexp(logits)^2``) as ``(value * N, N)``. Summing those pairs over the
+micro-batches and devices of an optimizer step and dividing once gives, for one micro-batch, exactly
+transformers' per-forward value; for several it gives the token-weighted mean of the per-micro-batch values (the f_e * P_e product is a per-forward quantity,
+as in transformers, and cannot be split further). A train step with gradient accumulation therefore adds
+``coef * sum / N_step`` to its objective, N_step being the non-padding tokens of the whole step (known from the
+batch before the first micro-batch), next to the cross-entropy's ``sum / trained_tokens_step``.
+
+LoRA on experts: ``ExpertLinear.enable_lora`` adds ``lora_a``/``lora_b`` per expert; the grouped path runs them as
+two more grouped matmuls of rank r (never merging a [E, in, out] delta), the dense oracle merges them. Adapter
+dropout is refused on experts (PEFT's ``target_parameters`` refuses it too: dropout cannot be factored out of a
+merged weight).
 """
 
 from __future__ import annotations
