@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import os
 import pathlib
+import re
 import types
 import typing
 from typing import Any, ClassVar, Literal
@@ -38,9 +39,25 @@ MASKINGS = ("auto", "assistant", "completion", "last_assistant", "all")
 PACKINGS = ("best", "bfd", "first_fit", "none")
 OVERFLOWS = ("truncate", "split", "drop")
 ON_BAD_ROW = ("error", "skip")
+ANSWERS = ("exact", "number", "gsm8k", "regex:PATTERN")  # how generation eval compares answers (sftjax.infer.evaluate)
 # Canonical column names a source may rename (value = the column in the file).
 COLUMN_KEYS = ("messages", "conversations", "tools", "system", "instruction", "input", "output", "history",
                "prompt", "completion", "text")
+
+
+def check_answer_spec(spec: str, key: str = "--answer") -> None:
+    """A one-line ConfigError unless ``spec`` is exact, number, gsm8k or regex:<a valid pattern>."""
+    if spec in ANSWERS[:3]:
+        return
+    if not spec.startswith("regex:"):
+        raise ConfigError(f"{key}={spec!r} is not one of {', '.join(ANSWERS)}")
+    pattern = spec[len("regex:"):]
+    if not pattern:
+        raise ConfigError(f"{key}=regex: needs a pattern, e.g. regex:answer is (\\w+)")
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ConfigError(f"{key}=regex:{pattern!r} is not a valid regular expression ({error})") from None
 
 
 class Section:
@@ -273,6 +290,10 @@ class TrainSection(Section):
     micro_batch_size: int | None = None  # rows per accumulation micro-batch (global); default = global
     eval_every: int = 0  # 0 = only at the end
     eval_batches: int | None = None  # cap on eval batches per evaluation (None = all)
+    generate_eval_every: int = 0  # decode eval prompts and log eval/accuracy every N steps (0 = never)
+    generate_eval_answer: str = "exact"  # exact | number | gsm8k | regex:PATTERN
+    generate_eval_limit: int | None = 32  # eval examples decoded per generation eval (None = all)
+    generate_eval_max_new_tokens: int = 128
     log_every: int = 10  # 0 = every step
     seed: int = 0
     output_dir: str = "runs/default"
@@ -294,8 +315,11 @@ class TrainSection(Section):
         if micro < 1 or self.global_batch_size % micro:
             raise ConfigError(f"train.micro_batch_size={micro!r} must divide "
                               f"train.global_batch_size={self.global_batch_size}")
-        for key in ("eval_every", "log_every"):
+        for key in ("eval_every", "log_every", "generate_eval_every"):
             _positive(f"train.{key}", getattr(self, key), allow_zero=True)
+        check_answer_spec(self.generate_eval_answer, "train.generate_eval_answer")
+        _positive("train.generate_eval_limit", self.generate_eval_limit)
+        _positive("train.generate_eval_max_new_tokens", self.generate_eval_max_new_tokens)
 
     @property
     def micro_rows(self) -> int:

@@ -153,11 +153,13 @@ class TrainData:
 
 
 class EvalData:
-    """The eval batches, once per iteration, in a fixed order; the last batch is completed with padding rows."""
+    """The eval batches, once per iteration, in a fixed order; the last batch is completed with padding rows.
+    ``examples`` are the eval split's tokenized examples before packing (generation-based evaluation)."""
 
-    def __init__(self, rows: _RowBatches, stats: PackingStats):
+    def __init__(self, rows: _RowBatches, stats: PackingStats, examples: TokenizedExamples | None = None):
         self._rows = rows
         self.stats = stats
+        self.examples = examples
 
     @property
     def num_batches(self) -> int:
@@ -272,7 +274,7 @@ def build_datasets(
         if eval_plan.num_rows:
             evaluation = EvalData(
                 _RowBatches(eval_plan, global_batch_size, process_index, process_count, cfg.seed, shuffle=False),
-                eval_stats,
+                eval_stats, examples=eval_examples,
             )
 
     stats = {

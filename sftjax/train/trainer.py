@@ -32,6 +32,7 @@ from flax import nnx
 from sftjax.config import Config
 from sftjax.data.pipeline import build_datasets
 from sftjax.errors import CheckpointError, ConfigError
+from sftjax.infer.evaluate import evaluate_generation
 from sftjax.models.loading import save_model
 from sftjax.models.tokenizer import load_tokenizer
 from sftjax.models.scan import unstacked
@@ -121,6 +122,52 @@ class Trainer:
         self.start_step = 0
         self.num_params = int(sum(x.size for x in jax.tree.leaves(nnx.state(self.model, nnx.Param))))
         self.num_trainable = program.num_trainable
+        self.evaluated_from = None  # what for_evaluation() loaded
+
+    @classmethod
+    def for_evaluation(cls, config: Config, *, source) -> "Trainer":
+        """A Trainer holding what ``source`` trained, for ``evaluate()``: a run directory (its newest checkpoint,
+        else its ``final/`` model), a checkpoint path, or a model (HF directory, .gguf, alias) that replaces
+        ``model.path``. ``source=None`` evaluates the config's model as built (random init or untrained base).
+        ``evaluated_from`` says which it was."""
+        if source is None:
+            trainer = cls(config)
+            what = "model.init (random init)" if config.model.init is not None else f"{config.model.path} (base)"
+            trainer.evaluated_from = f"untrained {what}"
+            return trainer
+        path = pathlib.Path(source)
+        try:
+            root, step = ckpt.resolve_checkpoint(path)
+        except CheckpointError:
+            root = None
+        if root is not None:
+            trainer = cls(config)
+            manager = ckpt.CheckpointManager(root, config, read_only=True, keep=None)
+            try:
+                restored = manager.restore(step, {"params": ckpt.abstract_like(trainer.state.params)})
+            finally:
+                manager.close()
+            trainer.state = dataclasses.replace(trainer.state, params=jax.device_put(
+                restored.state["params"], jax.tree.map(lambda x: x.sharding, trainer.state.params)))
+            trainer.evaluated_from = f"checkpoint {restored.directory}"
+            return trainer
+        model_dir = path / "final" if (path / "final").is_dir() else path
+        if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
+            raise CheckpointError(f"{model_dir} is a PEFT adapter without checkpoints beside it; evaluate the run's "
+                                  "checkpoints (--from RUN) or a merged export")
+        is_model = (model_dir / "config.json").is_file() or model_dir.suffix.lower() == ".gguf"
+        if not is_model and not path.exists():
+            try:  # an alias such as smollm2-135m-instruct
+                model_dir = resolve_model_path(str(source))
+                is_model = True
+            except CheckpointError:
+                is_model = False
+        if not is_model:
+            raise CheckpointError(f"nothing trained to evaluate in {path}: no checkpoints and no final/ model (train "
+                                  "first, pass --from RUN_OR_CHECKPOINT_OR_MODEL, or --random-init for a baseline)")
+        trainer = cls(config.replace(model=dataclasses.replace(config.model, path=str(model_dir), init=None)))
+        trainer.evaluated_from = f"model {model_dir}"
+        return trainer
 
     # ------------------------------------------------------------------------------------------ setup helpers
 
@@ -283,6 +330,14 @@ class Trainer:
                         last_eval, evaluated = self.evaluate(), True
                         log.log(done, last_eval, prefix="eval/")
                         sync.update(time=time.perf_counter(), step=done)
+                    every = cfg.generate_eval_every
+                    if every and (done % every == 0 or last) and self.eval_data is not None:
+                        window.write()
+                        generated = self.evaluate_generation()
+                        last_eval = {**last_eval, "accuracy": generated["accuracy"]}
+                        log.log(done, {"accuracy": generated["accuracy"], "accuracy_scored": generated["scored"]},
+                                prefix="eval/")
+                        sync.update(time=time.perf_counter(), step=done)
                     if guard is None or last:
                         continue
                     if self.checkpoints.should_save(done):
@@ -345,6 +400,15 @@ class Trainer:
         loss = loss_sum / tokens if tokens else 0.0
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / tokens if tokens
                 else 0.0, "trained_tokens": tokens}
+
+    def evaluate_generation(self, **options) -> dict:
+        """Decode the eval prompts with the current weights and score the answers (``train.generate_eval_*``;
+        keyword arguments override them); see :func:`sftjax.infer.evaluate.evaluate_generation`."""
+        train = self.config.train
+        settings = {"answer": train.generate_eval_answer, "limit": train.generate_eval_limit,
+                    "max_new_tokens": train.generate_eval_max_new_tokens,
+                    "chat_template": self.config.data.chat_template if self.config.data else None, **options}
+        return evaluate_generation(self.updated_model(), self.tokenizer, self.eval_data.examples, **settings)
 
     # --------------------------------------------------------------------------------------------- outputs
 

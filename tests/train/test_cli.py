@@ -35,11 +35,23 @@ def test_train_then_eval_cli(assets_dir, tmp_path, capsys):
     assert list((out / "tensorboard").iterdir())
     model, _ = sftjax.load_model(out / "final")
 
-    # eval CLI on the trained output reproduces the final eval loss of the run
-    assert main(["eval", TINY, *overrides(assets_dir, tmp_path / "eval"), "model.init=null",
-                 f"model.path={out / 'final'}"]) == 0
-    evaluated = json.loads(capsys.readouterr().out)
-    assert evaluated["loss"] == pytest.approx(summary["eval"]["loss"], rel=1e-5)
+    # eval evaluates what was trained: by default the config's output_dir (its newest checkpoint), or an
+    # explicit run / checkpoint / exported model, each reproducing the final eval loss of the run
+    for source in ([], ["--from", str(out)], ["--from", str(out / "checkpoints" / "8")], ["--from", str(out / "final")]):
+        assert main(["eval", TINY, *overrides(assets_dir, out), *source]) == 0
+        evaluated = json.loads(capsys.readouterr().out)
+        assert evaluated["loss"] == pytest.approx(summary["eval"]["loss"], rel=1e-5), source
+    assert "checkpoint" in evaluated["evaluated"] or "final" in evaluated["evaluated"]
+    # a random init only when asked: its loss is far above the trained one
+    assert main(["eval", TINY, *overrides(assets_dir, out), "--random-init"]) == 0
+    baseline = json.loads(capsys.readouterr().out)
+    assert baseline["evaluated"].startswith("untrained") and baseline["loss"] > summary["eval"]["loss"] + 0.5
+
+
+def test_eval_without_a_trained_run_is_one_line(assets_dir, tmp_path, capsys):
+    assert main(["eval", TINY, *overrides(assets_dir, tmp_path / "never_trained")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "nothing trained to evaluate" in err and "--random-init" in err, err
 
 
 @pytest.mark.parametrize("extra, words", [
@@ -54,10 +66,10 @@ def test_bad_config_is_one_line_before_compiling(assets_dir, tmp_path, capsys, m
 
     if "not divisible" in words and jax.device_count() % 3 == 0:
         pytest.skip("3 rows split evenly over this device count")
-    import sftjax.train.trainer as trainer_module  # import first: importing it while patched would keep the stub
+    import sftjax.train.program as program_module  # import first: importing it while patched would keep the stub
 
     compiled = []
-    monkeypatch.setattr(trainer_module, "make_train_step", lambda *a, **k: compiled.append(1))
+    monkeypatch.setattr(program_module, "make_train_step", lambda *a, **k: compiled.append(1))
     assert main(["train", TINY, *overrides(assets_dir, tmp_path), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sftjax: error: ") and "\n" not in err, err
