@@ -21,7 +21,8 @@ The format is bitsandbytes' own, so that a base quantized here holds the numbers
   last bit depends on torch's summation order (SIMD width, thread count); here it is the correctly rounded sum
   divided by the count. Given the same offset every stored byte and every dequantized bit are bitsandbytes'.
 * **int8** (``Linear8bitLt``'s ``Int8Params``): the weight is cast to float16, and each output row keeps
-  ``SCB`` = its float32 absmax and ``CB`` = ``round(w * (127 / SCB))`` as int8 (half to even). Dequantized =
+  ``SCB`` = its float32 absmax and ``CB`` = ``round(w * (127 / SCB))`` as int8 (half to even; ``127 / SCB``
+  rounded as torch computes it, ``(1 / SCB) * 127``). Dequantized =
   ``CB * SCB * (1/127)`` as bitsandbytes' ``int8_vectorwise_dequant`` (float32, left to right). This is a
   weight-only format here: the matmul runs in the compute dtype on the dequantized weight (bitsandbytes'
   own int8 matmul also quantizes the activations, so its outputs differ from a dense matmul; its weights don't).
@@ -193,8 +194,10 @@ def quantize_int8(w_OI) -> dict[str, np.ndarray]:
     if w16.ndim != 2:
         raise ValueError(f"quantize_int8 expects a 2-D [out, in] weight, got shape {w16.shape}")
     scale = np.abs(w16).max(axis=1).astype(np.float32)
+    # torch evaluates ``127.0 / SCB`` as ``SCB.reciprocal() * 127`` (two roundings)
     with np.errstate(divide="ignore", invalid="ignore"):
-        codes = np.round(w16 * (np.float32(127.0) / scale)[:, None])
+        factor = (np.float32(1.0) / scale).astype(np.float32) * np.float32(127.0)
+        codes = np.round(w16 * factor[:, None])
     codes = np.where(scale[:, None] == 0, 0, codes).astype(np.int8)
     return {"codes": codes, "scale": scale}
 
