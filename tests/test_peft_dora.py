@@ -1,5 +1,6 @@
 """DoRA against peft (``LoraConfig(use_dora=True)``, float32): one Linear's magnitude init, forward, gradients and
-merged weight, with and without LoRA dropout; a tiny Llama with DoRA on every linear over two AdamW steps."""
+merged weight, with and without LoRA dropout; the same on an NF4 base against peft on bitsandbytes' Linear4bit; a
+tiny Llama with DoRA on every linear over two AdamW steps."""
 
 from __future__ import annotations
 
@@ -169,3 +170,56 @@ def test_dora_decoder_two_adamw_steps_match_peft():
         assert_close(ours.lora_b[...], theirs.lora_B["default"].weight.T, 1e-5, what=f"{name} B")
         assert_close(ours.lora_magnitude[...], theirs.lora_magnitude_vector["default"].weight, 1e-5,
                      what=f"{name} magnitude")
+
+
+def test_qlora_dora_linear_matches_peft_on_a_bitsandbytes_linear4bit():
+    """NF4 (double-quantized) base + DoRA against peft on bitsandbytes' Linear4bit: the magnitude starts at the
+    norms of the *dequantized* weight, and forward and gradients agree."""
+    import bitsandbytes as bnb
+
+    in_features, out_features = 128, 16
+    rng = np.random.default_rng(0)
+    w = (rng.normal(size=(out_features, in_features)) * 0.3).astype(np.float32)
+
+    class Base(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.float32,
+                                          quant_type="nf4", compress_statistics=True)
+
+    base = Base()
+    base.proj.weight = bnb.nn.Params4bit(torch.from_numpy(w), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True, blocksize=64)
+    base = base.to("cpu")
+    model = peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"],
+                                                      use_dora=True))
+    model.train()  # (no dropout) in eval mode on AVX-512 CPUs Linear4bit repacks its weight for a bf16 kernel
+    theirs = model.base_model.model.proj
+    layer = Linear(in_features, out_features, rngs=nnx.Rngs(0))
+    layer.kernel[...] = jnp.asarray(w.T)
+    layer.quantize("nf4", double_quant=True)
+    layer.enable_lora(RANK, ALPHA, rngs=nnx.Rngs(1), use_dora=True)
+    assert_close(layer.lora_magnitude[...], theirs.lora_magnitude_vector["default"].weight, 1e-6,
+                 what="initial magnitude (dequantized weight)")
+    a = rng.normal(size=(in_features, RANK)).astype(np.float32) * 0.1
+    b = rng.normal(size=(RANK, out_features)).astype(np.float32) * 0.3
+    layer.lora_a[...], layer.lora_b[...] = jnp.asarray(a), jnp.asarray(b)
+    with torch.no_grad():
+        theirs.lora_A["default"].weight.copy_(torch.from_numpy(a.T))
+        theirs.lora_B["default"].weight.copy_(torch.from_numpy(b.T))
+    x = rng.normal(size=(5, in_features)).astype(np.float32)
+    cotangent = rng.normal(size=(5, out_features)).astype(np.float32)
+    graphdef, adapter, rest = nnx.split(layer, nnx.LoRAParam, ...)
+
+    def ours(adapter):
+        y = nnx.merge(graphdef, adapter, rest)(jnp.asarray(x))
+        return jnp.sum(y * cotangent), y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(ours, has_aux=True))(adapter)
+    y_t = theirs(torch.from_numpy(x))
+    (y_t * torch.from_numpy(cotangent)).sum().backward()
+    assert_close(y, y_t, 1e-5, what="output")
+    assert_close(grads["lora_a"][...], theirs.lora_A["default"].weight.grad.T, 1e-5, what="A gradient")
+    assert_close(grads["lora_b"][...], theirs.lora_B["default"].weight.grad.T, 1e-5, what="B gradient")
+    assert_close(grads["lora_magnitude"][...], theirs.lora_magnitude_vector["default"].weight.grad, 1e-5,
+                 what="magnitude gradient")
