@@ -291,3 +291,34 @@ def test_quantize_errors_and_refusals():
     dora.layers[0].attn.q_proj.enable_lora(2, 4.0, rngs=nnx.Rngs(1), use_dora=True)
     with pytest.raises(ConfigError, match=r"layers\.0\.attn\.q_proj already has a DoRA adapter"):
         quantize_model(dora, "nf4")
+
+
+def test_scanned_qlora_step_holds_no_dense_copy_of_the_base():
+    """Compiled memory (XLA's memory analysis, CPU) of the LoRA gradient of a scanned 8-layer model: the NF4 base
+    takes its codes' bytes as arguments and no more temporary memory than the dense model (autodiff through the
+    dequantization would keep every layer's dense weight as a scan residual: 145 MiB instead of 65 here)."""
+    from sftjax.models.scan import stack_layers
+
+    config = tiny_model_config(hidden_size=512, intermediate_size=1024, num_layers=8, num_heads=8, num_kv_heads=8,
+                               head_dim=64)
+    lora = _lora()
+    tokens = jnp.ones((2, 64), jnp.int32)
+    memory, logits = {}, {}
+    for fmt in ("none", "nf4"):
+        model = Decoder(config, rngs=nnx.Rngs(0))
+        if fmt != "none":
+            quantize_model(model, fmt)
+        apply_lora(model, lora, rngs=nnx.Rngs(1))
+        unscanned = np.asarray(model(tokens[:, :16]))
+        stack_layers(model)
+        graphdef, trainable, frozen = split_model(model, lora)
+        logits[fmt] = (unscanned, np.asarray(nnx.merge(graphdef, trainable, frozen)(tokens[:, :16])))
+
+        def loss(trainable, frozen):
+            return jnp.sum(nnx.merge(graphdef, trainable, frozen)(tokens))
+
+        memory[fmt] = jax.jit(jax.grad(loss)).lower(trainable, frozen).compile().memory_analysis()
+    assert_close(logits["nf4"][1], logits["nf4"][0], 1e-5, what="scanned vs unscanned NF4 logits")
+    dense, nf4 = memory["none"], memory["nf4"]
+    assert nf4.argument_size_in_bytes < 0.2 * dense.argument_size_in_bytes
+    assert nf4.temp_size_in_bytes <= 1.05 * dense.temp_size_in_bytes, (nf4.temp_size_in_bytes, dense.temp_size_in_bytes)

@@ -157,12 +157,18 @@ class Linear(nnx.Module):
 
     def __call__(self, x, *, deterministic: bool = True):
         in_axis, out_axis = self.logical_axes
-        kernel = self.base_kernel(x.dtype)
         leading = x.shape[:-1]
         # [..., in] -> [tokens, in]: with two leading dims XLA's CPU backend writes transposed copies of the
         # activation gradients for the weight-gradient dot (x1.2 on the CPU train step, same numbers)
         x = x.reshape(-1, x.shape[-1])
-        base = jnp.dot(x, kernel)
+        if self.quantized:  # dequantized inside the (rematerialized) matmul
+            matmul = self.kernel.matmul
+        else:
+            kernel = self.base_kernel(x.dtype)
+
+            def matmul(h):
+                return jnp.dot(h, kernel)
+        base = matmul(x)
         y = base
         if self.bias is not None:
             y = y + gather_for_compute(self.bias[...].astype(x.dtype), (out_axis,))
@@ -177,9 +183,10 @@ class Linear(nnx.Module):
                 y = y + lora * scale
             else:
                 magnitude = gather_for_compute(self.lora_magnitude[...].astype(x.dtype), (out_axis,))
-                norm = jax.lax.stop_gradient(_column_norm(kernel + scale * (lora_a @ lora_b)))
+                weight = self.base_kernel(x.dtype) if self.quantized else kernel
+                norm = jax.lax.stop_gradient(_column_norm(weight + scale * (lora_a @ lora_b)))
                 mag_norm_scale = magnitude / norm
-                base_h = jnp.dot(h, kernel) if dropped else base
+                base_h = matmul(h) if dropped else base
                 y = y + ((mag_norm_scale - 1) * base_h + mag_norm_scale * lora * scale)
         return y.reshape(*leading, y.shape[-1])
 

@@ -42,7 +42,6 @@ before the matmul, in float32 and then cast to the compute dtype; no dense copy 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -287,14 +286,48 @@ class QuantizedWeight(nnx.Module):
         variable = getattr(self, name)
         return gather_for_compute(variable[...], variable.get_metadata()["logical_axes"])
 
+    def arrays(self) -> dict[str, Any]:
+        """The stored arrays by name, fsdp-gathered."""
+        return {name: self._array(name) for name in self.names}
+
+    def dequantize_arrays(self, arrays: dict[str, Any]):
+        """float32 [out, in] from ``arrays`` (as :meth:`arrays` gives them)."""
+        if self.fmt == "int8":
+            return dequantize_int8(arrays["codes"], arrays["scale"])
+        absmax = arrays["absmax"]
+        if self.double_quant:
+            absmax = dequantize_absmax(absmax, arrays["absmax_scale"], arrays["absmax_offset"])
+        return dequantize_nf4(arrays["codes"], absmax, self.shape_OI, blocksize=self.blocksize)
+
     def dequantize(self):
         """float32 [out, in]."""
-        if self.fmt == "int8":
-            return dequantize_int8(self._array("codes"), self._array("scale"))
-        absmax = self._array("absmax")
-        if self.double_quant:
-            absmax = dequantize_absmax(absmax, self._array("absmax_scale"), self._array("absmax_offset"))
-        return dequantize_nf4(self._array("codes"), absmax, self.shape_OI, blocksize=self.blocksize)
+        return self.dequantize_arrays(self.arrays())
+
+    def matmul(self, x_TI):
+        """``x @ W`` ([tokens, in] -> [tokens, out]) with W dequantized to ``x.dtype`` right before the dot.
+
+        The dequantization depends only on frozen arrays, so a compiler is free to run every layer's at the start
+        (and autodiff would keep each dense result from the forward until the backward): a dense base again.
+        Here optimization barriers tie each dequantization to its matmul's input (forward) or output cotangent
+        (backward, which keeps only the stored arrays and dequantizes again), so a layer's dense weight lives
+        only while its own matmul runs. W itself gets no gradient (the base is frozen).
+        """
+        dequantize = self.dequantize_arrays
+
+        @jax.custom_vjp
+        def dot(x_TI, arrays):
+            x_TI, arrays = jax.lax.optimization_barrier((x_TI, arrays))  # not before the input exists
+            return jnp.dot(x_TI, dequantize(arrays).astype(x_TI.dtype).T)
+
+        def forward(x_TI, arrays):
+            return dot(x_TI, arrays), arrays
+
+        def backward(arrays, g_TO):
+            g_TO, arrays = jax.lax.optimization_barrier((g_TO, arrays))
+            return jnp.dot(g_TO, dequantize(arrays).astype(g_TO.dtype)), None
+
+        dot.defvjp(forward, backward)
+        return dot(x_TI, self.arrays())
 
     def nbytes(self) -> int:
         return sum(int(getattr(self, name)[...].nbytes) for name in self.names)
@@ -381,6 +414,3 @@ def check_trainable(model, *, lora_enabled: bool, modules_to_save: list[str] = (
             raise ConfigError(f"lora.modules_to_save entry {pattern!r} selects the quantized {hits[0]}; training a "
                               "quantized base is not supported")
 
-
-def bytes_of(tree) -> int:
-    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
