@@ -4,21 +4,28 @@ tiny Llama with DoRA on every linear over two AdamW steps."""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import torch
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 import peft
+import pytest
+import torch
 from flax import nnx
 
 from sftjax.config import LoraSection
 from sftjax.models.layers import Linear
 from sftjax.train.lora import apply_lora, linear_modules
 from tests.oracle import assert_close
-from tests.test_step import adamw, build_step, make_examples, our_model_from_torch, pack_rows, tiny_model_config, \
-    torch_llama, torch_loss
+from tests.test_step import (
+    adamw,
+    build_step,
+    make_examples,
+    our_model_from_torch,
+    pack_rows,
+    tiny_model_config,
+    torch_llama,
+    torch_loss,
+)
 
 IN, OUT, RANK, ALPHA = 12, 10, 4, 8.0
 
@@ -112,7 +119,7 @@ def test_dora_linear_forward_and_gradients_match_peft(with_dropout):
 
 
 def test_dora_without_dropout_module_equals_eval_path_and_merge_matches_peft():
-    layer, model, theirs = _pair()
+    layer, model, _ = _pair()
     model.eval()
     x = np.random.default_rng(2).normal(size=(3, IN)).astype(np.float32)
     expected = model.base_model.model.proj(torch.from_numpy(x)).detach()

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-import pytest
-import torch
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 import peft
+import pytest
+import torch
 from flax import nnx
 
 from sftjax.errors import ConfigError
@@ -85,7 +84,7 @@ def test_linear_hook_pissa_keeps_the_function_and_replaces_the_kernel():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 24)).astype(np.float32))
     before = np.asarray(layer(x))
     layer.enable_lora(4, 8.0, rngs=nnx.Rngs(1), init="pissa", use_dora=True)
-    a_IR, b_RO, residual_IO = pissa(jnp.asarray(w_IO), 4, 2.0)
+    a_IR, _, residual_IO = pissa(jnp.asarray(w_IO), 4, 2.0)
     np.testing.assert_array_equal(np.asarray(layer.kernel[...]), np.asarray(residual_IO))
     np.testing.assert_array_equal(np.asarray(layer.lora_a[...]), np.asarray(a_IR))
     assert_close(layer(x), before, 1e-5, what="output at init")

@@ -4,25 +4,32 @@ round trip in dense kernels (logits, LoRA gradients); frozen-ness, sharding and 
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import torch
-
 import bitsandbytes.functional as bnbF
 import jax
 import jax.numpy as jnp
-from flax import nnx
+import numpy as np
+import pytest
+import torch
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+from flax import nnx
 
 from sftjax.config import LoraSection
 from sftjax.errors import ConfigError
 from sftjax.models.decoder import Decoder
 from sftjax.models.layers import Linear
-from sftjax.peft.quant import (DYNAMIC_CODE, NF4_LEVELS, QuantizedKernel, QuantizedWeight, check_trainable,
-                               quantize_int8, quantize_model, quantize_nf4, quantized_paths)
+from sftjax.peft.quant import (
+    DYNAMIC_CODE,
+    NF4_LEVELS,
+    QuantizedKernel,
+    QuantizedWeight,
+    check_trainable,
+    quantize_int8,
+    quantize_model,
+    quantize_nf4,
+    quantized_paths,
+)
 from sftjax.train.lora import apply_lora, linear_modules, split_model
 from tests.oracle import assert_close
-
 from tests.test_step import make_examples, pack_rows, tiny_model_config
 
 
@@ -159,7 +166,7 @@ def _config():
 
 
 def _lora(**changes):
-    base = dict(enabled=True, r=4, alpha=8.0, dropout=0.0, target_modules="all-linear")
+    base = {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": "all-linear"}
     base.update(changes)
     return LoraSection(**base)
 
@@ -314,7 +321,7 @@ def test_scanned_qlora_step_holds_no_dense_copy_of_the_base():
         graphdef, trainable, frozen = split_model(model, lora)
         logits[fmt] = (unscanned, np.asarray(nnx.merge(graphdef, trainable, frozen)(tokens[:, :16])))
 
-        def loss(trainable, frozen):
+        def loss(trainable, frozen, graphdef=graphdef):
             return jnp.sum(nnx.merge(graphdef, trainable, frozen)(tokens))
 
         memory[fmt] = jax.jit(jax.grad(loss)).lower(trainable, frozen).compile().memory_analysis()

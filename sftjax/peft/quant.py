@@ -37,7 +37,13 @@ dense ``[in, out]`` kernel would (tensor parallelism splits output rows, FSDP sp
 the FSDP all-gather moves 4-bit codes instead of 16-bit weights). The double-quantization scales (one float per
 256 absmax values) and the offset are tiny and replicated. Otherwise (toy shapes) the arrays are flat and
 replicated. The dequantization is block-wise jnp (gather the level, multiply by the block's scale) done right
-before the matmul, in float32 and then cast to the compute dtype; no dense copy of the base is stored.
+before the matmul, in float32 and then cast to the compute dtype; no dense copy of the base is stored. The
+matmul has its own VJP (:meth:`QuantizedWeight.matmul`): the backward dequantizes again from the stored arrays
+rather than keeping each layer's dense weight from the forward (which, in a scanned model, autodiff would stack
+into a dense copy of the whole base).
+
+Training needs the float32 scales left as they are: a step that casts frozen floating-point state to a bf16
+compute dtype must skip :class:`QuantizedKernel` variables (their codes are integers anyway).
 """
 
 from __future__ import annotations
@@ -213,10 +219,10 @@ def dequantize_absmax(absmax_codes, absmax_scale, absmax_offset):
 
 def _rounded(x):
     """``x`` as it is, but opaque to floating-point contraction: XLA's CPU and GPU backends fuse ``a * b + c``
-    into one multiply-add (one rounding), where bitsandbytes rounds the product first. A select on ``x == x``
-    (false only for NaN, which these products never are) sits between the two and keeps them apart
-    (``optimization_barrier`` and ``reduce_precision`` are simplified away before code generation)."""
-    return jnp.where(x == x, x, jnp.zeros_like(x))
+    into one multiply-add (one rounding), where bitsandbytes rounds the product first. A select on ``isnan(x)``
+    (never true for these products) sits between the two and keeps them apart (``optimization_barrier`` and
+    ``reduce_precision`` are simplified away before code generation)."""
+    return jnp.where(jnp.isnan(x), jnp.zeros_like(x), x)
 
 
 def _unpack_levels(codes):
