@@ -14,9 +14,9 @@ from flax import nnx
 
 from sftjax.config import LoraSection
 from sftjax.models.layers import Linear
-from sftjax.train.lora import apply_lora, linear_modules
+from sftjax.peft.lora import apply_lora, linear_modules
 from tests.oracle import assert_close
-from tests.test_step import (
+from tests.train.test_step import (
     adamw,
     build_step,
     make_examples,

@@ -28,9 +28,9 @@ from sftjax.peft.quant import (
     quantize_nf4,
     quantized_paths,
 )
-from sftjax.train.lora import apply_lora, linear_modules, split_model
+from sftjax.peft.lora import apply_lora, linear_modules, split_model
 from tests.oracle import assert_close
-from tests.test_step import make_examples, pack_rows, tiny_model_config
+from tests.train.test_step import make_examples, pack_rows, tiny_model_config
 
 
 def _bits(x) -> np.ndarray:
@@ -233,7 +233,7 @@ def test_quantized_decoder_equals_dense_decoder_holding_the_bnb_round_trip(fmt, 
 
 
 def test_quantized_base_stays_bit_identical_through_steps():
-    from tests.test_step import adamw, build_step
+    from tests.train.test_step import adamw, build_step
 
     config = _config()
     model = Decoder(config, rngs=nnx.Rngs(0))
