@@ -517,15 +517,15 @@ def _build(cls: type, given: Any, section: str) -> Any:
 
 # ------------------------------------------------------------------------------------------------- loading
 
-PURPOSES = ("train", "data")
+PURPOSES = ("train", "model", "data")
 
 
 def config_from_dict(raw: dict, *, source_path: str | None = None, purpose: str = "train") -> Config:
     """Build and validate a :class:`Config` from a plain mapping (the parsed YAML).
 
-    ``purpose="train"`` (every command that builds a model) requires a model and a run length;
-    ``purpose="data"`` (``sftjax data preview``) requires only the data section, and also accepts a YAML that is
-    just the data section.
+    ``purpose="train"`` (every command that trains or plans) requires a model and a run length; ``"model"`` (a
+    checkpoint's saved run config, for export) a model only; ``"data"`` (``sftjax data preview``) only the data
+    section, and also accepts a YAML that is just the data section.
     """
     where = source_path or "config"
     if not isinstance(raw, dict):
@@ -540,12 +540,13 @@ def config_from_dict(raw: dict, *, source_path: str | None = None, purpose: str 
     sections = {name: _build(cls, raw.get(name), name) for name, cls in SECTIONS.items() if name != "data"}
     data = _build(DataConfig, raw["data"], "data") if raw.get("data") is not None else None
     cfg = Config(data=data, source_path=source_path, **sections)
-    if purpose == "train":
-        if (cfg.model.path is None) == (cfg.model.init is None):
-            raise ConfigError("model: give exactly one of model.path (checkpoint/alias) or model.init (random init)")
-        if cfg.train.steps is None and cfg.train.epochs is None:
-            raise ConfigError("train: give train.steps or train.epochs")
-    elif cfg.data is None:
+    if purpose not in PURPOSES:
+        raise ValueError(f"config_from_dict: purpose={purpose!r} is not one of {PURPOSES}")
+    if purpose in ("train", "model") and (cfg.model.path is None) == (cfg.model.init is None):
+        raise ConfigError("model: give exactly one of model.path (checkpoint/alias) or model.init (random init)")
+    if purpose == "train" and cfg.train.steps is None and cfg.train.epochs is None:
+        raise ConfigError("train: give train.steps or train.epochs")
+    if purpose == "data" and cfg.data is None:
         raise ConfigError(f"{where}: no data: section (data.sources is required)")
     return _resolve_relative_paths(cfg)
 

@@ -219,7 +219,7 @@ def run_config(meta: Mapping, where) -> Any:
     if "checkpoint" in extra and "checkpoint" not in saved:
         saved["checkpoint"] = extra["checkpoint"]
     try:
-        return config_from_dict({k: v for k, v in saved.items() if k in SECTIONS and v is not None})
+        return config_from_dict({k: v for k, v in saved.items() if k in SECTIONS and v is not None}, purpose="model")
     except Exception as error:  # a ConfigError, or a config written by another version
         raise CheckpointError(f"{where}: the run config saved with this checkpoint does not load "
                               f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import pathlib
+
+from sftjax.config import load_config
+from sftjax.errors import ConfigError
+from sftjax.infer.evaluate import answer_matcher
+from sftjax.train.distributed import initialize
+from sftjax.train.trainer import Trainer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,14 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter; sftjax logs each save itself
-    from sftjax.config import load_config  # validated before jax compiles anything
-    from sftjax.train.trainer import Trainer
 
     cfg = load_config(args.config, overrides=args.overrides)
+    initialize(cfg.train.distributed)  # join a multi-process job before anything touches the devices
     trainer = Trainer(cfg)
     try:
         restored = trainer.open_checkpoints()
@@ -69,12 +73,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     """``sftjax eval CONFIG [overrides]``: what was trained, evaluated on the config's eval data: loss, perplexity
     and token accuracy, or with ``--generate`` the accuracy of decoded answers."""
-    from sftjax.config import load_config
-    from sftjax.errors import ConfigError
-    from sftjax.infer.evaluate import answer_matcher
-    from sftjax.train.trainer import Trainer
 
     cfg = load_config(args.config, overrides=args.overrides)
+    initialize(cfg.train.distributed)
     if args.random_init and args.source:
         raise ConfigError("eval: give --from or --random-init, not both")
     if args.generate:

@@ -15,9 +15,7 @@ from sftjax.train.optim import decay_mask, make_optimizer, make_schedule
 
 
 def section(**changes) -> OptimSection:
-    cfg = OptimSection(**changes)
-    cfg.validate()
-    return cfg
+    return OptimSection(**changes)  # validated at construction
 
 
 def test_schedules_match_closed_form():
