@@ -300,7 +300,7 @@ class TrainSection(Section):
     save: Literal["merged", "adapter", "none"] = "merged"
     progress: bool = True
     tensorboard: bool = True
-    peak_flops: float | None = None  # per device; default from the device table
+    peak_flops: float | None = None  # per device; default: the datasheet table (none for a CPU: no MFU there)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     distributed: Literal["auto", "on", "off"] = "auto"  # join a multi-process job (sftjax.train.distributed)
 

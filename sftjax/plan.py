@@ -60,7 +60,7 @@ from sftjax.errors import ConfigError
 from sftjax.models.tokenizer import load_tokenizer
 from sftjax.peft.lora import linear_modules
 from sftjax.sharding import MESH_AXES, make_mesh
-from sftjax.train.flops import PEAK_FLOPS, device_peak_flops, model_flops_per_token
+from sftjax.train.flops import PEAK_FLOPS, calibrated_cpu_flops, device_peak_flops, model_flops_per_token
 from sftjax.train.program import build_program, check_backend
 
 GiB = 1024 ** 3
@@ -250,9 +250,9 @@ def device_spec(kind: str | None, devices: int) -> DeviceSpec:
         raise ConfigError(f"--device {kind!r} is not known; choose one of {', '.join(DEVICE_KINDS)}")
     if kind == "cpu":
         # (fake) CPU devices share the host's cores and RAM: each gets its share of both
-        peak = device_peak_flops() / max(devices, 1) if jax.default_backend() == "cpu" else None
+        peak = calibrated_cpu_flops() / max(devices, 1) if jax.default_backend() == "cpu" else None
         return DeviceSpec("cpu", _host_memory_bytes() // max(devices, 1), 1.0, peak,
-                          "CPU devices share the host's RAM and cores; FLOP/s measured on this CPU")
+                          "CPU devices share the host's RAM and cores; FLOP/s calibrated on this CPU (cached)")
     fraction, note = _gpu_usable_fraction() if not kind.startswith("tpu") else (1.0, "")
     return DeviceSpec(kind, HBM_BYTES[kind], fraction, PEAK_FLOPS[_PEAK_KEYS[kind]], note)
 

@@ -1,5 +1,11 @@
 """Model FLOPs per trained token and device peak FLOP/s, for MFU.
 
+A CPU has no datasheet peak, and a matmul timed once at start-up reads low on a loaded machine (an MFU above 0.9
+was reported that way). So training reports MFU on a CPU only when ``train.peak_flops`` is set;
+:func:`calibrated_cpu_flops` (used by ``sftjax plan`` for CPU step-time estimates) takes the best of many
+repetitions of a larger matmul and caches the result per CPU model and jax version, so it is measured once per
+machine, not per run.
+
 Model FLOPs follow the usual convention (PaLM appendix B): per token, 2N for the forward matmuls, 2N for the
 backward input gradients and 2N_trainable for the weight gradients (N = parameters that take part in matmuls,
 head included, embedding lookup excluded; with LoRA only the adapters get weight gradients), plus the attention
@@ -10,6 +16,10 @@ MFU = model FLOPs per second / (device count * peak FLOP/s per device).
 from __future__ import annotations
 
 import functools
+import json
+import os
+import pathlib
+import platform
 import time
 
 import jax
@@ -50,9 +60,21 @@ def model_flops_per_token(model_config, *, num_params: int, num_trainable_params
                                         seq_len))
 
 
-@functools.lru_cache(maxsize=None)
-def measured_cpu_flops(size: int = 512, repeats: int = 5) -> float:
-    """Float32 matmul FLOP/s this CPU device actually reaches (the CPU has no meaningful datasheet peak)."""
+def _cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_file() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("SFTJAX_CACHE_DIR", pathlib.Path.home() / ".cache" / "sftjax")) / "cpu_peak.json"
+
+
+def _measure_cpu_flops(size: int, repeats: int) -> float:
     x = jnp.asarray(np.random.default_rng(0).standard_normal((size, size), dtype=np.float32))
     f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()
@@ -64,11 +86,34 @@ def measured_cpu_flops(size: int = 512, repeats: int = 5) -> float:
     return 2.0 * size ** 3 / best
 
 
+@functools.lru_cache(maxsize=None)
+def calibrated_cpu_flops(size: int = 1024, repeats: int = 20) -> float:
+    """Float32 matmul FLOP/s of one CPU device: the best of ``repeats`` timed [size, size] products (the fastest
+    repetition is the one least disturbed by other load), cached in ``~/.cache/sftjax/cpu_peak.json`` per CPU
+    model, core count, device count and jax version."""
+    key = f"{_cpu_model()}|{os.cpu_count()}|{jax.device_count()}|{jax.__version__}|{size}"
+    path = _cache_file()
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if isinstance(cached.get(key), (int, float)) and cached[key] > 0:
+        return float(cached[key])
+    value = _measure_cpu_flops(size, repeats)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**cached, key: value}, indent=1))
+    except OSError:  # a read-only home: measured again next time
+        pass
+    return value
+
+
 def device_peak_flops(device=None) -> float | None:
-    """Peak FLOP/s of one device from the table (or measured on CPU); None for an unknown accelerator."""
+    """Peak FLOP/s of one device from the datasheet table; None for a CPU (no datasheet peak; see the module
+    docstring) or an unknown accelerator."""
     device = device or jax.devices()[0]
     if device.platform == "cpu":
-        return measured_cpu_flops()
+        return None
     kind = device.device_kind.lower()
     for name in sorted(PEAK_FLOPS, key=len, reverse=True):
         if name in kind:

@@ -42,10 +42,10 @@ def test_fit_logs_evaluates_and_saves(assets_dir, tmp_path):
     assert [r["step"] for r in evals] == [6, 12]
     assert train[-1]["loss"] < train[0]["loss"] - 0.5
     assert evals[-1]["eval/loss"] < before["loss"]
-    for key in ("grad_norm", "learning_rate", "tokens_per_s", "trained_tokens_per_s", "mfu", "step_time_s",
+    for key in ("grad_norm", "learning_rate", "tokens_per_s", "trained_tokens_per_s", "step_time_s",
                 "nonfinite_steps"):
         assert key in train[-1] and np.isfinite(train[-1][key]), key
-    assert 0 < train[-1]["mfu"] < 1
+    assert "mfu" not in train[-1]  # a CPU has no datasheet peak: MFU only with train.peak_flops
     assert evals[-1]["eval/perplexity"] == pytest.approx(np.exp(evals[-1]["eval/loss"]), rel=1e-6)
     assert 0 <= evals[-1]["eval/token_accuracy"] <= 1
     assert result["eval"]["loss"] == pytest.approx(evals[-1]["eval/loss"])
@@ -72,4 +72,19 @@ def test_model_flops_per_token_by_hand():
     lora = model_flops_per_token(config, num_params=num_params, num_trainable_params=1_000_000, seq_len=4096)
     assert lora == 4 * (num_params - embed) + 2 * 1_000_000 + 12 * 32 * 32 * 128 * 4096
     assert PEAK_FLOPS["h100"] == 989e12 and PEAK_FLOPS["tpu v5p"] == 459e12
-    assert device_peak_flops() > 1e8  # measured on the CPU test device
+    assert device_peak_flops() is None  # a CPU has no datasheet peak: no MFU unless train.peak_flops is set
+
+
+def test_cpu_peak_is_calibrated_once_and_cached(tmp_path, monkeypatch):
+    from sftjax.train import flops
+
+    monkeypatch.setenv("SFTJAX_CACHE_DIR", str(tmp_path))
+    calls = []
+    real = flops._measure_cpu_flops
+    monkeypatch.setattr(flops, "_measure_cpu_flops", lambda size, repeats: calls.append(1) or real(size, repeats))
+    flops.calibrated_cpu_flops.cache_clear()
+    first = flops.calibrated_cpu_flops(size=128, repeats=3)
+    flops.calibrated_cpu_flops.cache_clear()  # a new process: read from the cache file, not measured again
+    assert flops.calibrated_cpu_flops(size=128, repeats=3) == first and len(calls) == 1
+    assert first > 1e8 and (tmp_path / "cpu_peak.json").is_file()
+    flops.calibrated_cpu_flops.cache_clear()
