@@ -236,14 +236,15 @@ ATTENTION_TILES = ((32, 64), (64, 32), (64, 64), (128, 64), (64, 128), (128, 128
 CE_CONFIGS = tuple((rows, block_v) for rows in (8, 16, 32) for block_v in (512, 1024, 2048))
 
 
-def sweep(*, warps=(4, 8), stages=(1, 2), head_dims=(64, 128, 256), progress=print) -> list[dict]:
+def sweep(*, warps=(4, 8), stages=(1, 2), head_dims=(64, 128, 256), tiles=ATTENTION_TILES, ce_configs=CE_CONFIGS,
+          progress=print) -> list[dict]:
     """Registers and spills of every kernel for every tile / num_warps / num_stages candidate (sm_90)."""
     from pallas_kernels.attention.pallas_gpu import BlockSizes as AttentionBlocks
     from pallas_kernels.cross_entropy.pallas_rows import BlockSizes as RowBlocks
 
     rows = []
     for head_dim in head_dims:
-        for block_q, block_k in ATTENTION_TILES:
+        for block_q, block_k in tiles:
             for num_warps in warps:
                 for num_stages in stages:
                     blocks = AttentionBlocks(block_q, block_k, num_warps, num_stages, block_q, block_k, num_warps,
@@ -258,7 +259,7 @@ def sweep(*, warps=(4, 8), stages=(1, 2), head_dims=(64, 128, 256), progress=pri
                                          num_warps=num_warps, num_stages=num_stages, error=result["error"]))
                     progress(f"attention D={head_dim} {block_q}x{block_k} w{num_warps} s{num_stages}: "
                              + ", ".join(_short(k) for k in result.get("kernels", [])) + result.get("error", ""))
-    for block_rows, block_v in CE_CONFIGS:
+    for block_rows, block_v in ce_configs:
         for num_warps in warps:
             for num_stages in stages:
                 blocks = RowBlocks(block_t=1024, block_v=block_v, block_rows=block_rows, num_warps_stats=num_warps,
@@ -270,6 +271,32 @@ def sweep(*, warps=(4, 8), stages=(1, 2), head_dims=(64, 128, 256), progress=pri
                 progress(f"cross_entropy rows={block_rows} V-chunk={block_v} w{num_warps} s{num_stages}: "
                          + ", ".join(_short(k) for k in result.get("kernels", [])) + result.get("error", ""))
     return rows
+
+
+# Registers per thread a default may use: below ptxas's cap of 255, so that the Triton inside XLA on the GPU
+# machine (whose pass pipeline differs a little from the pip package's) has room before it spills.
+REGISTER_HEADROOM = 240
+
+
+def choose_defaults(rows: list[dict]) -> dict:
+    """Per (op, head_dim or "-", kernel): the configuration a default should take from a :func:`sweep`.
+
+    Rule: no spills and shared memory within sm_90's 227 KiB; among those, at most ``REGISTER_HEADROOM``
+    registers where any configuration allows it; then the largest tile (block_q x block_k, or block_rows x
+    block_v), then more pipeline stages, then fewer registers.
+    """
+    best: dict = {}
+    for row in rows:
+        if "n_regs" not in row or spills(row):
+            continue
+        if row["op"] == "attention":
+            key, area = (row["op"], row["head_dim"], row["name"]), row["block_q"] * row["block_k"]
+        else:
+            key, area = (row["op"], "-", row["name"]), row["block_rows"] * row["block_v"]
+        rank = (row["n_regs"] <= REGISTER_HEADROOM, area, row["num_stages"], -row["n_regs"])
+        if key not in best or rank > best[key][0]:
+            best[key] = (rank, row)
+    return {" ".join(map(str, key)): row for key, (_, row) in sorted(best.items(), key=lambda item: str(item[0]))}
 
 
 def _short(kernel: dict) -> str:

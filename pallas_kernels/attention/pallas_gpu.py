@@ -84,7 +84,8 @@ class BlockSizes:
     def for_head_dim(cls, head_dim: int) -> "BlockSizes":
         """The defaults for a (power-of-two padded) head_dim: the largest tiles that compile without spills."""
         padded = max(MIN_BLOCK, next_power_of_two(head_dim))
-        return DEFAULT_BLOCK_SIZES.get(padded) or DEFAULT_BLOCK_SIZES[max(DEFAULT_BLOCK_SIZES)]
+        fitting = [dim for dim in DEFAULT_BLOCK_SIZES if dim >= padded]
+        return DEFAULT_BLOCK_SIZES[min(fitting) if fitting else max(DEFAULT_BLOCK_SIZES)]
 
     def with_tiles(self, block_q: int | None, block_k: int | None) -> "BlockSizes":
         """The same launch parameters with every kernel's tiles set to ``block_q`` x ``block_k`` (None keeps)."""
@@ -112,11 +113,16 @@ class BlockSizes:
         return max(getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith("block_"))
 
 
-# Chosen from the sm_90 register/spill table (benchmarks/results/gpu_lowering_sm90.json); keyed by padded head_dim.
+# Per padded head_dim, from the sm_90 register/spill sweep (benchmarks/results/gpu_lowering_sm90.json, rule in
+# pallas_kernels.lowering.choose_defaults: no spills, <= 240 registers where possible, then the largest tile).
+# The former 64x64 / 4 warps everywhere spilled in the dk/dv kernel from head_dim 128 and in all three at 256.
 DEFAULT_BLOCK_SIZES = {
-    64: BlockSizes(),
-    128: BlockSizes(),
-    256: BlockSizes(),
+    64: BlockSizes(128, 64, 8, 2, block_q_dkv=128, block_k_dkv=64, num_warps_dkv=8, num_stages_dkv=2,
+                   block_q_dq=128, block_k_dq=128, num_warps_dq=8, num_stages_dq=2),
+    128: BlockSizes(128, 64, 8, 2, block_q_dkv=64, block_k_dkv=32, num_warps_dkv=8, num_stages_dkv=2,
+                    block_q_dq=128, block_k_dq=64, num_warps_dq=8, num_stages_dq=2),
+    256: BlockSizes(32, 64, 8, 2, block_q_dkv=32, block_k_dkv=32, num_warps_dkv=8, num_stages_dkv=2,
+                    block_q_dq=64, block_k_dq=32, num_warps_dq=8, num_stages_dq=2),
 }
 
 
