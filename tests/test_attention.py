@@ -108,8 +108,9 @@ def test_bfloat16_close_to_float32_reference(name):
 @pytest.mark.parametrize("head_dim", [80, 96])
 def test_pallas_gpu_head_dim_not_power_of_two(head_dim):
     """Phi-3's 96 and 80 are zero-padded to 128 inside (Triton's power-of-two tiles); outputs and grads exact."""
-    check_against_reference(functools.partial(attention_pallas_gpu, block_q=16, block_k=16, interpret=True), seed=head_dim,
-                            num_kv_heads=2, dtype=jnp.float32, tolerance=1e-5, head_dim=head_dim, sliding_window=24)
+    check_against_reference(functools.partial(attention_pallas_gpu, block_q=16, block_k=16, interpret=True),
+                            seed=head_dim, num_kv_heads=2, dtype=jnp.float32, tolerance=1e-5, head_dim=head_dim,
+                            sliding_window=24)
 
 
 def long_segments(length):
@@ -122,8 +123,9 @@ def long_segments(length):
     return jnp.asarray(rows)
 
 
-@pytest.mark.parametrize("options", [{}, {"sliding_window": 40}, {"causal": False}, {"causal": False, "sliding_window": 33},
-                                     {"logit_softcap": 3.0}], ids=["causal", "window", "full", "full-window", "softcap"])
+@pytest.mark.parametrize("options", [{}, {"sliding_window": 40}, {"causal": False},
+                                     {"causal": False, "sliding_window": 33}, {"logit_softcap": 3.0}],
+                         ids=["causal", "window", "full", "full-window", "softcap"])
 def test_pallas_gpu_interior_tiles_and_per_kernel_blocks(options):
     """Long segments, so most tiles take the mask-free branch; each kernel with its own tiles and launch params;
     with a causal mask the query blocks run in reverse order."""
