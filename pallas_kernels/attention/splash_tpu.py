@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-from pallas_kernels.attention.xla_chunked import _pad_length
+from pallas_kernels.attention.blocks import pad_length
 
 
 @functools.lru_cache(maxsize=64)
@@ -51,11 +51,11 @@ def attention_splash_tpu(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, *, causal=True,
     scale = head_dim ** -0.5 if scale is None else float(scale)
     block = min(block, -(-length // 128) * 128)
     padded = -(-length // block) * block
-    seg = _pad_length(segment_ids_BL.astype(jnp.int32), padded, value=-1)
-    q = _pad_length(q_BLHD, padded) * jnp.asarray(scale, q_BLHD.dtype)
+    seg = pad_length(segment_ids_BL.astype(jnp.int32), padded, value=-1)
+    q = pad_length(q_BLHD, padded) * jnp.asarray(scale, q_BLHD.dtype)
     q_BKGLD = q.reshape(batch, padded, num_kv, group, head_dim).transpose(0, 2, 3, 1, 4)
-    k_BKLD = jnp.swapaxes(_pad_length(k_BLKD, padded), 1, 2)
-    v_BKLD = jnp.swapaxes(_pad_length(v_BLKD, padded), 1, 2)
+    k_BKLD = jnp.swapaxes(pad_length(k_BLKD, padded), 1, 2)
+    v_BKLD = jnp.swapaxes(pad_length(v_BLKD, padded), 1, 2)
     kernel = _kernel(padded, group, causal, sliding_window,
                      None if logit_softcap is None else float(logit_softcap), block, bool(interpret))
 

@@ -28,16 +28,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.attention.blocks import pad_length
+
 _NEG = -1e30
-
-
-def _pad_length(x, length, value=0):
-    pad = length - x.shape[1]
-    if pad == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[1] = (0, pad)
-    return jnp.pad(x, widths, constant_values=value)
 
 
 def _tile_mask(seg_q_Bq, seg_k_Bk, q_start, k_start, causal, sliding_window):
@@ -50,24 +43,6 @@ def _tile_mask(seg_q_Bq, seg_k_Bk, q_start, k_start, causal, sliding_window):
     if sliding_window is not None:
         mask &= (q_pos - k_pos) < sliding_window
     return mask
-
-
-def _key_block_range(q_start, block_q, block_k, num_k_blocks, causal, sliding_window):
-    """[lo, hi) key blocks reachable from the query rows [q_start, q_start + block_q) (used by pallas_gpu)."""
-    hi = jnp.minimum(num_k_blocks, (q_start + block_q - 1) // block_k + 1) if causal else num_k_blocks
-    lo = 0
-    if sliding_window is not None:
-        lo = jnp.maximum(0, (q_start - sliding_window + 1) // block_k)
-    return lo, hi
-
-
-def _query_block_range(k_start, block_q, block_k, num_q_blocks, causal, sliding_window):
-    """[lo, hi) query blocks that can see the key rows [k_start, k_start + block_k) (used by pallas_gpu)."""
-    lo = k_start // block_q if causal else 0
-    hi = num_q_blocks
-    if sliding_window is not None:
-        hi = jnp.minimum(num_q_blocks, (k_start + block_k - 1 + sliding_window - 1) // block_q + 1)
-    return lo, hi
 
 
 def _visible_tiles(seg, causal, sliding_window, block_q, block_k):
@@ -224,10 +199,10 @@ def attention_xla_chunked(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, *, causal=True
     tile = block_q * block_k // _gcd(block_q, block_k)
     padded = -(-length // tile) * tile
     # Padded rows get segment -1: they see only each other and are cut off at the end.
-    seg = _pad_length(segment_ids_BL.astype(jnp.int32), padded, value=-1)
-    q_BKGLD = _pad_length(q_BLHD, padded).reshape(batch, padded, num_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
-    k_BKLD = _pad_length(k_BLKD, padded).transpose(0, 2, 1, 3)
-    v_BKLD = _pad_length(v_BLKD, padded).transpose(0, 2, 1, 3)
+    seg = pad_length(segment_ids_BL.astype(jnp.int32), padded, value=-1)
+    q_BKGLD = pad_length(q_BLHD, padded).reshape(batch, padded, num_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+    k_BKLD = pad_length(k_BLKD, padded).transpose(0, 2, 1, 3)
+    v_BKLD = pad_length(v_BLKD, padded).transpose(0, 2, 1, 3)
     out = _chunked(q_BKGLD, k_BKLD, v_BKLD, seg, causal, sliding_window, logit_softcap, scale, block_q, block_k)
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, padded, num_q_heads, head_dim)[:, :length]
 

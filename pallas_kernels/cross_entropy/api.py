@@ -84,8 +84,7 @@ def fused_linear_cross_entropy(hidden, weight, targets, loss_mask, *, logit_soft
 
     platform = "gpu" if name.startswith("pallas_gpu") else "tpu"
     kernel = functools.partial(fused_linear_cross_entropy_pallas, platform=platform,
-                               interpret=name.endswith("interpret"), block_rows=8 if platform == "tpu" else 16,
-                               **options)
+                               interpret=name.endswith("interpret"), **options)
     return _pallas_per_device(kernel, hidden, weight, targets, loss_mask)
 
 

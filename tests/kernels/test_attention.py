@@ -50,17 +50,19 @@ def packed_segments(batch, length, seed):
     return jnp.asarray(segments)
 
 
-def random_inputs(seed, *, batch=2, length=64, num_kv_heads=2, dtype=jnp.float32):
+def random_inputs(seed, *, batch=2, length=64, num_kv_heads=2, dtype=jnp.float32, head_dim=HEAD_DIM):
     keys = jax.random.split(jax.random.PRNGKey(seed), 4)
-    q = jax.random.normal(keys[0], (batch, length, NUM_Q_HEADS, HEAD_DIM), jnp.float32)
-    k = jax.random.normal(keys[1], (batch, length, num_kv_heads, HEAD_DIM), jnp.float32)
-    v = jax.random.normal(keys[2], (batch, length, num_kv_heads, HEAD_DIM), jnp.float32)
+    q = jax.random.normal(keys[0], (batch, length, NUM_Q_HEADS, head_dim), jnp.float32)
+    k = jax.random.normal(keys[1], (batch, length, num_kv_heads, head_dim), jnp.float32)
+    v = jax.random.normal(keys[2], (batch, length, num_kv_heads, head_dim), jnp.float32)
     d_out = jax.random.normal(keys[3], q.shape, jnp.float32)
     return q, k, v, packed_segments(batch, length, seed), d_out
 
 
-def check_against_reference(implementation, *, seed, num_kv_heads, dtype, tolerance, length=64, **options):
-    q, k, v, segments, d_out = random_inputs(seed, length=length, num_kv_heads=num_kv_heads)
+def check_against_reference(implementation, *, seed, num_kv_heads, dtype, tolerance, length=64, head_dim=HEAD_DIM,
+                            segments=None, **options):
+    q, k, v, packed, d_out = random_inputs(seed, length=length, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    segments = packed if segments is None else segments
 
     @functools.partial(jax.jit, static_argnums=0)
     def forward_and_grads(fn, q, k, v, d_out):
@@ -101,6 +103,47 @@ def test_float32_matches_reference(name, num_kv_heads, options):
 def test_bfloat16_close_to_float32_reference(name):
     check_against_reference(IMPLEMENTATIONS[name], seed=7, num_kv_heads=2, dtype=jnp.bfloat16, tolerance=2e-2,
                             sliding_window=20)
+
+
+@pytest.mark.parametrize("head_dim", [80, 96])
+def test_pallas_gpu_head_dim_not_power_of_two(head_dim):
+    """Phi-3's 96 and 80 are zero-padded to 128 inside (Triton's power-of-two tiles); outputs and grads exact."""
+    check_against_reference(functools.partial(attention_pallas_gpu, block_q=16, block_k=16, interpret=True),
+                            seed=head_dim, num_kv_heads=2, dtype=jnp.float32, tolerance=1e-5, head_dim=head_dim,
+                            sliding_window=24)
+
+
+def long_segments(length):
+    """Row 0: one segment over most of the row, then padding; row 1: segments 1, 2, 1 again (ids, not runs,
+    decide visibility), then padding. Most tiles are interior; some lie in one segment each side but differ."""
+    rows = np.zeros((2, length), np.int32)
+    rows[0, :length - 9] = 1
+    third = (length - 8) // 3
+    rows[1, :third], rows[1, third:2 * third], rows[1, 2 * third:3 * third] = 1, 2, 1
+    return jnp.asarray(rows)
+
+
+@pytest.mark.parametrize("options", [{}, {"sliding_window": 40}, {"causal": False},
+                                     {"causal": False, "sliding_window": 33}, {"logit_softcap": 3.0}],
+                         ids=["causal", "window", "full", "full-window", "softcap"])
+def test_pallas_gpu_interior_tiles_and_per_kernel_blocks(options):
+    """Long segments, so most tiles take the mask-free branch; each kernel with its own tiles and launch params;
+    with a causal mask the query blocks run in reverse order."""
+    from pallas_kernels.attention.pallas_gpu import BlockSizes
+
+    blocks = BlockSizes(block_q=32, block_k=16, num_warps=2, block_q_dkv=16, block_k_dkv=32, num_stages_dkv=1,
+                        block_q_dq=16, block_k_dq=16, num_warps_dq=8)
+    check_against_reference(functools.partial(attention_pallas_gpu, block_sizes=blocks, interpret=True), seed=21,
+                            num_kv_heads=2, dtype=jnp.float32, tolerance=1e-5, length=128,
+                            segments=long_segments(128), **options)
+
+
+def test_pallas_gpu_block_sizes_are_checked():
+    from pallas_kernels.attention.pallas_gpu import BlockSizes
+
+    with pytest.raises(ValueError, match="block_k_dq must be a power of two"):
+        BlockSizes(block_k_dq=48)
+    assert BlockSizes.for_head_dim(96) == BlockSizes.for_head_dim(128)
 
 
 def test_xla_chunked_with_length_not_multiple_of_block():

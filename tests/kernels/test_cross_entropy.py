@@ -15,8 +15,7 @@ import pytest
 
 from pallas_kernels.cross_entropy import api
 from pallas_kernels.cross_entropy.api import fused_linear_cross_entropy, project_logits
-from pallas_kernels.cross_entropy.pallas_gpu import fused_linear_cross_entropy_pallas_gpu
-from pallas_kernels.cross_entropy.pallas_tpu import fused_linear_cross_entropy_pallas_tpu
+from pallas_kernels.cross_entropy.pallas_rows import fused_linear_cross_entropy_pallas
 from pallas_kernels.cross_entropy.reference import fused_linear_cross_entropy_reference
 from pallas_kernels.cross_entropy.xla_chunked import fused_linear_cross_entropy_xla_chunked
 
@@ -31,11 +30,11 @@ def relative_error(actual, expected):
     return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
 
 
-def random_inputs(seed, *, batch=2, length=37):
+def random_inputs(seed, *, batch=2, length=37, vocab=VOCAB):
     keys = jax.random.split(jax.random.PRNGKey(seed), 4)
     hidden = jax.random.normal(keys[0], (batch, length, HIDDEN), jnp.float32)
-    weight = jax.random.normal(keys[1], (HIDDEN, VOCAB), jnp.float32) * 0.5
-    targets = jax.random.randint(keys[2], (batch, length), 0, VOCAB)
+    weight = jax.random.normal(keys[1], (HIDDEN, vocab), jnp.float32) * 0.5
+    targets = jax.random.randint(keys[2], (batch, length), 0, vocab)
     # Half the targets are the model's own argmax, so correct_count is non-trivial.
     argmax = jnp.argmax(hidden @ weight, axis=-1)
     targets = jnp.where(jnp.arange(length) % 2 == 0, argmax, targets)
@@ -54,8 +53,8 @@ def loss_and_grads(fn, hidden, weight, targets, loss_mask, scale, logit_softcap=
     return result, grads
 
 
-def check_against_reference(implementation, *, seed, dtype, tolerance, **options):
-    hidden, weight, targets, loss_mask = random_inputs(seed)
+def check_against_reference(implementation, *, seed, dtype, tolerance, vocab=VOCAB, **options):
+    hidden, weight, targets, loss_mask = random_inputs(seed, vocab=vocab)
     scale = jnp.float32(0.37)
     expected, expected_grads = loss_and_grads(fused_linear_cross_entropy_reference, hidden, weight, targets,
                                               loss_mask, scale, **options)
@@ -72,10 +71,10 @@ def check_against_reference(implementation, *, seed, dtype, tolerance, **options
 
 IMPLEMENTATIONS = {
     "xla_chunked": functools.partial(fused_linear_cross_entropy_xla_chunked, block_t=16, block_v=64),
-    "pallas_gpu_interpret": functools.partial(fused_linear_cross_entropy_pallas_gpu, interpret=True, block_t=16,
-                                              block_v=64, block_rows=8),
-    "pallas_tpu_interpret": functools.partial(fused_linear_cross_entropy_pallas_tpu, interpret=True, block_t=16,
-                                              block_v=128),
+    "pallas_gpu_interpret": functools.partial(fused_linear_cross_entropy_pallas, platform="gpu", interpret=True,
+                                              block_t=16, block_v=64, block_rows=8),
+    "pallas_tpu_interpret": functools.partial(fused_linear_cross_entropy_pallas, platform="tpu", interpret=True,
+                                              block_t=16, block_v=128, block_rows=8),
 }
 OPTIONS = [
     pytest.param({}, id="plain"),
@@ -93,6 +92,27 @@ def test_float32_matches_reference(name, options):
 @pytest.mark.parametrize("name", list(IMPLEMENTATIONS))
 def test_bfloat16_close_to_float32_reference(name):
     check_against_reference(IMPLEMENTATIONS[name], seed=3, dtype=jnp.bfloat16, tolerance=2e-2, logit_softcap=5.0)
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+@pytest.mark.parametrize("vocab", [997, 1000, 40])
+def test_pallas_default_chunks_at_odd_vocabularies(platform, vocab):
+    """Default blocks: the chunk is derived from V (a power of two <= V on GPU, sliding back at the end; on TPU
+    the tile padded to 128 lanes and the padding masked), forward and gradients against the reference."""
+    check_against_reference(functools.partial(fused_linear_cross_entropy_pallas, platform=platform, interpret=True),
+                            seed=vocab, dtype=jnp.float32, tolerance=1e-5, vocab=vocab, logit_softcap=4.0,
+                            z_loss=1e-3)
+
+
+def test_chunk_width_rules():
+    from pallas_kernels.cross_entropy.pallas_rows import chunk_width
+
+    assert chunk_width(997, 1024, "gpu") == (512, 997)
+    assert chunk_width(151936, 1024, "gpu") == (1024, 151936)
+    assert chunk_width(40, 1024, "gpu") == (32, 40)
+    assert chunk_width(997, 1024, "tpu") == (1024, 1024)
+    assert chunk_width(32000, 1024, "tpu") == (1024, 32000)
+    assert chunk_width(300, 64, "tpu") == (128, 384)
 
 
 @pytest.mark.parametrize("name", ["xla_chunked", "pallas_gpu_interpret"])
