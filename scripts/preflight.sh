@@ -13,6 +13,6 @@ export SFTJAX_PREFLIGHT=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # libtpu looks for a TPU at start-up and logs that there is none; nothing here runs on a TPU.
 export TPU_SKIP_MDS_QUERY=1 TF_CPP_MIN_LOG_LEVEL=3
 .venv-accel/bin/python -m pytest -q -p no:cacheprovider -rfEsP --durations=10 \
-  tests/test_attention.py tests/test_cross_entropy.py tests/test_kernel_sharding.py tests/test_accelerators.py \
+  tests/kernels/test_attention.py tests/kernels/test_cross_entropy.py tests/kernels/test_sharding.py tests/kernels/test_cached_attention.py tests/test_accelerators.py \
   tests/preflight "$@"
 echo "pre-flight finished in $(( $(date +%s) - start )) s"
