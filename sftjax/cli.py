@@ -21,7 +21,7 @@ COMMANDS = {
     "generate": ("sftjax.infer.generate", "generate text from a prompt with a model"),
     "export": ("sftjax.export", "export a run or checkpoint to hf / peft / gguf"),
     "chat": ("sftjax.infer.chat", "talk with a model in the terminal (multi-turn, its chat template)"),
-    "plan": ("sftjax.plan", "estimate a config's memory per device and step time without training"),
+    "plan": ("sftjax.plan.cli", "estimate a config's memory per device and step time without training"),
 }
 
 

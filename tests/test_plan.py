@@ -12,8 +12,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sftjax.config import load_config
-from sftjax.plan import Plan, plan
-from sftjax.plan import compile_memory
+from sftjax.plan.compile import compile_memory
+from sftjax.plan.estimate import Plan, plan
 from tests.conftest import REPO_ROOT
 
 TINY = str(REPO_ROOT / "configs" / "tiny_cpu.yaml")

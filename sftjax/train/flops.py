@@ -26,20 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Dense bfloat16 peak FLOP/s per chip (vendor datasheets; GPU numbers without sparsity).
-PEAK_FLOPS = {
-    "tpu v4": 275e12,
-    "tpu v5e": 197e12,
-    "tpu v5 lite": 197e12,
-    "tpu v5p": 459e12,
-    "tpu v5": 459e12,
-    "tpu v6e": 918e12,
-    "tpu v6 lite": 918e12,
-    "a100": 312e12,
-    "h100": 989e12,
-    "h200": 989e12,
-}
-
+from sftjax.accelerators import chip_for_device_kind
 
 def matmul_flops_per_token(num_matmul_params: int, num_trainable_matmul_params: int) -> float:
     return 4.0 * num_matmul_params + 2.0 * num_trainable_matmul_params
@@ -114,8 +101,5 @@ def device_peak_flops(device=None) -> float | None:
     device = device or jax.devices()[0]
     if device.platform == "cpu":
         return None
-    kind = device.device_kind.lower()
-    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
-        if name in kind:
-            return PEAK_FLOPS[name]
-    return None
+    chip = chip_for_device_kind(device.device_kind)
+    return chip.peak_bf16_flops if chip is not None else None

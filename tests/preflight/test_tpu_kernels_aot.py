@@ -22,7 +22,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from pallas_kernels.attention.api import attention
 from pallas_kernels.cross_entropy.api import fused_linear_cross_entropy
 from sftjax import accelerators
-from tests.test_kernel_sharding import pallas_calls_and_maps
+from tests.kernels.test_sharding import pallas_calls_and_maps
 
 MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
                  "generated_code_size_in_bytes", "alias_size_in_bytes", "peak_memory_in_bytes")

@@ -60,7 +60,8 @@ def test_fit_logs_evaluates_and_saves(assets_dir, tmp_path):
 
 def test_model_flops_per_token_by_hand():
     from sftjax.models.config import ModelConfig
-    from sftjax.train.flops import PEAK_FLOPS, device_peak_flops, model_flops_per_token
+    from sftjax import accelerators
+    from sftjax.train.flops import device_peak_flops, model_flops_per_token
 
     # Llama-2-7B shapes: 6N + 12 * layers * heads * head_dim * L is the PaLM-style count for full fine-tuning
     config = ModelConfig(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, head_dim=128)
@@ -71,7 +72,7 @@ def test_model_flops_per_token_by_hand():
     # LoRA: no weight gradients for the frozen matmuls (4N) plus 2x the adapters
     lora = model_flops_per_token(config, num_params=num_params, num_trainable_params=1_000_000, seq_len=4096)
     assert lora == 4 * (num_params - embed) + 2 * 1_000_000 + 12 * 32 * 32 * 128 * 4096
-    assert PEAK_FLOPS["h100"] == 989e12 and PEAK_FLOPS["tpu v5p"] == 459e12
+    assert accelerators.H100.peak_bf16_flops == 989e12 and accelerators.TPU_V5P.peak_bf16_flops == 459e12
     assert device_peak_flops() is None  # a CPU has no datasheet peak: no MFU unless train.peak_flops is set
 
 

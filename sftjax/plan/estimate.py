@@ -1,4 +1,4 @@
-"""``sftjax plan CONFIG [overrides]``: memory per device and step time of a run, estimated without training.
+"""The estimate of ``sftjax plan``: memory per device and step time of a run, from shapes and formulas only.
 
 What it does, in plain words: the model is built *abstractly* (``nnx.eval_shape``: shapes and dtypes, no
 weights; a ``model.path`` contributes only its ``config.json`` or GGUF metadata, never a weight file), LoRA is
@@ -43,9 +43,7 @@ Throughput: tokens per step = global_batch_size x max_length, model FLOPs per to
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
 
@@ -55,32 +53,19 @@ from flax import nnx
 
 from pallas_kernels.attention import api as attention_api
 from pallas_kernels.cross_entropy import api as cross_entropy_api
-from sftjax.config import Config, load_config
+from sftjax import accelerators
+from sftjax.config import Config
 from sftjax.errors import ConfigError
 from sftjax.models.tokenizer import load_tokenizer
 from sftjax.peft.lora import linear_modules
-from sftjax.sharding import MESH_AXES, make_mesh
-from sftjax.train.flops import PEAK_FLOPS, calibrated_cpu_flops, device_peak_flops, model_flops_per_token
-from sftjax.train.program import build_program, check_backend
+from sftjax.sharding import MESH_AXES
+from sftjax.train.flops import calibrated_cpu_flops, device_peak_flops, model_flops_per_token
+from sftjax.train.program import build_program
 
 GiB = 1024 ** 3
-# HBM per chip (vendor datasheets; the A100 also exists with 40 GB).
-HBM_BYTES = {
-    "h100": 80 * GiB,
-    "a100": 80 * GiB,
-    "h200": 141 * 10 ** 9,
-    "tpu-v4": 32 * GiB,
-    "tpu-v5e": 16 * GiB,
-    "tpu-v5p": 95 * GiB,
-    "tpu-v6e": 32 * GiB,
-}
-DEVICE_KINDS = (*HBM_BYTES, "cpu")
-# --device name -> key of sftjax.train.flops.PEAK_FLOPS
-_PEAK_KEYS = {"h100": "h100", "a100": "a100", "h200": "h200", "tpu-v4": "tpu v4", "tpu-v5e": "tpu v5e",
-              "tpu-v5p": "tpu v5p", "tpu-v6e": "tpu v6e"}
-# substrings of jax's device_kind -> --device name (longest first wins)
-_KIND_NAMES = {"h100": "h100", "h200": "h200", "a100": "a100", "tpu v4": "tpu-v4", "tpu v5 lite": "tpu-v5e",
-               "tpu v5e": "tpu-v5e", "tpu v5p": "tpu-v5p", "tpu v5": "tpu-v5p", "tpu v6": "tpu-v6e"}
+# --device names: the chips of sftjax.accelerators (also spelled tpu-v5p etc.), and cpu
+DEVICE_KINDS = (*accelerators.CHIPS, *(f"tpu-{c.name}" for c in accelerators.CHIPS.values() if c.platform == "tpu"),
+                "cpu")
 JAX_GPU_MEMORY_FRACTION = 0.75  # jax preallocates this share of GPU memory unless told otherwise
 CE_BLOCK_T, CE_BLOCK_V = 256, 4096
 
@@ -185,7 +170,7 @@ class Plan:
             lines.append("steps: depend on the dataset size (train.epochs); run time not estimated")
         elif self.run_time_s is not None:
             lines.append(f"run: {self.steps:,} steps, about {_duration(self.run_time_s)}")
-        if self.compiled:
+        if self.compiled and "backend" in self.compiled:
             where = f"{self.compiled['backend']}, {self.compiled['devices']} devices, per device"
             lines += ["", f"XLA memory analysis of the compiled train step ({where}):"]
             for key, value in self.compiled.items():
@@ -239,13 +224,13 @@ def device_spec(kind: str | None, devices: int) -> DeviceSpec:
         if device.platform == "cpu":
             kind = "cpu"
         else:
-            text = device.device_kind.lower()
-            kind = next((_KIND_NAMES[k] for k in sorted(_KIND_NAMES, key=len, reverse=True) if k in text), None)
-            if kind is None:  # an accelerator the tables do not know: ask the runtime
+            chip = accelerators.chip_for_device_kind(device.device_kind)
+            if chip is None:  # an accelerator the table does not know: ask the runtime
                 stats = device.memory_stats() or {}
                 fraction, note = (1.0, "") if device.platform != "gpu" else _gpu_usable_fraction()
                 return DeviceSpec(device.device_kind, int(stats.get("bytes_limit", 0)) or 1, fraction,
                                   device_peak_flops(device), note)
+            kind = chip.name
     if kind not in DEVICE_KINDS:
         raise ConfigError(f"--device {kind!r} is not known; choose one of {', '.join(DEVICE_KINDS)}")
     if kind == "cpu":
@@ -253,8 +238,10 @@ def device_spec(kind: str | None, devices: int) -> DeviceSpec:
         peak = calibrated_cpu_flops() / max(devices, 1) if jax.default_backend() == "cpu" else None
         return DeviceSpec("cpu", _host_memory_bytes() // max(devices, 1), 1.0, peak,
                           "CPU devices share the host's RAM and cores; FLOP/s calibrated on this CPU (cached)")
-    fraction, note = _gpu_usable_fraction() if not kind.startswith("tpu") else (1.0, "")
-    return DeviceSpec(kind, HBM_BYTES[kind], fraction, PEAK_FLOPS[_PEAK_KEYS[kind]], note)
+    chip = accelerators.CHIPS[kind.removeprefix("tpu-")]
+    fraction, note = _gpu_usable_fraction() if chip.platform == "gpu" else (1.0, "")
+    name = chip.name if chip.platform == "gpu" else f"tpu-{chip.name}"
+    return DeviceSpec(name, chip.hbm_bytes, fraction, chip.peak_bf16_flops, note)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -494,84 +481,3 @@ def plan(config: Config, *, devices: int | None = None, device_kind: str | None 
                 memory=memory, host_bytes=host_bytes, tokens_per_device_micro=tokens_device,
                 tokens_per_step=tokens_per_step, flops_per_token=flops_per_token, mfu=mfu, step_time_s=step_time,
                 steps=steps, run_time_s=run_time, notes=notes)
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-def _add_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--devices", type=int, default=None,
-                        help="number of devices (default: this machine's, or the config's fixed mesh size)")
-    parser.add_argument("--device", choices=DEVICE_KINDS, default=None, help="device kind (default: this machine's)")
-    parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization (default 0.4)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: data.max_length)")
-    parser.add_argument("--compile", action="store_true",
-                        help="also compile the real train step on this machine's devices and report XLA's memory "
-                             "analysis (slow for big models)")
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML run config (see configs/)")
-    # REMAINDER, so that options may follow the overrides; run() separates them again
-    parser.add_argument("overrides", nargs=argparse.REMAINDER,
-                        help="overrides, as for `sftjax train` (e.g. train.mesh.fsdp=4), and options in any order")
-    _add_options(parser)
-
-
-def _split_overrides(args: argparse.Namespace) -> argparse.Namespace:
-    """Options that came after the config (inside ``overrides``) parsed and merged into ``args``."""
-    overrides, options = [], []
-    takes_value = False
-    for item in args.overrides or []:
-        if takes_value or item.startswith("-"):
-            options.append(item)
-            takes_value = not takes_value and item in _VALUE_OPTIONS
-        else:
-            overrides.append(item)
-    parser = argparse.ArgumentParser(prog="sftjax plan", add_help=False)
-    _add_options(parser)
-    try:
-        parsed = parser.parse_args(options)
-    except SystemExit:
-        raise ConfigError(f"plan: cannot parse the options {' '.join(options)} (see sftjax plan --help)") from None
-    merged = vars(args) | {k: v for k, v in vars(parsed).items() if v != parser.get_default(k)}
-    merged["overrides"] = overrides
-    return argparse.Namespace(**merged)
-
-
-_VALUE_OPTIONS = ("--devices", "--device", "--mfu", "--seq-len")
-
-
-def run(args: argparse.Namespace) -> int:
-    args = _split_overrides(args)
-    cfg = load_config(args.config, overrides=args.overrides)
-    result = plan(cfg, devices=args.devices, device_kind=args.device, mfu=args.mfu, seq_len=args.seq_len)
-    if args.compile:
-        result.compiled = compile_memory(cfg, seq_len=args.seq_len)
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
-    return 0
-
-
-# ------------------------------------------------------------------------------------------------ --compile
-
-def compile_memory(config: Config, *, seq_len: int | None = None) -> dict:
-    """Lower and compile the real train step for this backend's devices from abstract inputs (no weights, no
-    data) and return XLA's ``memory_analysis()`` per device."""
-    cfg = config
-    mesh_sizes = cfg.check_devices(jax.device_count())
-    check_backend(cfg)
-    program = build_program(cfg, mesh=make_mesh(**mesh_sizes), total_steps=cfg.train.steps or 1000, abstract=True,
-                            vocab_size=_vocab_size_from_tokenizer(cfg))
-    compiled = program.lower(_max_length(cfg, seq_len)).compile()
-    analysis = compiled.memory_analysis()
-    if analysis is None:
-        raise ConfigError(f"--compile: the {jax.default_backend()} backend gives no memory analysis")
-    out = {"backend": jax.default_backend(), "devices": jax.device_count(), "mesh": mesh_sizes}
-    for field in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-                  "generated_code_size_in_bytes", "host_temp_size_in_bytes"):
-        value = getattr(analysis, field, None)
-        if value is not None:
-            out[field.replace("_size_in_bytes", "_bytes")] = int(value)
-    out["peak_estimate_bytes"] = (out.get("argument_bytes", 0) + out.get("output_bytes", 0)
-                                  - out.get("alias_bytes", 0) + out.get("temp_bytes", 0))
-    return out
