@@ -19,9 +19,11 @@ from sftjax.peft import adapter_io
 from sftjax.config import LoraSection
 from sftjax.errors import CheckpointError
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+from tests.conftest import require  # noqa: E402
+
+torch = require("torch")
+transformers = require("transformers")
+peft = require("peft")
 
 VOCAB, LENGTH = 128, 16
 TOKENS = np.array([[1, 5, 9, 33, 2, 77, 100, 3, 4, 8, 15, 16, 23, 42, 99, 127],

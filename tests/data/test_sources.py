@@ -9,6 +9,7 @@ import pytest
 from sftjax.config import SourceConfig
 from sftjax.data.sources import iter_rows
 from sftjax.errors import DataError
+from tests.conftest import require
 
 
 def _rows(path, **kwargs):
@@ -52,7 +53,7 @@ def test_json_wrapper_parquet_csv_and_saved_dataset(tmp_path):
                                     {"prompt": "p2", "completion": "c2"}]
     assert rows[2][0].endswith("d.csv:5")  # physical line of the row's end
 
-    import datasets
+    datasets = require("datasets")
     datasets.Dataset.from_list(data).save_to_disk(str(tmp_path / "ds"))
     assert [r for _, r in _rows(tmp_path / "ds")] == data
     datasets.DatasetDict({"train": datasets.Dataset.from_list(data),

@@ -16,6 +16,7 @@ from sftjax.errors import ConfigError
 from sftjax.infer import generate as gen
 from sftjax.models.config import SLIDING_ATTENTION, FULL_ATTENTION, ModelConfig
 from sftjax.models.decoder import Decoder
+from tests.conftest import require
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=8, max_position_embeddings=128, rms_norm_eps=1e-5)
@@ -201,7 +202,7 @@ def test_smollm2_answers_paris(smollm2, smollm2_tokenizer):
 
 
 def test_smollm2_greedy_matches_transformers_generate(smollm2, smollm2_tokenizer, smollm2_gguf):
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sftjax.models.gguf_read import read_gguf_checkpoint

@@ -11,8 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
-torch = pytest.importorskip("torch")
+from tests.conftest import require  # noqa: E402
+
+gguf = require("gguf")
+torch = require("torch")
 
 from sftjax.errors import CheckpointError  # noqa: E402
 from sftjax.models import gguf_read, gguf_write  # noqa: E402

@@ -7,8 +7,10 @@ import math
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+from tests.conftest import require  # noqa: E402
+
+torch = require("torch")
+peft = require("peft")
 
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402

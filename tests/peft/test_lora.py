@@ -17,8 +17,10 @@ from sftjax.peft.lora import apply_lora, linear_modules, merge_lora, select_targ
 from tests.train.test_step import (adamw, build_step, make_examples, our_model_from_torch, pack_rows,  # noqa: E402
                        tiny_model_config, torch_llama, torch_loss, assert_close_relative)
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+from tests.conftest import require  # noqa: E402
+
+torch = require("torch")
+peft = require("peft")
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

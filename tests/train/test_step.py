@@ -17,8 +17,10 @@ from sftjax.peft.lora import split_model
 from sftjax.train.optim import make_optimizer
 from sftjax.train.step import LossOptions, TrainState, make_eval_step, make_train_step
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.conftest import require  # noqa: E402
+
+torch = require("torch")
+transformers = require("transformers")
 
 VOCAB, LENGTH = 128, 32
 
