@@ -16,6 +16,7 @@ from flax import nnx  # noqa: E402
 
 from pallas_kernels.cross_entropy.api import fused_linear_cross_entropy  # noqa: E402
 from sftjax.models.loading import load_model, save_model  # noqa: E402
+from tests.oracle import assert_close  # noqa: E402
 
 VOCAB = 128
 LENGTH = 24  # longer than every sliding window and every "original" rope length below
@@ -130,7 +131,7 @@ def test_logits_match_transformers(family_case):
     tokens, _, _ = _batch()
     ours, ref = _ours_logits(model, tokens), _hf_logits(hf_model, tokens)
     assert ours.shape == ref.shape == (2, LENGTH, VOCAB)
-    assert np.abs(ours - ref).max() <= 1e-4
+    assert_close(ours, ref, 1e-5, what="logits")
 
 
 def test_loss_and_gradients_match_transformers(family_case):
@@ -157,7 +158,7 @@ def test_loss_and_gradients_match_transformers(family_case):
     ref_loss = (token_losses * mask_t).sum() / mask_t.sum()
     ref_loss.backward()
     ref_loss_value = float(ref_loss.detach())
-    assert abs(float(loss) - ref_loss_value) <= 1e-5 * max(1.0, abs(ref_loss_value))
+    assert_close(float(loss), ref_loss_value, 1e-5, what="loss")
 
     hf_params = dict(hf_model.named_parameters())
     for hf_name, our_path, rows in _grad_pairs(case):
@@ -168,8 +169,7 @@ def test_loss_and_gradients_match_transformers(family_case):
         if our_path.endswith("kernel"):
             ours = ours.T
         assert ours.shape == ref.shape, hf_name
-        relative = np.abs(ours - ref).max() / np.abs(ref).max()
-        assert relative <= 1e-4, f"{hf_name}: relative gradient error {relative:.2e}"
+        assert_close(ours, ref, 2e-5, what=f"{hf_name} gradient")
 
 
 def test_packed_row_matches_examples_run_alone(family_case):
@@ -199,8 +199,8 @@ def test_packed_row_matches_examples_run_alone(family_case):
         alone_segments = (np.arange(row_length) < n).astype(np.int32)[None]
         alone = _ours_logits(model, alone_tokens, alone_positions, alone_segments)[0, :n]
         reference = _hf_logits(hf_model, example[None])[0]
-        assert np.abs(packed[start:start + n] - alone).max() <= 1e-5
-        assert np.abs(alone - reference).max() <= 1e-4
+        assert_close(packed[start:start + n], alone, 1e-6, what="packed logits vs alone")
+        assert_close(alone, reference, 1e-5, what="logits alone vs transformers")
         start += n
 
 
@@ -210,5 +210,5 @@ def test_round_trip_through_transformers(family_case, tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
     assert type(reloaded) is type(hf_model)
     tokens, _, _ = _batch(seed=3)
-    assert np.abs(_hf_logits(reloaded, tokens) - _hf_logits(hf_model, tokens)).max() <= 1e-5
+    assert_close(_hf_logits(reloaded, tokens), _hf_logits(hf_model, tokens), 1e-6, what="reloaded logits")
     assert (out / "generation_config.json").is_file()

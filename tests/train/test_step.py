@@ -17,7 +17,8 @@ from sftjax.peft.lora import split_model
 from sftjax.train.optim import make_optimizer
 from sftjax.train.step import LossOptions, TrainState, make_eval_step, make_train_step
 
-from tests.conftest import require  # noqa: E402
+from tests.conftest import require
+from tests.oracle import assert_close
 
 torch = require("torch")
 transformers = require("transformers")
@@ -182,10 +183,10 @@ def test_full_finetune_gradient_and_adamw_match_torch(setup):
         path = ("layers", layer_index, group, name, "kernel")
         grad = kernel_of(state.params, path) - kernel_of(new_state.params, path)
         torch_module = getattr(getattr(hf.model.layers[layer_index], "self_attn" if group == "attn" else "mlp"), name)
-        np.testing.assert_allclose(grad, torch_module.weight.grad.numpy().T, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(kernel_of(state.params, ("embed_tokens", "embedding"))
-                               - kernel_of(new_state.params, ("embed_tokens", "embedding")),
-                               hf.model.embed_tokens.weight.grad.numpy(), rtol=1e-4, atol=1e-6)
+        assert_close(grad, torch_module.weight.grad.numpy().T, 1e-5, what=f"{name} gradient")
+    assert_close(kernel_of(state.params, ("embed_tokens", "embedding"))
+                 - kernel_of(new_state.params, ("embed_tokens", "embedding")),
+                 hf.model.embed_tokens.weight.grad.numpy(), 1e-5, what="embedding gradient")
 
     # two AdamW steps (the second one sees non-trivial moments)
     model = our_model_from_torch(config, hf)
@@ -235,10 +236,9 @@ def test_normalization_invariant_to_micro_batching_and_packing(setup):
         results[name] = (float(metrics["loss"]), jax.tree.leaves(delta))
     ref_loss, ref_delta = results["unpacked 1x8"]
     for name, (loss, delta) in results.items():
-        np.testing.assert_allclose(loss, ref_loss, rtol=1e-6, err_msg=name)
+        assert_close(loss, ref_loss, 1e-6, what=f"{name} loss")
         for a, b in zip(delta, ref_delta):
-            # the deltas are differences of O(1) weights: allow a few ulps of 1.0 besides the relative bound
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=3e-7, err_msg=name)
+            assert_close(a, b, 1e-5, what=f"{name} update")
 
 
 def test_step_compiles_once_and_eval_step(setup):
@@ -321,7 +321,7 @@ def test_sharded_step_matches_single_device(setup):
     assert len(metrics["loss"].sharding.device_set) == 8
     np.testing.assert_allclose(float(metrics["loss"]), float(single_metrics["loss"]), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(sharded_state.params), jax.tree.leaves(single_state.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        assert_close(np.asarray(a), np.asarray(b), 1e-6, what="parameters")
 
 
 def _shard_like_fsdp(mesh):
