@@ -22,8 +22,11 @@ def test_real_jsonl_and_json(assets_dir):
     assert len(rows) == 1319 and rows[0][0] == f"{gsm}:1" and set(rows[0][1]) == {"question", "answer"}
     with open(gsm) as f:
         assert rows[41][1] == json.loads(f.readlines()[41])
-    alpaca = _rows(assets_dir / "datasets" / "instruction" / "alpaca_en_demo.json")
-    assert len(alpaca) == 999 and rows[0][0].endswith(":1")
+    alpaca_path = assets_dir / "datasets" / "instruction" / "alpaca_en_demo.json"
+    alpaca = _rows(alpaca_path)
+    assert len(alpaca) == 999 and alpaca[0][0] == f"{alpaca_path}:1" and alpaca[998][0] == f"{alpaca_path}:999"
+    with open(alpaca_path) as f:
+        assert [row for _, row in alpaca] == json.load(f)
     # a single top-level object is one row (the ShareGPT fixture)
     one = _rows(assets_dir / "datasets" / "chat" / "sharegpt_conversation.json")
     assert len(one) == 1 and "conversations" in one[0][1]
