@@ -204,6 +204,35 @@ def test_packed_row_matches_examples_run_alone(family_case):
         start += n
 
 
+def _packed_row(examples, row_length):
+    tokens, positions, segments = (np.zeros((1, row_length), np.int32) for _ in range(3))
+    start = 0
+    for segment, example in enumerate(examples, start=1):
+        tokens[0, start:start + len(example)] = example
+        positions[0, start:start + len(example)] = np.arange(len(example))
+        segments[0, start:start + len(example)] = segment
+        start += len(example)
+    return tokens, positions, segments
+
+
+def test_packed_long_and_short_examples_match_transformers_alone(family_case):
+    """A row packing one example longer than the original RoPE length (16 for dynamic NTK and longrope) with two
+    shorter ones: each example's logits equal transformers' for that example run alone on a freshly loaded
+    model (transformers scales dynamic/longrope frequencies by the longest sequence of a forward, and dynamic NTK
+    keeps the longest length it has seen; a fresh model running one example is the reference)."""
+    _, _, model, _, directory = family_case
+    rng = np.random.default_rng(5)
+    examples = [rng.integers(3, VOCAB, size=n).astype(np.int32) for n in (20, 7, 12)]
+    packed = _ours_logits(model, *_packed_row(examples, 48))[0]
+    start = 0
+    for example in examples:
+        fresh = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+        reference = _hf_logits(fresh, example[None])[0]
+        assert_close(packed[start:start + len(example)], reference, 1e-5,
+                     what=f"logits of the {len(example)}-token example in the packed row")
+        start += len(example)
+
+
 def test_round_trip_through_transformers(family_case, tmp_path):
     _, hf_model, model, config, _ = family_case
     out = save_model(model, config, tmp_path / "saved")
