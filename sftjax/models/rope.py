@@ -3,20 +3,27 @@
 Frequencies follow transformers 5 exactly (default, linear, dynamic NTK, llama3, longrope); the rotation uses
 the "rotate half" layout of HF checkpoints, on the first ``rotary_dim`` features of each head.
 
-Dynamic NTK scaling is stateless here: the frequencies are computed from ``seq_len = max(positions) + 1`` of the
-batch, clamped below at ``max_position_embeddings`` (so up to the original length they equal the unscaled ones).
-transformers does the same per forward, except that it caches the largest length seen and keeps using it until
-the length drops back below the original maximum; on a fresh model (every training-style forward) both agree.
-Longrope likewise picks the long factors when ``max(positions) + 1`` exceeds the original maximum. In a packed
-batch ``positions`` restart per segment, so the length that counts is the longest segment of the batch (what
-transformers computes from the same position ids); an example packed beside a longer one may therefore get the
-scaled frequencies that it would not get alone. Only dynamic and longrope behave so; every other type is exact.
+Two types have frequencies that depend on the length of the sequence being run:
+* dynamic NTK raises the RoPE base once the sequence is longer than ``max_position_embeddings``:
+  ``base * (factor * seq_len / max_position_embeddings - (factor - 1)) ** (dim / (dim - 2))``;
+* longrope (Phi-3) divides the frequencies by ``long_factor`` instead of ``short_factor`` once the sequence is
+  longer than ``original_max_position_embeddings``.
+transformers takes ``seq_len = max(position_ids) + 1`` over the whole batch of each forward (and for dynamic NTK
+keeps the largest length seen in the module until a forward shorter than the original maximum resets it). So a
+short example packed beside a long one, or run in the same batch, would get the long one's frequencies.
+
+Here the length is each sequence's own: with ``segment_ids`` it is the length of the token's segment (its largest
+position + 1), without them the length of the row. Every packed example is therefore rotated exactly as
+transformers rotates it when it runs alone on a fresh model, which keeps "a packed row gives the logits of its
+examples run one by one" true for these types too. In decoding (a KV cache, no segments) a row's length is its
+largest position + 1 in the current call, what transformers computes for a batch of one.
 """
 
 from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -58,23 +65,40 @@ def longrope_attention_factor(config: ModelConfig) -> float:
     return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
-def rope_cos_sin(config: ModelConfig, positions_BL):
-    """cos, sin of shape [B, L, rotary_dim] in float32 for the given integer positions."""
+def sequence_lengths(positions_BL, segment_ids_BL=None):
+    """[B, L] int32: the length of the sequence each token belongs to, its segment's largest position + 1 (the
+    row's when ``segment_ids_BL`` is None). Padding (segment 0) gets the length of the padding, which nothing
+    reads."""
+    if segment_ids_BL is None:
+        return jnp.broadcast_to(jnp.max(positions_BL, axis=-1, keepdims=True) + 1, positions_BL.shape)
+    num_segments = positions_BL.shape[-1] + 1  # segment ids are 0 (padding) .. at most L
+
+    def per_row(positions_L, segments_L):
+        largest = jax.ops.segment_max(positions_L, segments_L, num_segments=num_segments)
+        return largest[segments_L]
+
+    return jax.vmap(per_row)(positions_BL.astype(jnp.int32), segment_ids_BL.astype(jnp.int32)) + 1
+
+
+def rope_cos_sin(config: ModelConfig, positions_BL, segment_ids_BL=None):
+    """cos, sin of shape [B, L, rotary_dim] in float32 for the given integer positions; dynamic and longrope
+    frequencies follow each token's own sequence (see the module docstring)."""
     dim = config.rotary_dim
     positions = positions_BL.astype(jnp.float32)
     scaling = 1.0
     if config.rope_type == "dynamic":
-        seq_len = jnp.maximum(jnp.max(positions_BL) + 1, config.max_position_embeddings).astype(jnp.float32)
+        seq_len_BL = jnp.maximum(sequence_lengths(positions_BL, segment_ids_BL),
+                                 config.max_position_embeddings).astype(jnp.float32)
         factor = config.rope_factor
-        base = config.rope_theta * ((factor * seq_len / config.max_position_embeddings) - (factor - 1)) ** (
+        base_BL = config.rope_theta * ((factor * seq_len_BL / config.max_position_embeddings) - (factor - 1)) ** (
             dim / (dim - 2))
-        inv_freq = 1.0 / (base ** jnp.asarray(_base_exponents(dim)))
+        inv_freq = 1.0 / (base_BL[..., None] ** jnp.asarray(_base_exponents(dim)))  # [B, L, R/2]
     elif config.rope_type == "longrope":
         original = config.rope_original_max_position_embeddings or config.max_position_embeddings
         short = 1.0 / (np.asarray(config.rope_short_factor, np.float32) * config.rope_theta ** _base_exponents(dim))
         long = 1.0 / (np.asarray(config.rope_long_factor, np.float32) * config.rope_theta ** _base_exponents(dim))
-        use_long = jnp.max(positions_BL) + 1 > original
-        inv_freq = jnp.where(use_long, jnp.asarray(long, jnp.float32), jnp.asarray(short, jnp.float32))
+        use_long_BL = sequence_lengths(positions_BL, segment_ids_BL) > original
+        inv_freq = jnp.where(use_long_BL[..., None], jnp.asarray(long, jnp.float32), jnp.asarray(short, jnp.float32))
         scaling = longrope_attention_factor(config)
     else:
         inv_freq = jnp.asarray(static_inverse_frequencies(config))

@@ -65,8 +65,12 @@ def make_optimizer(cfg: OptimSection, total_steps: int) -> tuple[optax.GradientT
         tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                          mask=lambda p: decay_mask(p, cfg.no_decay))
     elif cfg.name == "adafactor":
-        tx = optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay or None,
-                             weight_decay_mask=lambda p: decay_mask(p, cfg.no_decay))
+        # optax.adafactor adds weight_decay_rate * param after its learning-rate scaling (param *= 1 - wd per
+        # step); decay here is decoupled and scaled by the learning rate, as for adamw and torch's Adafactor
+        # (param *= 1 - lr * wd): the schedule multiplies the whole update, decay term included.
+        tx = optax.chain(optax.adafactor(None, weight_decay_rate=cfg.weight_decay or None,
+                                         weight_decay_mask=lambda p: decay_mask(p, cfg.no_decay)),
+                         optax.scale_by_learning_rate(schedule, flip_sign=False))
     else:
         tx = optax.sgd(schedule, momentum=cfg.momentum or None)
         if cfg.weight_decay:

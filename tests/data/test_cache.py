@@ -11,6 +11,7 @@ import pytest
 from sftjax.data.cache import tokenize_source
 from sftjax.config import SourceConfig
 from sftjax.errors import DataError
+from tests.conftest import require
 
 CALLS = {"count": 0}
 
@@ -26,7 +27,7 @@ def counting_encode(row, tokenizer, *, location=None, chat_template=None, **_):
 
 @pytest.fixture(scope="module")
 def tokenizer(assets_dir):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(assets_dir / "tokenizers" / "smollm2"))
 
 
@@ -72,7 +73,7 @@ def test_cache_invalidates_on_template_file_and_settings(source_file, tokenizer,
 
 
 def test_cache_invalidates_on_tokenizer(source_file, tokenizer, assets_dir, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     gpt2_file = assets_dir / "tokenizers" / "gpt2" / "tokenizer.json"
     gpt2 = transformers.PreTrainedTokenizerFast(tokenizer_file=str(gpt2_file))
     gpt2.chat_template = tokenizer.chat_template

@@ -18,6 +18,7 @@ from sftjax.data.packing import (
     plan_rows,
 )
 from sftjax.errors import DataError
+from tests.conftest import require
 
 
 def random_examples(rng, n, max_len, vocab=500):
@@ -186,7 +187,7 @@ def test_tokenized_examples_round_trip_and_select():
 
 @pytest.fixture(scope="module")
 def gsm8k_encoded(assets_dir):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(assets_dir / "tokenizers" / "smollm2"))
     rows = [json.loads(line) for line in open(assets_dir / "datasets" / "gsm8k" / "train.jsonl")]
     from sftjax.data.chat import encode_example

@@ -12,6 +12,7 @@ import pytest
 from sftjax.config import DataConfig
 from sftjax.data.pipeline import build_datasets, mix_indices
 from sftjax.errors import ConfigError, DataError
+from tests.conftest import require
 
 MAX_LENGTH = 48
 
@@ -223,7 +224,7 @@ def test_mix_indices_is_seeded():
 
 
 def test_real_gsm8k_subset_with_chat_template(assets_dir, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(assets_dir / "tokenizers" / "smollm2"))
     lines = open(assets_dir / "datasets" / "gsm8k" / "train.jsonl").readlines()[:64]
     (tmp_path / "gsm8k.jsonl").write_text("".join(lines))

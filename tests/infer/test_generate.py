@@ -16,6 +16,8 @@ from sftjax.errors import ConfigError
 from sftjax.infer import generate as gen
 from sftjax.models.config import SLIDING_ATTENTION, FULL_ATTENTION, ModelConfig
 from sftjax.models.decoder import Decoder
+from tests.conftest import require
+from tests.oracle import assert_close
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=8, max_position_embeddings=128, rms_norm_eps=1e-5)
@@ -54,7 +56,7 @@ def test_cached_forward_matches_full_forward(name):
     for position in range(5, 12):
         hidden, cache = decode(model, tokens[None, position:position + 1], jnp.full((1, 1), position, jnp.int32), cache)
         logits.append(gen.head_logits(model, hidden[0, 0]))
-    np.testing.assert_allclose(np.stack(logits), np.asarray(reference), atol=2e-5, rtol=1e-5)
+    assert_close(np.stack(logits), np.asarray(reference), 1e-5, what="cached logits")
 
 
 @pytest.mark.parametrize("name", ["gemma2_like", "llama_gqa_tied"])
@@ -80,7 +82,7 @@ def test_batched_decode_rows_at_their_own_positions(name):
             got[row].append(np.asarray(gen.head_logits(model, hidden[row, 0])))
             positions[row] += 1
     for row in range(2):
-        np.testing.assert_allclose(np.stack(got[row]), references[row][:len(got[row])], atol=2e-5, rtol=1e-5)
+        assert_close(np.stack(got[row]), references[row][:len(got[row])], 1e-5, what=f"row {row} logits")
 
 
 @pytest.mark.parametrize("name", ["gemma2_like", "llama_gqa_tied"])
@@ -201,7 +203,7 @@ def test_smollm2_answers_paris(smollm2, smollm2_tokenizer):
 
 
 def test_smollm2_greedy_matches_transformers_generate(smollm2, smollm2_tokenizer, smollm2_gguf):
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sftjax.models.gguf_read import read_gguf_checkpoint

@@ -7,6 +7,7 @@ Pallas kernels run in interpret mode on tiny shapes.
 from __future__ import annotations
 
 import functools
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -95,7 +96,7 @@ IMPLEMENTATIONS = {
 @pytest.mark.parametrize("name", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("num_kv_heads, options", CASES)
 def test_float32_matches_reference(name, num_kv_heads, options):
-    check_against_reference(IMPLEMENTATIONS[name], seed=hash(name) % 1000 + num_kv_heads,
+    check_against_reference(IMPLEMENTATIONS[name], seed=zlib.crc32(name.encode()) % 1000 + num_kv_heads,
                             num_kv_heads=num_kv_heads, dtype=jnp.float32, tolerance=1e-5, **options)
 
 

@@ -12,6 +12,7 @@ from flax import nnx  # noqa: E402
 
 from sftjax.models.config import ModelConfig  # noqa: E402
 from sftjax.models.decoder import Decoder  # noqa: E402
+from tests.oracle import assert_close  # noqa: E402
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                      head_dim=8, max_position_embeddings=64, sliding_window=6,
@@ -36,7 +37,7 @@ def test_remat_gives_identical_loss_and_gradients(policy, plain_loss_and_grads):
     loss_b, grads_b = nnx.jit(nnx.value_and_grad(_loss))(remat)
     assert float(loss_a) == pytest.approx(float(loss_b), rel=1e-6)
     for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+        assert_close(np.asarray(b), np.asarray(a), 1e-5, what="gradient")
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -78,7 +79,7 @@ def test_logits_are_head_of_hidden_states_and_default_positions():
     assert model.head_weight().shape == (32, 64)
     logits = model(TOKENS, positions_BL=positions, segment_ids_BL=segments)
     assert logits.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(hidden @ model.head_weight()), atol=1e-5)
+    assert_close(np.asarray(logits), np.asarray(hidden @ model.head_weight()), 1e-6, what="logits")
     np.testing.assert_allclose(np.asarray(model(TOKENS)), np.asarray(logits), atol=0)  # defaults: one segment
 
 
@@ -96,7 +97,7 @@ def test_tokens_of_another_segment_do_not_change_logits():
     changed = tokens.at[0, :5].set((tokens[0, :5] + 1) % 64)
     a = model(tokens, positions_BL=positions, segment_ids_BL=segments)
     b = model(changed, positions_BL=positions, segment_ids_BL=segments)
-    np.testing.assert_allclose(np.asarray(a[0, 5:]), np.asarray(b[0, 5:]), atol=1e-6)
+    assert_close(np.asarray(b[0, 5:]), np.asarray(a[0, 5:]), 1e-6, what="logits of the other segment")
     assert np.abs(np.asarray(a[0, :5] - b[0, :5])).max() > 1e-4
 
 

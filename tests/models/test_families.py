@@ -6,14 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.conftest import require  # noqa: E402
+
+torch = require("torch")
+transformers = require("transformers")
 
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from pallas_kernels.cross_entropy.api import fused_linear_cross_entropy  # noqa: E402
 from sftjax.models.loading import load_model, save_model  # noqa: E402
+from tests.oracle import assert_close  # noqa: E402
 
 VOCAB = 128
 LENGTH = 24  # longer than every sliding window and every "original" rope length below
@@ -128,7 +131,7 @@ def test_logits_match_transformers(family_case):
     tokens, _, _ = _batch()
     ours, ref = _ours_logits(model, tokens), _hf_logits(hf_model, tokens)
     assert ours.shape == ref.shape == (2, LENGTH, VOCAB)
-    assert np.abs(ours - ref).max() <= 1e-4
+    assert_close(ours, ref, 1e-5, what="logits")
 
 
 def test_loss_and_gradients_match_transformers(family_case):
@@ -155,7 +158,7 @@ def test_loss_and_gradients_match_transformers(family_case):
     ref_loss = (token_losses * mask_t).sum() / mask_t.sum()
     ref_loss.backward()
     ref_loss_value = float(ref_loss.detach())
-    assert abs(float(loss) - ref_loss_value) <= 1e-5 * max(1.0, abs(ref_loss_value))
+    assert_close(float(loss), ref_loss_value, 1e-5, what="loss")
 
     hf_params = dict(hf_model.named_parameters())
     for hf_name, our_path, rows in _grad_pairs(case):
@@ -166,8 +169,7 @@ def test_loss_and_gradients_match_transformers(family_case):
         if our_path.endswith("kernel"):
             ours = ours.T
         assert ours.shape == ref.shape, hf_name
-        relative = np.abs(ours - ref).max() / np.abs(ref).max()
-        assert relative <= 1e-4, f"{hf_name}: relative gradient error {relative:.2e}"
+        assert_close(ours, ref, 2e-5, what=f"{hf_name} gradient")
 
 
 def test_packed_row_matches_examples_run_alone(family_case):
@@ -197,9 +199,38 @@ def test_packed_row_matches_examples_run_alone(family_case):
         alone_segments = (np.arange(row_length) < n).astype(np.int32)[None]
         alone = _ours_logits(model, alone_tokens, alone_positions, alone_segments)[0, :n]
         reference = _hf_logits(hf_model, example[None])[0]
-        assert np.abs(packed[start:start + n] - alone).max() <= 1e-5
-        assert np.abs(alone - reference).max() <= 1e-4
+        assert_close(packed[start:start + n], alone, 1e-6, what="packed logits vs alone")
+        assert_close(alone, reference, 1e-5, what="logits alone vs transformers")
         start += n
+
+
+def _packed_row(examples, row_length):
+    tokens, positions, segments = (np.zeros((1, row_length), np.int32) for _ in range(3))
+    start = 0
+    for segment, example in enumerate(examples, start=1):
+        tokens[0, start:start + len(example)] = example
+        positions[0, start:start + len(example)] = np.arange(len(example))
+        segments[0, start:start + len(example)] = segment
+        start += len(example)
+    return tokens, positions, segments
+
+
+def test_packed_long_and_short_examples_match_transformers_alone(family_case):
+    """A row packing one example longer than the original RoPE length (16 for dynamic NTK and longrope) with two
+    shorter ones: each example's logits equal transformers' for that example run alone on a freshly loaded
+    model (transformers scales dynamic/longrope frequencies by the longest sequence of a forward, and dynamic NTK
+    keeps the longest length it has seen; a fresh model running one example is the reference)."""
+    _, _, model, _, directory = family_case
+    rng = np.random.default_rng(5)
+    examples = [rng.integers(3, VOCAB, size=n).astype(np.int32) for n in (20, 7, 12)]
+    packed = _ours_logits(model, *_packed_row(examples, 48))[0]
+    start = 0
+    for example in examples:
+        fresh = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+        reference = _hf_logits(fresh, example[None])[0]
+        assert_close(packed[start:start + len(example)], reference, 1e-5,
+                     what=f"logits of the {len(example)}-token example in the packed row")
+        start += len(example)
 
 
 def test_round_trip_through_transformers(family_case, tmp_path):
@@ -208,5 +239,5 @@ def test_round_trip_through_transformers(family_case, tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
     assert type(reloaded) is type(hf_model)
     tokens, _, _ = _batch(seed=3)
-    assert np.abs(_hf_logits(reloaded, tokens) - _hf_logits(hf_model, tokens)).max() <= 1e-5
+    assert_close(_hf_logits(reloaded, tokens), _hf_logits(hf_model, tokens), 1e-6, what="reloaded logits")
     assert (out / "generation_config.json").is_file()

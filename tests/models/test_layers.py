@@ -7,13 +7,16 @@ import math
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+from tests.conftest import require  # noqa: E402
+
+torch = require("torch")
+peft = require("peft")
 
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sftjax.models.layers import Embed, Linear, RMSNorm  # noqa: E402
+from tests.oracle import assert_close  # noqa: E402
 
 
 def test_linear_matches_torch_layout_and_carries_logical_axes():
@@ -27,8 +30,8 @@ def test_linear_matches_torch_layout_and_carries_logical_axes():
         torch_linear.bias.copy_(torch.randn(4))
     layer.bias.set_value(jnp.asarray(torch_linear.bias.detach().numpy()))
     x = np.random.default_rng(0).normal(size=(3, 6)).astype(np.float32)
-    np.testing.assert_allclose(np.asarray(layer(jnp.asarray(x))), torch_linear(torch.tensor(x)).detach().numpy(),
-                               atol=1e-6)
+    assert_close(np.asarray(layer(jnp.asarray(x))), torch_linear(torch.tensor(x)).detach().numpy(), 1e-6,
+                 what="outputs")
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -59,9 +62,9 @@ def test_lora_matches_peft(rslora):
         peft_model.base_model.model.proj.lora_B["default"].weight.copy_(torch.tensor(b.T))
     x = np.random.default_rng(3).normal(size=(5, 12)).astype(np.float32)
     expected = peft_model.base_model.model.proj(torch.tensor(x)).detach().numpy()
-    np.testing.assert_allclose(np.asarray(layer(jnp.asarray(x))), expected, atol=1e-5)
+    assert_close(np.asarray(layer(jnp.asarray(x))), expected, 1e-6, what="outputs")
     merged = peft_model.merge_and_unload().proj.weight.detach().numpy().T
-    np.testing.assert_allclose(np.asarray(layer.merged_kernel()), merged, atol=1e-6)
+    assert_close(np.asarray(layer.merged_kernel()), merged, 1e-6, what="merged kernel")
 
 
 def test_lora_dropout_only_when_not_deterministic():
@@ -85,8 +88,7 @@ def test_rms_norm_matches_transformers(plus_one):
     with torch.no_grad():
         reference.weight.copy_(torch.tensor(weight))
     x = np.random.default_rng(1).normal(size=(2, 3, 16)).astype(np.float32)
-    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(x))), reference(torch.tensor(x)).detach().numpy(),
-                               atol=1e-5)
+    assert_close(np.asarray(ours(jnp.asarray(x))), reference(torch.tensor(x)).detach().numpy(), 1e-6, what="outputs")
 
 
 def test_embed_lookup_and_scale():

@@ -8,8 +8,10 @@ import re
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.conftest import require  # noqa: E402
+
+torch = require("torch")
+transformers = require("transformers")
 
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -19,6 +21,7 @@ from sftjax.errors import CheckpointError, SftjaxError  # noqa: E402
 from sftjax.models.loading import load_model, save_model
 from sftjax.models.tokenizer import load_tokenizer
 from sftjax.models.weights import iter_hf_tensors, model_from_hf_tensors  # noqa: E402
+from tests.oracle import assert_close  # noqa: E402
 
 VOCAB = 96
 
@@ -60,7 +63,7 @@ def test_build_model_from_state_dict_tensors(hf_dir):
     tensors = ((name, t.numpy()) for name, t in hf_model.state_dict().items())
     model, config = model_from_hf_tensors(hf_model.config.to_dict(), tensors, dtype=jnp.float32, source="state_dict")
     assert config.num_layers == 2 and config.num_kv_heads == 2 and not config.tie_word_embeddings
-    assert np.abs(_logits(model) - _hf_logits(hf_model)).max() <= 1e-4
+    assert_close(_logits(model), _hf_logits(hf_model), 1e-5, what="logits")
 
 
 def test_iter_hf_tensors_reproduces_the_state_dict(hf_dir):
@@ -101,7 +104,7 @@ def test_bfloat16_load_and_save_writes_bfloat16(hf_dir, tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.model.embed_tokens.weight.dtype == torch.bfloat16
     # bf16 weights: logits close to the float32 original at bf16 precision
-    assert np.abs(_hf_logits(reloaded.float()) - _hf_logits(hf_model)).max() < 0.05
+    assert_close(_hf_logits(reloaded.float()), _hf_logits(hf_model), 2e-2, what="bf16 logits")
 
 
 def test_sharded_output_with_index_round_trips(hf_dir, tmp_path):
@@ -114,9 +117,9 @@ def test_sharded_output_with_index_round_trips(hf_dir, tmp_path):
     assert set(index["weight_map"].values()) == {s.name for s in shards}
     assert len(index["weight_map"]) == len(hf_model.state_dict())
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert np.abs(_hf_logits(reloaded) - _hf_logits(hf_model)).max() <= 1e-5
+    assert_close(_hf_logits(reloaded), _hf_logits(hf_model), 1e-6, what="reloaded logits")
     again, _ = load_model(out)  # and our own loader reads the index
-    assert np.abs(_logits(again) - _hf_logits(hf_model)).max() <= 1e-4
+    assert_close(_logits(again), _hf_logits(hf_model), 1e-5, what="logits")
 
 
 def test_save_model_merges_lora_adapters(hf_dir, tmp_path):
@@ -128,7 +131,7 @@ def test_save_model_merges_lora_adapters(hf_dir, tmp_path):
     with_adapter = _logits(model)
     out = save_model(model, config, tmp_path / "merged")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert np.abs(_hf_logits(reloaded) - with_adapter).max() <= 1e-4
+    assert_close(_hf_logits(reloaded), with_adapter, 1e-5, what="merged logits")
 
 
 def test_tied_checkpoint_round_trip(tmp_path):
@@ -139,7 +142,7 @@ def test_tied_checkpoint_round_trip(tmp_path):
     out = save_model(model, config, tmp_path / "saved")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert reloaded.config.tie_word_embeddings
-    assert np.abs(_hf_logits(reloaded) - _hf_logits(hf_model)).max() <= 1e-5
+    assert_close(_hf_logits(reloaded), _hf_logits(hf_model), 1e-6, what="reloaded logits")
 
 
 def _one_line(error: pytest.ExceptionInfo) -> str:

@@ -9,14 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 from sftjax.errors import CheckpointError, ConfigError
 from sftjax.models.moe import MoE, MoEAux, MoEConfig
 from sftjax.models.moe_weights import (HF_WEIGHT_STYLE, module_params, moe_config_from_hf, moe_params_from_hf,
                                        moe_params_to_hf, set_module_params)
+from tests.conftest import require
 from tests.oracle import assert_close
+
+torch = require("torch")
 
 D, F, E, K = 16, 12, 4, 2
 RTOL = 1e-5

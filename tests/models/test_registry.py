@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-transformers = pytest.importorskip("transformers")
+from tests.conftest import require  # noqa: E402
+
+transformers = require("transformers")
 
 from sftjax.errors import CheckpointError  # noqa: E402
 from sftjax.models.config import ModelConfig  # noqa: E402

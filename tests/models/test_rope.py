@@ -5,13 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.conftest import require  # noqa: E402
+
+torch = require("torch")
+transformers = require("transformers")
 
 import jax.numpy as jnp  # noqa: E402
 
 from sftjax.models.registry import config_from_hf  # noqa: E402
-from sftjax.models.rope import apply_rope, rope_cos_sin  # noqa: E402
+from sftjax.models.rope import apply_rope, rope_cos_sin, sequence_lengths  # noqa: E402
+from tests.oracle import assert_close  # noqa: E402
 
 BASE = dict(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=2, max_position_embeddings=32)
@@ -51,6 +54,35 @@ def test_cos_sin_match_transformers(case, length):
     assert cos.shape == cos_ref.shape
     np.testing.assert_allclose(np.asarray(cos), cos_ref, atol=2e-6)
     np.testing.assert_allclose(np.asarray(sin), sin_ref, atol=2e-6)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_packed_segments_get_the_frequencies_they_get_alone(case):
+    """Segments of 40, 9 and 20 tokens (beyond and within the original length of 16/32) in one row, and a row of
+    6 beside them: each token's cos/sin equal transformers' rotary module run on that sequence alone (a fresh
+    module per sequence, so that dynamic NTK's remembered length does not leak between them)."""
+    kind, kwargs = CASES[case]
+    lengths = [[40, 9, 20], [6]]
+    positions = np.zeros((2, 72), np.int32)
+    segments = np.zeros((2, 72), np.int32)
+    for row, row_lengths in enumerate(lengths):
+        start = 0
+        for segment, n in enumerate(row_lengths, start=1):
+            positions[row, start:start + n] = np.arange(n)
+            segments[row, start:start + n] = segment
+            start += n
+    hf_config = getattr(transformers, f"{kind}Config")(**kwargs)
+    config = config_from_hf(hf_config.to_dict())
+    cos, sin = (np.asarray(x) for x in rope_cos_sin(config, jnp.asarray(positions), jnp.asarray(segments)))
+    np.testing.assert_array_equal(np.asarray(sequence_lengths(jnp.asarray(positions), jnp.asarray(segments)))[0, :69],
+                                  np.repeat([40, 9, 20], [40, 9, 20]))
+    for row, row_lengths in enumerate(lengths):
+        start = 0
+        for n in row_lengths:
+            _, cos_alone, sin_alone = _hf_cos_sin(kind, kwargs, np.arange(n)[None])
+            assert_close(cos[row, start:start + n], cos_alone[0], 2e-6, what=f"{case} cos of a {n}-token sequence")
+            assert_close(sin[row, start:start + n], sin_alone[0], 2e-6, what=f"{case} sin of a {n}-token sequence")
+            start += n
 
 
 def test_dynamic_scaling_changes_only_beyond_the_original_length():

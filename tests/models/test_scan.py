@@ -25,6 +25,7 @@ from sftjax.models.config import ModelConfig
 from sftjax.models.decoder import Decoder
 from sftjax.models.scan import ScanBlock, plan_scan, stack_layers, unstacked, unstacked_paths
 from sftjax.peft.lora import apply_lora, split_model
+from tests.oracle import assert_close
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 VOCAB = 97
@@ -110,14 +111,15 @@ def test_scanned_logits_and_gradients_equal_unscanned(changes, plan, remat):
     tokens, positions, segment_ids = batch
     want_logits = np.asarray(plain(tokens, positions_BL=positions, segment_ids_BL=segment_ids))
     # eager vs jitted unscanned already differ by ~4e-6 of the logits' scale (fp32 reordering, softcaps)
-    np.testing.assert_allclose(np.asarray(scanned(tokens, positions_BL=positions, segment_ids_BL=segment_ids)),
-                               want_logits, rtol=1e-5, atol=1e-5 * np.abs(want_logits).max())
+    assert_close(np.asarray(scanned(tokens, positions_BL=positions, segment_ids_BL=segment_ids)), want_logits, 1e-5,
+                 what="logits")
     want, got = per_layer_grads(plain, batch), per_layer_grads(scanned, batch)
     assert sorted(want) == sorted(got) and any("layers/3/" in k for k in want)
     for name in want:
         scale = np.abs(want[name]).max()
         assert scale > 1e-4, name
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=2e-5 * scale, err_msg=name)  # fp32 reordering: jit vs eager differ ~5e-6
+        # fp32 reordering (jit vs eager, remat): measured up to 1.1e-5 of a gradient's scale
+        assert_close(got[name], want[name], 5e-5, what=name)
 
 
 def test_stacked_variables_carry_layers_axis_and_round_trip_exactly():
@@ -152,7 +154,7 @@ def test_lora_on_some_layers_scans_in_runs_and_matches():
     assert sum(x.size for x in jax.tree.leaves(trainable_plain)) == sum(x.size for x in jax.tree.leaves(trainable_scanned))
     want, got = per_layer_grads(plain, batch), per_layer_grads(scanned, batch)
     for name in ("layers/0/attn/q_proj/lora_b", "layers/1/attn/q_proj/lora_a", "layers/3/mlp/up_proj/kernel"):
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-7)
+        assert_close(got[name], want[name], 2e-5, what=name)
 
 
 def test_modules_to_save_selects_whole_stacks_or_refuses():
@@ -220,8 +222,8 @@ def test_trainer_scanned_run_equals_unscanned(assets_dir, tmp_path, mode):
     got = dict(nnx.to_flat_state(nnx.state(model_scan, nnx.Param)))
     assert sorted(want) == sorted(got)
     for path in want:
-        np.testing.assert_allclose(np.asarray(got[path].get_value()), np.asarray(want[path].get_value()),
-                                   rtol=1e-4, atol=1e-6, err_msg=str(path))
+        # a few AdamW steps amplify fp32 reordering (measured up to 6e-6 of a parameter's scale)
+        assert_close(np.asarray(got[path].get_value()), np.asarray(want[path].get_value()), 5e-5, what=str(path))
     if mode == "full":  # the exported HF model and the checkpoint both give one module per layer back
         from sftjax.export import model_from_checkpoint
 

@@ -17,8 +17,11 @@ from sftjax.peft.lora import apply_lora, linear_modules, merge_lora, select_targ
 from tests.train.test_step import (adamw, build_step, make_examples, our_model_from_torch, pack_rows,  # noqa: E402
                        tiny_model_config, torch_llama, torch_loss, assert_close_relative)
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+from tests.conftest import require  # noqa: E402
+from tests.oracle import assert_close  # noqa: E402
+
+torch = require("torch")
+peft = require("peft")
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -117,10 +120,10 @@ def test_frozen_weights_bit_identical_and_adapter_sized_optimizer_state(tmp_path
     save_model(final, config, tmp_path / "merged")  # the trainer's train.save=merged path
     exported, _ = load_model(tmp_path / "merged")
     assert not jax.tree.leaves(nnx.state(exported, nnx.LoRAParam))
-    np.testing.assert_allclose(np.asarray(exported(tokens, **kwargs)), adapted_logits, rtol=1e-5, atol=1e-5)
+    assert_close(np.asarray(exported(tokens, **kwargs)), adapted_logits, 1e-5, what="exported logits")
     assert merge_lora(final) == len(names)
     assert not jax.tree.leaves(nnx.state(final, nnx.LoRAParam))
-    np.testing.assert_allclose(np.asarray(final(tokens, **kwargs)), adapted_logits, rtol=1e-5, atol=1e-5)
+    assert_close(np.asarray(final(tokens, **kwargs)), adapted_logits, 1e-5, what="merged logits")
 
 
 def test_modules_to_save_and_full_finetune_filters():

@@ -91,50 +91,40 @@ def test_partial_restore_reads_only_requested_items(tmp_path):
     _assert_trees_equal(restored.state["params"], state["params"])
 
 
-def test_save_is_asynchronous_and_does_not_touch_state(tmp_path):
+def test_save_is_asynchronous_and_does_not_touch_state(tmp_path, monkeypatch):
+    """save() returns while the write is still in flight, with the arrays already copied to host memory: the
+    commit (orbax's rename of the temporary directory) is held back until the test has checked that nothing is
+    committed yet and has deleted every array it passed in. A synchronous save would sit in the held commit
+    inside save() and return with the step committed."""
+    import asyncio
+    import threading
+
+    from orbax.checkpoint._src.path import atomicity
+
+    release = threading.Event()
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def held_finalize(self, *args, **kwargs):
+        for _ in range(100):  # at most 5 s, so that a synchronous save fails the test instead of hanging it
+            if release.is_set():
+                break
+            await asyncio.sleep(0.05)
+        return await finalize(self, *args, **kwargs)
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", held_finalize)
     state = _state()
     before = jax.tree.map(np.asarray, state)
     with ckpt.CheckpointManager(tmp_path, CONFIG, async_save=True) as m:
         m.save(1, state)
-        # the caller may keep computing (and even drop its arrays) while orbax writes in the background
-        state = jax.tree.map(lambda x: x * 2, state)
+        committed_on_return = (tmp_path / "1").exists()
+        for leaf in jax.tree.leaves(state):  # e.g. donated to the next train step
+            leaf.delete()
+        release.set()
         m.wait()
+        assert not committed_on_return, "save() returned after the checkpoint was committed: not asynchronous"
+        assert (tmp_path / "1").is_dir() and m.all_steps == [1]
         restored = m.restore(1, ckpt.abstract_like(before))
     _assert_trees_equal(jax.tree.map(np.asarray, restored.state), before)
-
-
-def test_step_and_time_triggers(tmp_path, monkeypatch):
-    clock = [1000.0]
-    monkeypatch.setattr(ckpt.time, "monotonic", lambda: clock[0])
-    state = _state()
-    with ckpt.CheckpointManager(tmp_path / "a", CONFIG, save_every_steps=3, keep=None) as m:
-        saved = [s for s in range(1, 10) if m.maybe_save(s, state)]
-        m.wait()
-        assert saved == [3, 6, 9] and m.all_steps == [3, 6, 9]
-        assert not m.maybe_save(9, state, force=True)  # already written: the final save is a no-op
-    with ckpt.CheckpointManager(tmp_path / "b", CONFIG, save_every_minutes=2, keep=None) as m:
-        saved = []
-        for step in range(1, 8):
-            clock[0] += 50.0  # 50 s per step: 2 minutes pass every 2.4 steps
-            if m.maybe_save(step, state):
-                saved.append(step)
-        m.wait()
-        assert saved == [3, 6]
-
-
-def test_keep_last_k_and_best_by_eval_loss(tmp_path):
-    state = _state()
-    losses = {1: 3.0, 2: 0.5, 3: 2.0, 4: 1.0, 5: 4.0, 6: 5.0}
-    with ckpt.CheckpointManager(tmp_path, CONFIG, keep=2, keep_best=1) as m:
-        for step, loss in losses.items():
-            m.save(step, state, metrics={"eval_loss": loss})
-        m.wait()
-        assert m.all_steps == [2, 5, 6]  # the newest two plus the lowest eval loss
-    with ckpt.CheckpointManager(tmp_path / "plain", CONFIG, keep=2) as m:
-        for step in losses:
-            m.save(step, state)
-        m.wait()
-        assert m.all_steps == [5, 6]
 
 
 # ------------------------------------------------------------------------------------------------ crash safety

@@ -17,6 +17,7 @@ import pytest
 
 from sftjax.train.distributed import detected_job, initialize
 from sftjax.errors import ConfigError
+from tests.oracle import assert_close
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny_cpu.yaml")
@@ -140,4 +141,5 @@ def test_two_processes_train_like_one(tmp_path, assets_dir):
     got = load_file(tmp_path / "two" / "final" / "model.safetensors")
     assert sorted(want) == sorted(got) and len(want) > 5
     for name in want:
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-6, err_msg=name)
+        # a few AdamW steps amplify float32 reordering across 8 vs 2x4 devices (~6e-6 of scale measured in test_scan)
+        assert_close(got[name], want[name], 5e-5, what=name)

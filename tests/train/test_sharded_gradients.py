@@ -30,6 +30,7 @@ from sftjax.models.decoder import Decoder
 from sftjax.sharding import make_mesh, shard_model
 from sftjax.peft.lora import apply_lora, split_model
 from sftjax.train.step import LossOptions, forward_loss
+from tests.oracle import assert_close
 
 VOCAB, LENGTH, ROWS = 128, 32, 4  # 4 rows = one per (data, fsdp) shard
 
@@ -155,7 +156,7 @@ def assert_sharded_matches_one_device(mesh, model_factory, layout, attention, cr
         scale = np.abs(want).max()
         assert scale > 1e-3, f"{jax.tree_util.keystr(path)}: gradient too small to compare"
         # float32 sums in another order: a few ulps of the tensor's scale; the row swap errs by 5-150 %
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-6 * scale, err_msg=jax.tree_util.keystr(path))
+        assert_close(got, want, 1e-5, what=jax.tree_util.keystr(path))
 
 
 IMPLEMENTATIONS = [(a, c) for a in ("reference", "xla_chunked") for c in ("reference", "xla_chunked")]

@@ -17,8 +17,11 @@ from sftjax.peft.lora import split_model
 from sftjax.train.optim import make_optimizer
 from sftjax.train.step import LossOptions, TrainState, make_eval_step, make_train_step
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.conftest import require
+from tests.oracle import assert_close, norm_relative_error
+
+torch = require("torch")
+transformers = require("transformers")
 
 VOCAB, LENGTH = 128, 32
 
@@ -180,10 +183,10 @@ def test_full_finetune_gradient_and_adamw_match_torch(setup):
         path = ("layers", layer_index, group, name, "kernel")
         grad = kernel_of(state.params, path) - kernel_of(new_state.params, path)
         torch_module = getattr(getattr(hf.model.layers[layer_index], "self_attn" if group == "attn" else "mlp"), name)
-        np.testing.assert_allclose(grad, torch_module.weight.grad.numpy().T, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(kernel_of(state.params, ("embed_tokens", "embedding"))
-                               - kernel_of(new_state.params, ("embed_tokens", "embedding")),
-                               hf.model.embed_tokens.weight.grad.numpy(), rtol=1e-4, atol=1e-6)
+        assert_close(grad, torch_module.weight.grad.numpy().T, 1e-5, what=f"{name} gradient")
+    assert_close(kernel_of(state.params, ("embed_tokens", "embedding"))
+                 - kernel_of(new_state.params, ("embed_tokens", "embedding")),
+                 hf.model.embed_tokens.weight.grad.numpy(), 1e-5, what="embedding gradient")
 
     # two AdamW steps (the second one sees non-trivial moments)
     model = our_model_from_torch(config, hf)
@@ -202,6 +205,60 @@ def test_full_finetune_gradient_and_adamw_match_torch(setup):
     for mine, theirs in norm_pairs(updated, hf):
         assert_close_relative(mine.weight[...], theirs.weight.detach().numpy())
     assert_close_relative(updated.embed_tokens.embedding[...], hf.model.embed_tokens.weight.detach().numpy())
+
+
+def test_gradient_clipping_matches_torch_clip_grad_norm_and_adamw(setup):
+    """Clipping active on every step (norms far above max_grad_norm, and different per step, so that AdamW's
+    moments see differently scaled gradients): the same steps as torch's clip_grad_norm_ + AdamW, and the
+    pre-clipping norm that the step reports equals the one clip_grad_norm_ returns."""
+    import copy
+
+    config, initial, _ = setup
+    hf = copy.deepcopy(initial)  # torch trains this copy; ours starts from `initial`
+    max_norm = 0.05
+    start = {name: p.detach().numpy().copy() for name, p in hf.named_parameters()}
+    batches = []
+    for seed, keep in ((11, 0.7), (12, 0.05), (13, 0.7)):  # few trained tokens: a larger, noisier gradient
+        examples = [(tokens, np.where(np.random.default_rng(seed).random(len(mask)) < keep, mask, 0))
+                    for tokens, mask in make_examples(seed, 8)]
+        examples = [(tokens, mask if mask.any() else np.eye(1, len(mask), len(mask) - 1, dtype=np.int32)[0])
+                    for tokens, mask in examples]
+        batches.append(examples)
+
+    def run_ours(max_grad_norm):
+        model = our_model_from_torch(config, initial)
+        step, state, frozen, graphdef = build_step(model, adamw(), max_grad_norm=max_grad_norm, donate=False)
+        norms = []
+        for examples in batches:
+            state, metrics = step(state, frozen, pack_rows(examples, rows=4, per_row=2), jax.random.key(0))
+            norms.append(float(metrics["grad_norm"]))
+        return nnx.merge(graphdef, state.params, frozen), norms
+
+    torch_opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    torch_norms = []
+    for examples in batches:
+        torch_opt.zero_grad()
+        torch_loss(hf, examples).backward()
+        torch_norms.append(float(torch.nn.utils.clip_grad_norm_(hf.parameters(), max_norm)))
+        torch_opt.step()
+    assert min(torch_norms) > 5 * max_norm and max(torch_norms) > 1.5 * min(torch_norms), torch_norms
+
+    def moves(model):
+        """(ours, torch) displacement from the start for every linear kernel"""
+        for mine, theirs in linear_pairs(model, hf):
+            name = next(n for n, p in hf.named_parameters() if p is theirs.weight)
+            yield name, np.asarray(mine.kernel[...]).T - start[name], theirs.weight.detach().numpy() - start[name]
+
+    clipped, norms = run_ours(max_norm)
+    assert_close(np.array(norms), np.array(torch_norms), 1e-5, what="pre-clipping gradient norms")
+    # Compared by norm: AdamW turns the float32 noise of near-zero gradient elements (|g| ~ eps after clipping)
+    # into O(lr) moves of those few elements (max-relative up to ~1e-3 measured), and the rounding of the weights
+    # themselves is ~1e-5 of these moves; a wrong clip factor moves every element.
+    for name, ours, theirs in moves(clipped):
+        assert norm_relative_error(ours, theirs) <= 2e-4, name
+    # the comparison can tell: without clipping the same model ends measurably elsewhere
+    unclipped, _ = run_ours(None)
+    assert min(norm_relative_error(ours, theirs) for _, ours, theirs in moves(unclipped)) > 1e-2
 
 
 def assert_close_relative(actual, desired, rtol=1e-5):
@@ -233,10 +290,9 @@ def test_normalization_invariant_to_micro_batching_and_packing(setup):
         results[name] = (float(metrics["loss"]), jax.tree.leaves(delta))
     ref_loss, ref_delta = results["unpacked 1x8"]
     for name, (loss, delta) in results.items():
-        np.testing.assert_allclose(loss, ref_loss, rtol=1e-6, err_msg=name)
+        assert_close(loss, ref_loss, 1e-6, what=f"{name} loss")
         for a, b in zip(delta, ref_delta):
-            # the deltas are differences of O(1) weights: allow a few ulps of 1.0 besides the relative bound
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=3e-7, err_msg=name)
+            assert_close(a, b, 1e-5, what=f"{name} update")
 
 
 def test_step_compiles_once_and_eval_step(setup):
@@ -319,7 +375,7 @@ def test_sharded_step_matches_single_device(setup):
     assert len(metrics["loss"].sharding.device_set) == 8
     np.testing.assert_allclose(float(metrics["loss"]), float(single_metrics["loss"]), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(sharded_state.params), jax.tree.leaves(single_state.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        assert_close(np.asarray(a), np.asarray(b), 1e-6, what="parameters")
 
 
 def _shard_like_fsdp(mesh):
