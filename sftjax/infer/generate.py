@@ -177,12 +177,17 @@ def _decode_loop(graphdef, state, buffer_BS, lengths_B, max_new_tokens, stop_ids
     def keep_going(carry):
         return ~jnp.all(carry[2])
 
+    def written(end_B):
+        """Segment 1 on the tokens written so far, padding after: RoPE scaled by the length seen (as an uncached
+        forward over exactly those tokens)."""
+        return (jnp.arange(length)[None, :] < end_B[:, None]).astype(jnp.int32)
+
     if use_cache:
         positions = jnp.broadcast_to(jnp.arange(prefill_length, dtype=jnp.int32), (rows, prefill_length))
         hidden_BTD, cache = model.decode(buffer_BS[:, :prefill_length], positions, model.init_cache(rows, length))
         last_BD = hidden_BTD[index_B, lengths_B - 1]
     else:
-        hidden_BLD = model.hidden_states(buffer_BS)
+        hidden_BLD = model.hidden_states(buffer_BS, segment_ids_BL=written(lengths_B))
         last_BD, cache = hidden_BLD[index_B, lengths_B - 1], None
     token_B = pick(last_BD, lengths_B)
     buffer_BS = buffer_BS.at[index_B, lengths_B].set(token_B)
@@ -197,7 +202,7 @@ def _decode_loop(graphdef, state, buffer_BS, lengths_B, max_new_tokens, stop_ids
             hidden_BTD, cache = model.decode(previous_B[:, None], feed_B[:, None], cache)
             hidden_BD = hidden_BTD[:, 0]
         else:
-            hidden_BD = model.hidden_states(buffer_BS)[index_B, feed_B]
+            hidden_BD = model.hidden_states(buffer_BS, segment_ids_BL=written(position_B))[index_B, feed_B]
         token_B = pick(hidden_BD, position_B)
         write_B = jnp.minimum(position_B, length - 1)
         buffer_BS = buffer_BS.at[index_B, write_B].set(jnp.where(done_B, buffer_BS[index_B, write_B], token_B))
