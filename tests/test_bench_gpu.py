@@ -124,9 +124,9 @@ def test_dry_run_train_steps_match_the_pytorch_models_of_the_same_config(dry_run
 
     jax_steps = {r["case"]: r for r in read_records(dry_run / "train.jsonl") if r["kind"] == "train_step"}
     torch_steps = {r["case"]: r for r in read_records(dry_run / "torch.jsonl") if r["kind"] == "train_step"}
-    names = [case.name for case in shapes.TRAIN_CASES]
+    names = [case.name for case in shapes.DRY.train_cases]
     assert sorted(jax_steps) == sorted(torch_steps) == sorted(names)
-    for case in shapes.TRAIN_CASES:
+    for case in shapes.DRY.train_cases:
         ours, theirs = jax_steps[case.name], torch_steps[case.name]
         # sftjax's parameter and LoRA counts against transformers + peft built from the same config values
         assert ours["parameters"] == theirs["parameters"] and ours["trainable"] == theirs["trainable"], case.name
@@ -134,7 +134,7 @@ def test_dry_run_train_steps_match_the_pytorch_models_of_the_same_config(dry_run
         if case.lora_rank:
             assert ours["trainable"] < ours["parameters"] / 2
         for record in (ours, theirs):
-            assert len(record["losses"]) == shapes.TRAIN_WARMUP + shapes.TRAIN_STEPS
+            assert len(record["losses"]) == shapes.DRY.train_warmup + shapes.DRY.train_steps
             assert abs(record["losses"][0] - math.log(case.model["vocab_size"])) < 1.0
             assert record["step_s"] > 0 and record["tokens_per_s"] > 0 and record["mfu_measured_ceiling"] > 0
         assert ours["attention_resolved"] and ours["compile_s"] > 0 and ours["compiled_memory"]["temp_bytes"] > 0
@@ -194,7 +194,8 @@ def test_benchmark_modules_import_without_grain_gguf_or_tensorboardx(tmp_path):
         "logger.log(1, {'loss': 1.0}); logger.close()",
         "import sys",
         "assert all(sys.modules.get(m) is None for m in ('grain', 'gguf', 'tensorboardX'))",
-        "try:\n    import tensorboardX\nexcept ModuleNotFoundError:\n    pass\nelse:\n    raise SystemExit('not blocked')",
+        "try:\n    import tensorboardX\nexcept ModuleNotFoundError:\n    pass",
+        "else:\n    raise SystemExit('tensorboardX was not blocked')",
     ])
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,

@@ -1,6 +1,6 @@
 """Stage ``correctness``: every GPU attention and fused cross-entropy implementation against the plain-jnp reference.
 
-For each case (op, dtype, shape; ``shapes.CORRECTNESS``, in order of priority) the reference
+For each case (op, dtype, shape; ``shapes.PLAN.correctness``, in order of priority) the reference
 (``pallas_kernels/*/reference.py``) runs once on the inputs upcast to float32 under
 ``jax.default_matmul_precision("highest")`` (XLA and Pallas use TF32 for float32 matmuls otherwise). Each
 implementation then runs forward and backward on the same inputs, fresh random ones per case, with packed rows
@@ -76,7 +76,7 @@ def attention_case(record: Recorder, dtype_name: str, shape: tuple, seed: int) -
                 raise
 
         record.attempt({**base, "implementation": name, "ran_as": ran_as}, measure,
-                       needs_s=shapes.NEEDS_S["correctness"])
+                       needs_s=shapes.PLAN.needs_s["correctness"])
 
 
 def cross_entropy_case(record: Recorder, dtype_name: str, shape: tuple, seed: int) -> None:
@@ -137,7 +137,7 @@ def cross_entropy_case(record: Recorder, dtype_name: str, shape: tuple, seed: in
                 return errors_of(*loss_and_grads(fn)(hidden, weight, targets, loss_mask))
 
         record.attempt({**base, "implementation": name, "ran_as": ran_as}, measure,
-                       needs_s=shapes.NEEDS_S["correctness"])
+                       needs_s=shapes.PLAN.needs_s["correctness"])
 
 
 def main() -> int:
@@ -146,8 +146,8 @@ def main() -> int:
 
     record = Recorder("correctness.jsonl", "correctness")
     run = {"attention": attention_case, "cross_entropy": cross_entropy_case}
-    for index, (op, dtype_name, shape) in enumerate(shapes.CORRECTNESS):
-        if time_left() < shapes.NEEDS_S["correctness"]:
+    for index, (op, dtype_name, shape) in enumerate(shapes.PLAN.correctness):
+        if time_left() < shapes.PLAN.needs_s["correctness"]:
             record.write({"kind": op, "dtype": dtype_name, "shape": shape, "status": "skipped",
                           "reason": f"deadline: {time_left():.0f} s left"})
             continue

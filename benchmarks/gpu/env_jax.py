@@ -48,9 +48,9 @@ def main() -> int:
                                                     "devices": [str(d) for d in jax.devices()],
                                                     "backend": jax.default_backend()}, needs_s=1)
     record.attempt({"kind": "ceiling", "framework": "jax", "op": "matmul"},
-                   lambda: common_jax.matmul_ceiling(shapes.MATMUL_SIZE, shapes.CEILING_REPEATS), needs_s=5)
+                   lambda: common_jax.matmul_ceiling(shapes.PLAN.matmul_size, shapes.PLAN.ceiling_repeats), needs_s=5)
     record.attempt({"kind": "ceiling", "framework": "jax", "op": "copy"},
-                   lambda: common_jax.copy_ceiling(shapes.COPY_BYTES, shapes.CEILING_REPEATS), needs_s=5)
+                   lambda: common_jax.copy_ceiling(shapes.PLAN.copy_bytes, shapes.PLAN.ceiling_repeats), needs_s=5)
     return record.finish()
 
 

@@ -35,11 +35,11 @@ def main() -> int:
     except RuntimeError as error:
         record.write({"kind": "ceiling", "framework": "torch", "status": "error", "error": str(error)})
     if where is not None:
+        plan = shapes.PLAN
         record.attempt({"kind": "ceiling", "framework": "torch", "op": "matmul"},
-                       lambda: common_torch.matmul_ceiling(where, shapes.MATMUL_SIZE, shapes.CEILING_REPEATS),
-                       needs_s=5)
+                       lambda: common_torch.matmul_ceiling(where, plan.matmul_size, plan.ceiling_repeats), needs_s=5)
         record.attempt({"kind": "ceiling", "framework": "torch", "op": "copy"},
-                       lambda: common_torch.copy_ceiling(where, shapes.COPY_BYTES, shapes.CEILING_REPEATS), needs_s=5)
+                       lambda: common_torch.copy_ceiling(where, plan.copy_bytes, plan.ceiling_repeats), needs_s=5)
     return record.finish()
 
 

@@ -1,12 +1,12 @@
 """Stage ``kernels``: speed of attention (forward, forward+backward) and of the fused cross-entropy.
 
-Attention at ``shapes.KERNEL_ATTENTION`` (L = 4096, 32 query / 8 kv heads, head_dim 128 then 64), bf16, for the
+Attention at ``shapes.PLAN.kernel_attention`` (L = 4096, 32 query / 8 kv heads, head_dim 128 then 64), bf16, for the
 dense XLA reference, ``xla_chunked``, ``pallas_gpu`` and ``cudnn``, each on packed rows (several segments and a
 padded tail) and on single-segment rows. Segment ids are data, so one compiled program per implementation
 serves both layouts. FLOP rates are given on the (query, key) pairs the mask lets through ("visible") and on a
 dense causal row ("causal_dense", comparable between layouts); forward + backward counts 3.5x the forward.
 
-Fused linear cross-entropy at ``shapes.KERNEL_CE`` (8192 tokens x hidden 4096 x vocab 128256), bf16, half the
+Fused linear cross-entropy at ``shapes.PLAN.kernel_ce`` (8192 tokens x hidden 4096 x vocab 128256), bf16, half the
 tokens trained, for ``reference`` (full logits), ``xla_chunked`` and ``pallas_gpu``; the rate counts the
 vocabulary matmul of all tokens (3x for forward + backward).
 
@@ -60,7 +60,7 @@ def attention_shape(record: Recorder, shape: tuple, seed: int) -> None:
             compiled["forward_backward"] = jax.jit(forward_backward).lower(q, k, v, seg, d_out).compile()
             return {"compiled_memory_forward_backward": cj.compiled_memory(compiled["forward_backward"])}
 
-        result = record.attempt({**base, "layout": "compile"}, compile_both, needs_s=shapes.NEEDS_S["kernel"])
+        result = record.attempt({**base, "layout": "compile"}, compile_both, needs_s=shapes.PLAN.needs_s["kernel"])
         if result["status"] != "ok":
             continue
         for layout, segments in layouts.items():
@@ -79,10 +79,9 @@ def attention_shape(record: Recorder, shape: tuple, seed: int) -> None:
                     found["rel_err_out_vs_reference"] = cj.relative_error(out, ref_out)
                     found["rel_err_grads_vs_reference"] = [cj.relative_error(a, b) for a, b in zip(grads, ref_grads)]
                 del out, grads
-                fwd_ms, fwd_times = cj.time_calls(compiled["forward"], (q, k, v, segments),
-                                                  repeats=shapes.KERNEL_REPEATS, calls=shapes.KERNEL_CALLS)
-                both_ms, both_times = cj.time_calls(compiled["forward_backward"], (q, k, v, segments, d_out),
-                                                    repeats=shapes.KERNEL_REPEATS, calls=shapes.KERNEL_CALLS)
+                timing = dict(repeats=shapes.PLAN.kernel_repeats, calls=shapes.PLAN.kernel_calls)
+                fwd_ms, fwd_times = cj.time_calls(compiled["forward"], (q, k, v, segments), **timing)
+                both_ms, both_times = cj.time_calls(compiled["forward_backward"], (q, k, v, segments, d_out), **timing)
                 return {**found, "forward_ms": fwd_ms, "forward_times_ms": fwd_times,
                         "forward_backward_ms": both_ms, "forward_backward_times_ms": both_times,
                         "forward_tflops_visible": flops * pairs / (fwd_ms * 1e-3) / 1e12,
@@ -91,7 +90,7 @@ def attention_shape(record: Recorder, shape: tuple, seed: int) -> None:
                         "forward_backward_tflops_causal_dense": 3.5 * flops * causal_dense / (both_ms * 1e-3) / 1e12}
 
             record.attempt({**base, "layout": layout}, measure, needs_s=2)
-        del compiled
+        compiled.clear()  # free the executables before the next implementation compiles
 
 
 def cross_entropy_shape(record: Recorder, shape: tuple, seed: int) -> None:
@@ -135,8 +134,9 @@ def cross_entropy_shape(record: Recorder, shape: tuple, seed: int) -> None:
                 found["rel_err_loss_vs_reference"] = cj.relative_error(loss, reference[0])
                 found["rel_err_grads_vs_reference"] = [cj.relative_error(a, b) for a, b in zip(grads, reference[1])]
             del loss, grads
-            fwd_ms, fwd_times = cj.time_calls(fwd, args, repeats=shapes.KERNEL_REPEATS, calls=shapes.KERNEL_CALLS)
-            both_ms, both_times = cj.time_calls(both, args, repeats=shapes.KERNEL_REPEATS, calls=shapes.KERNEL_CALLS)
+            timing = dict(repeats=shapes.PLAN.kernel_repeats, calls=shapes.PLAN.kernel_calls)
+            fwd_ms, fwd_times = cj.time_calls(fwd, args, **timing)
+            both_ms, both_times = cj.time_calls(both, args, **timing)
             return {**found, "forward_ms": fwd_ms, "forward_times_ms": fwd_times, "forward_backward_ms": both_ms,
                     "forward_backward_times_ms": both_times,
                     "forward_tflops_all_tokens": matmul_flops / (fwd_ms * 1e-3) / 1e12,
@@ -144,7 +144,7 @@ def cross_entropy_shape(record: Recorder, shape: tuple, seed: int) -> None:
 
         record.attempt({"kind": "cross_entropy", "implementation": name, "ran_as": ran_as, "dtype": "bfloat16",
                         "shape": dict(tokens=tokens, hidden=hidden_dim, vocab=vocab, trained=int(loss_mask.sum()))},
-                       measure, needs_s=shapes.NEEDS_S["kernel"])
+                       measure, needs_s=shapes.PLAN.needs_s["kernel"])
 
 
 def main() -> int:
@@ -153,10 +153,11 @@ def main() -> int:
 
     record = Recorder("kernels.jsonl", "kernels")
     # in order of priority: attention at the first head_dim, the cross-entropy, then the other head_dims
-    work = [(attention_shape, shapes.KERNEL_ATTENTION[0]), *((cross_entropy_shape, s) for s in shapes.KERNEL_CE),
-            *((attention_shape, s) for s in shapes.KERNEL_ATTENTION[1:])]
+    plan = shapes.PLAN
+    work = [(attention_shape, plan.kernel_attention[0]), *((cross_entropy_shape, s) for s in plan.kernel_ce),
+            *((attention_shape, s) for s in plan.kernel_attention[1:])]
     for index, (run, shape) in enumerate(work):
-        if time_left() < shapes.NEEDS_S["kernel"]:
+        if time_left() < shapes.PLAN.needs_s["kernel"]:
             record.write({"kind": run.__name__, "shape": shape, "status": "skipped",
                           "reason": f"deadline: {time_left():.0f} s left"})
             continue

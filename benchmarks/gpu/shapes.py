@@ -45,51 +45,68 @@ class TrainCase:
         return self.rows * self.length
 
 
-if DRY_RUN:
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything a run measures; ``GPU`` and ``DRY`` below, ``PLAN`` the one this process runs."""
+
     # (op, dtype, shape) in order of priority; attention: (batch, length, q heads, kv heads, head_dim),
     # cross_entropy: (tokens, hidden, vocab)
-    CORRECTNESS = [("attention", "float32", (1, 128, 4, 2, 32)), ("attention", "bfloat16", (1, 128, 4, 2, 16)),
-                   ("cross_entropy", "float32", (256, 64, 2048)), ("cross_entropy", "bfloat16", (192, 32, 3000))]
-    KERNEL_ATTENTION = [(1, 128, 4, 2, 32)]
-    KERNEL_CE = [(256, 64, 2048)]
-    KERNEL_REPEATS, KERNEL_CALLS = 2, 1
-    MATMUL_SIZE, COPY_BYTES, CEILING_REPEATS = 256, 1 << 22, 3
-    TRAIN_CASES = [TrainCase("llama_1b_full", TINY_1B, rows=2, length=128, lora_rank=None, param_dtype="float32"),
-                   TrainCase("llama_8b_lora16", TINY_8B, rows=1, length=128, lora_rank=16, param_dtype="bfloat16")]
-    TRAIN_WARMUP, TRAIN_STEPS = 1, 2
-else:
-    CORRECTNESS = [("attention", "float32", (2, 1024, 8, 2, 128)), ("attention", "bfloat16", (2, 1024, 8, 2, 128)),
-                   ("cross_entropy", "float32", (4096, 512, 128256)),
-                   ("cross_entropy", "bfloat16", (4096, 512, 128256)),
-                   ("attention", "bfloat16", (2, 1024, 8, 2, 64)), ("cross_entropy", "bfloat16", (2048, 256, 50257))]
-    KERNEL_ATTENTION = [(2, 4096, 32, 8, 128), (2, 4096, 32, 8, 64)]
-    KERNEL_CE = [(8192, 4096, 128256)]
-    KERNEL_REPEATS, KERNEL_CALLS = 5, 3
-    MATMUL_SIZE, COPY_BYTES, CEILING_REPEATS = 8192, 2 << 30, 10
-    TRAIN_CASES = [TrainCase("llama_1b_full", LLAMA_1B, rows=8, length=4096, lora_rank=None, param_dtype="float32"),
-                   TrainCase("llama_8b_lora16", LLAMA_8B, rows=2, length=4096, lora_rank=16, param_dtype="bfloat16")]
-    TRAIN_WARMUP, TRAIN_STEPS = 2, 5
+    correctness: tuple
+    kernel_attention: tuple  # attention shapes; the first one is measured before the cross-entropy
+    kernel_ce: tuple
+    kernel_repeats: int
+    kernel_calls: int  # calls dispatched back to back per timed repeat
+    matmul_size: int  # the ceilings: a [n, n] @ [n, n] bf16 product, a copy of this many bytes
+    copy_bytes: int
+    ceiling_repeats: int
+    train_cases: tuple
+    train_implementations: tuple  # (attention, cross-entropy), in order of priority
+    train_warmup: int
+    train_steps: int
+    needs_s: dict  # seconds one measurement is expected to need: a stage skips what its deadline leaves no room for
+
+
+GPU = Plan(
+    correctness=(("attention", "float32", (2, 1024, 8, 2, 128)), ("attention", "bfloat16", (2, 1024, 8, 2, 128)),
+                 ("cross_entropy", "float32", (4096, 512, 128256)), ("cross_entropy", "bfloat16", (4096, 512, 128256)),
+                 ("attention", "bfloat16", (2, 1024, 8, 2, 64)), ("cross_entropy", "bfloat16", (2048, 256, 50257))),
+    kernel_attention=((2, 4096, 32, 8, 128), (2, 4096, 32, 8, 64)),
+    kernel_ce=((8192, 4096, 128256),),
+    kernel_repeats=5, kernel_calls=3,
+    matmul_size=8192, copy_bytes=2 << 30, ceiling_repeats=10,
+    train_cases=(TrainCase("llama_1b_full", LLAMA_1B, rows=8, length=4096, lora_rank=None, param_dtype="float32"),
+                 TrainCase("llama_8b_lora16", LLAMA_8B, rows=2, length=4096, lora_rank=16, param_dtype="bfloat16")),
+    # the automatic choice first, then the Pallas kernels, then cuDNN
+    train_implementations=(("auto", "auto"), ("pallas_gpu", "pallas_gpu"), ("cudnn", "xla_chunked")),
+    train_warmup=2, train_steps=5,
+    needs_s={"correctness": 15, "kernel": 15, "train": 60, "torch": 20},
+)
+DRY = Plan(
+    correctness=(("attention", "float32", (1, 128, 4, 2, 32)), ("attention", "bfloat16", (1, 128, 4, 2, 16)),
+                 ("cross_entropy", "float32", (256, 64, 2048)), ("cross_entropy", "bfloat16", (192, 32, 3000))),
+    kernel_attention=((1, 128, 4, 2, 32),),
+    kernel_ce=((256, 64, 2048),),
+    kernel_repeats=2, kernel_calls=1,
+    matmul_size=256, copy_bytes=1 << 22, ceiling_repeats=3,
+    train_cases=(TrainCase("llama_1b_full", TINY_1B, rows=2, length=128, lora_rank=None, param_dtype="float32"),
+                 TrainCase("llama_8b_lora16", TINY_8B, rows=1, length=128, lora_rank=16, param_dtype="bfloat16")),
+    # the other pairs differ by their names alone: not worth their CPU compiles
+    train_implementations=(("auto", "auto"),),
+    train_warmup=1, train_steps=2,
+    needs_s={"correctness": 3, "kernel": 3, "train": 5, "torch": 3},
+)
+PLAN = DRY if DRY_RUN else GPU
 
 # Implementations measured, by the names the APIs take. In the dry run the GPU-only ones run as their CPU
 # stand-ins (see ``common_jax.attention_fn`` / ``cross_entropy_fn``); records keep the GPU names.
 ATTENTION_IMPLEMENTATIONS = ("xla_chunked", "pallas_gpu", "cudnn")
 CROSS_ENTROPY_IMPLEMENTATIONS = ("xla_chunked", "pallas_gpu")
-# Train steps (attention, cross-entropy), in order of priority: the automatic choice first, then the Pallas
-# kernels, then cuDNN; the dry run compiles the automatic one only (the others differ by their names alone).
-TRAIN_IMPLEMENTATIONS = ((("auto", "auto"),) if DRY_RUN else
-                         (("auto", "auto"), ("pallas_gpu", "pallas_gpu"), ("cudnn", "xla_chunked")))
 LEARNING_RATE, WEIGHT_DECAY = 1e-5, 0.0
 
 # Relative-error bounds (norm of the difference over the norm of the float32 reference): float32 under
 # "highest" precision lands near 1e-6 (TF32 would be near 3e-4, so 5e-5 catches it); bf16 operands land
 # between 1e-3 and 1e-2.
 TOLERANCE = {"float32": 5e-5, "bfloat16": 2e-2}
-
-# Seconds a measurement is expected to need (compiles included); a stage skips one that its deadline leaves
-# no room for.
-NEEDS_S = {"correctness": 3 if DRY_RUN else 15, "kernel": 3 if DRY_RUN else 15, "train": 5 if DRY_RUN else 60,
-           "torch": 3 if DRY_RUN else 20}
-
 
 def hf_config(model: dict) -> dict:
     """The Hugging Face ``config.json`` of a ``MODELS`` entry (LlamaForCausalLM)."""

@@ -1,7 +1,7 @@
 """Stage ``torch``: the plain PyTorch loop on the train stage's shapes, on CUDA, in a process of its own.
 
 The baseline DESIGN.md names: an eager ``transformers`` Llama (SDPA attention) built from the same config values
-as the JAX cases (``shapes.TRAIN_CASES``), random init directly on the device, rows of ``max_length`` with a
+as the JAX cases (``shapes.PLAN.train_cases``), random init directly on the device, rows of ``max_length`` with a
 **boolean** 4D block-diagonal causal mask per row (True = may attend; an fp32 additive mask with bf16 inputs
 takes a cuDNN path that misreads it), per-segment position ids, ``use_cache=False``, bf16 autocast, gradient
 checkpointing (the JAX side remats every layer), masked-mean cross-entropy over the trained tokens, gradient
@@ -103,12 +103,12 @@ def run_case(case, ceiling_flops: float | None) -> dict:
     if where.type == "cuda":
         torch.cuda.reset_peak_memory_stats(where)
     losses, grad_norms, times = [], [], []
-    for index in range(shapes.TRAIN_WARMUP + shapes.TRAIN_STEPS):
+    for index in range(shapes.PLAN.train_warmup + shapes.PLAN.train_steps):
         common_torch.synchronize(where)
         begin = time.perf_counter()
         loss, grad_norm = step()
         common_torch.synchronize(where)
-        if index >= shapes.TRAIN_WARMUP:
+        if index >= shapes.PLAN.train_warmup:
             times.append(time.perf_counter() - begin)
         losses.append(float(loss))
         grad_norms.append(float(grad_norm))
@@ -134,11 +134,16 @@ def run_case(case, ceiling_flops: float | None) -> dict:
         "attention_mask": "bool [B, 1, L, L]",
         "status": "ok" if finite and abs(losses[0] - np.log(case.model["vocab_size"])) < 1.0 else "fail",
     }
-    del model, parameters, trainable, optimizer, inputs
-    gc.collect()
-    if where.type == "cuda":
-        torch.cuda.empty_cache()
     return result
+
+
+def free_memory() -> None:
+    """The finished case's model, optimizer and activations back to the device before the next case."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def datasheet_peak(device_name: str) -> float | None:
@@ -160,17 +165,18 @@ def main() -> int:
     try:
         where = common_torch.device()
         ceiling = record.attempt({"kind": "ceiling", "framework": "torch", "op": "matmul"},
-                                 lambda: common_torch.matmul_ceiling(where, shapes.MATMUL_SIZE, shapes.CEILING_REPEATS),
-                                 needs_s=5)
+                                 lambda: common_torch.matmul_ceiling(where, shapes.PLAN.matmul_size,
+                                                                     shapes.PLAN.ceiling_repeats), needs_s=5)
         ceiling_flops = ceiling["tflops"] * 1e12 if ceiling.get("status") == "ok" else None
     except RuntimeError as error:
         record.write({"kind": "ceiling", "framework": "torch", "status": "error", "error": str(error)})
-    for case in shapes.TRAIN_CASES:
+    for case in shapes.PLAN.train_cases:
         base = {"kind": "train_step", "framework": "pytorch", "case": case.name, "rows": case.rows,
                 "length": case.length, "tokens_per_step": case.tokens, "lora_rank": case.lora_rank,
                 "param_dtype": case.param_dtype, "compute_dtype": "bfloat16 (autocast)",
                 "remat": "gradient checkpointing"}
-        record.attempt(base, lambda case=case: run_case(case, ceiling_flops), needs_s=shapes.NEEDS_S["torch"])
+        record.attempt(base, lambda case=case: run_case(case, ceiling_flops), needs_s=shapes.PLAN.needs_s["torch"])
+        free_memory()
     return record.finish()
 
 

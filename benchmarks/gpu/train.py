@@ -1,6 +1,6 @@
 """Stage ``train``: whole train steps as ``sftjax train`` builds them, with MFU.
 
-Each case (``shapes.TRAIN_CASES`` x ``shapes.TRAIN_IMPLEMENTATIONS``, the automatic kernels first) is a random-init
+Each case (``Plan.train_cases`` x ``Plan.train_implementations``, the automatic kernels first) is a random-init
 run described by a :class:`~sftjax.config.Config` (``model.init``: the model's config.json values) and built by
 :func:`sftjax.train.program.build_program`, the recipe the trainer uses: scan over layers, full remat, bf16
 compute, AdamW. A Llama-3.2-1B-shaped full fine-tune keeps float32 master weights (8 x 4096 tokens); a
@@ -57,7 +57,7 @@ def run_case(case, attention: str, cross_entropy: str, ceiling_flops: float | No
     from sftjax.train import flops as flops_lib
     from sftjax.train.program import build_program
 
-    steps = shapes.TRAIN_WARMUP + shapes.TRAIN_STEPS
+    steps = shapes.PLAN.train_warmup + shapes.PLAN.train_steps
     cfg = config_for(case, attention, cross_entropy, steps)
     start = time.perf_counter()
     program = build_program(cfg, mesh=make_mesh(), total_steps=steps)
@@ -81,7 +81,7 @@ def run_case(case, attention: str, cross_entropy: str, ceiling_flops: float | No
         state, metrics = compiled(state, frozen, batch, jax.random.fold_in(rng, step))
         metrics = jax.device_get(metrics)  # waits for the step
         elapsed = time.perf_counter() - start
-        if step >= shapes.TRAIN_WARMUP:
+        if step >= shapes.PLAN.train_warmup:
             times.append(elapsed)
         losses.append(float(metrics["loss"]))
         grad_norms.append(float(metrics["grad_norm"]))
@@ -125,17 +125,17 @@ def main() -> int:
 
     record = Recorder("train.jsonl", "train")
     ceiling = record.attempt({"kind": "ceiling", "framework": "jax", "op": "matmul"},
-                             lambda: cj.matmul_ceiling(shapes.MATMUL_SIZE, shapes.CEILING_REPEATS), needs_s=5)
+                             lambda: cj.matmul_ceiling(shapes.PLAN.matmul_size, shapes.PLAN.ceiling_repeats), needs_s=5)
     ceiling_flops = ceiling["tflops"] * 1e12 if ceiling.get("status") == "ok" else None
-    for attention, cross_entropy in shapes.TRAIN_IMPLEMENTATIONS:
-        for case in shapes.TRAIN_CASES:
+    for attention, cross_entropy in shapes.PLAN.train_implementations:
+        for case in shapes.PLAN.train_cases:
             base = {"kind": "train_step", "case": case.name, "attention": attention, "cross_entropy": cross_entropy,
                     "rows": case.rows, "length": case.length, "tokens_per_step": case.tokens,
                     "lora_rank": case.lora_rank, "param_dtype": case.param_dtype,
                     "compute_dtype": case.compute_dtype, "remat": case.remat, "scan_layers": case.scan_layers,
                     "model": case.model}
             record.attempt(base, lambda case=case, a=attention, c=cross_entropy: run_case(case, a, c, ceiling_flops),
-                           needs_s=shapes.NEEDS_S["train"])
+                           needs_s=shapes.PLAN.needs_s["train"])
             gc.collect()
     return record.finish()
 

@@ -50,7 +50,8 @@ def _without_tensorboardx(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboardX" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "tensorboardX" else real(name, *args))
 
 
 def test_tensorboard_defaults_off_with_a_note_when_tensorboardx_is_missing(tmp_path, monkeypatch, caplog):
