@@ -25,8 +25,8 @@ STAGES = {
     "env": [("env_jax", "jax", 40), ("env_torch", "torch", 30)],
     "correctness": [("correctness", "jax", 100)],
     "kernels": [("kernels", "jax", 120)],
-    "train": [("train", "jax", 190)],
-    "torch": [("torch_loop", "torch", 100)],
+    "train": [("train", "jax", 210)],
+    "torch": [("torch_loop", "torch", 80)],
 }
 GROUPS = {"first": "env,correctness,kernels", "second": "train,torch"}
 BLOCKED = "grain,gguf,tensorboardX"  # absent on the GPU machine: blocked in both modes

@@ -135,7 +135,7 @@ def main() -> int:
                     "compute_dtype": case.compute_dtype, "remat": case.remat, "scan_layers": case.scan_layers,
                     "model": case.model}
             record.attempt(base, lambda case=case, a=attention, c=cross_entropy: run_case(case, a, c, ceiling_flops),
-                           needs_s=shapes.PLAN.needs_s["train"])
+                           needs_s=case.needs_s)
             gc.collect()
     return record.finish()
 
