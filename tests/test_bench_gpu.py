@@ -36,20 +36,22 @@ def dry_run_env() -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
-def dry_run(tmp_path_factory) -> pathlib.Path:
-    out = tmp_path_factory.mktemp("bench_gpu")
+@pytest.mark.slow
+def test_dry_run_of_every_stage(tmp_path):
+    """One dry run (about 2 minutes on an idle machine), then every file it wrote is checked. One test, so that
+    pytest-xdist never runs it twice."""
     started = time.perf_counter()
-    result = subprocess.run(["bash", str(SCRIPT), str(out), "--dry-run"], env=dry_run_env(), capture_output=True,
-                            text=True, timeout=1800)
+    result = subprocess.run(["bash", str(SCRIPT), str(tmp_path), "--dry-run"], env=dry_run_env(),
+                            capture_output=True, text=True, timeout=1800)
     print(f"dry run: {time.perf_counter() - started:.0f} s")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert "bench_gpu summary" in result.stdout
-    return out
+    for check in (check_files_and_stages, check_environment_and_ceilings, check_correctness_covers_every_kernel,
+                  check_kernel_speed_records, check_train_steps_match_the_pytorch_models_of_the_same_config):
+        check(tmp_path)
 
 
-@pytest.mark.slow
-def test_dry_run_writes_every_file_and_every_stage_passes(dry_run):
+def check_files_and_stages(dry_run: pathlib.Path):
     found = {p.name for p in dry_run.iterdir()}
     assert found == FILES and all(p.is_file() for p in dry_run.iterdir())  # <= 8 files, no folders
     stages = read_records(dry_run / "stages.jsonl")
@@ -62,8 +64,7 @@ def test_dry_run_writes_every_file_and_every_stage_passes(dry_run):
     assert "[train]" in log and "[torch]" in log
 
 
-@pytest.mark.slow
-def test_dry_run_environment_and_ceilings(dry_run):
+def check_environment_and_ceilings(dry_run: pathlib.Path):
     records = read_records(dry_run / "env.jsonl")
     host = next(r for r in records if r["kind"] == "host")
     assert host["dry_run"] is True and host["versions"]["jax"]
@@ -75,8 +76,7 @@ def test_dry_run_environment_and_ceilings(dry_run):
         assert (record["tflops"] if op == "matmul" else record["tb_per_s"]) > 0, record
 
 
-@pytest.mark.slow
-def test_dry_run_correctness_covers_every_gpu_implementation(dry_run):
+def check_correctness_covers_every_kernel(dry_run: pathlib.Path):
     from benchmarks.gpu import shapes
 
     records = read_records(dry_run / "correctness.jsonl")
@@ -95,8 +95,7 @@ def test_dry_run_correctness_covers_every_gpu_implementation(dry_run):
     assert pallas and all(r["ran_as"] == "pallas_gpu_interpret" for r in pallas)
 
 
-@pytest.mark.slow
-def test_dry_run_kernel_speed_records(dry_run):
+def check_kernel_speed_records(dry_run: pathlib.Path):
     from benchmarks.gpu import shapes
 
     records = read_records(dry_run / "kernels.jsonl")
@@ -118,8 +117,7 @@ def test_dry_run_kernel_speed_records(dry_run):
         assert ce[name]["rel_err_loss_vs_reference"] <= shapes.TOLERANCE["bfloat16"]
 
 
-@pytest.mark.slow
-def test_dry_run_train_steps_match_the_pytorch_models_of_the_same_config(dry_run):
+def check_train_steps_match_the_pytorch_models_of_the_same_config(dry_run: pathlib.Path):
     from benchmarks.gpu import shapes
 
     jax_steps = {r["case"]: r for r in read_records(dry_run / "train.jsonl") if r["kind"] == "train_step"}
