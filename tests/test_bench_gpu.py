@@ -210,3 +210,37 @@ def test_conftest_keeps_a_jax_platform_given_in_the_environment():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 0 and result.stdout.strip() == "cuda", result.stderr
+
+
+@pytest.mark.slow
+def test_gpu_train_cases_build_and_lower_for_cuda_at_full_size():
+    """The GPU run's two train configs at their real sizes, without a GPU: ``build_program`` builds them abstractly,
+    the train step lowers for CUDA, and the parameter / LoRA counts equal those of transformers + peft models of
+    the same config (on the meta device), which are the published 1.24B and 8.03B."""
+    import jax
+    import peft
+    import torch
+    import transformers
+
+    from benchmarks.gpu import shapes
+    from benchmarks.gpu.train import config_for
+    from sftjax.sharding import make_mesh
+    from sftjax.train.program import build_program
+
+    mesh = make_mesh(devices=jax.devices()[:1])  # the GPU machine has one device
+    published = {"llama_1b_full": 1_235_814_400, "llama_8b_lora16": 8_030_261_248}
+    for case in shapes.GPU.train_cases:
+        program = build_program(config_for(case, "auto", "auto", steps=7), mesh=mesh, total_steps=7, abstract=True)
+        lowered = program.train_step.trace(*program.abstract_arguments(case.length)).lower(
+            lowering_platforms=("cuda",))
+        assert "stablehlo" in lowered.as_text()
+        hf = shapes.hf_config(case.model)
+        hf.pop("dtype", None)
+        with torch.device("meta"):
+            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf))
+        assert sum(p.numel() for p in model.parameters()) == published[case.name]
+        if case.lora_rank:
+            model = peft.get_peft_model(model, peft.LoraConfig(r=case.lora_rank, lora_alpha=2 * case.lora_rank,
+                                                               target_modules="all-linear", task_type="CAUSAL_LM"))
+        assert program.num_params == sum(p.numel() for p in model.parameters()), case.name
+        assert program.num_trainable == sum(p.numel() for p in model.parameters() if p.requires_grad), case.name

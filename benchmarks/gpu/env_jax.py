@@ -38,6 +38,8 @@ def main() -> int:
     record = Recorder("env.jsonl", "env")
     record.write({"kind": "host", "status": "ok", "dry_run": DRY_RUN, "argv": sys.argv, "machine": platform.machine(),
                   "cpus": os.cpu_count(), **nvidia_smi(),
+                  "environment": {k: v for k, v in os.environ.items()
+                                  if k.startswith(("XLA_", "JAX_", "CUDA_", "SFTJAX_BENCH_"))},
                   "versions": versions(["jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12-plugin",
                                         "flax", "optax", "numpy", "triton", "torch", "transformers", "peft"])})
     import jax
