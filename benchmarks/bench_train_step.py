@@ -191,7 +191,7 @@ def parameter_count(weights: dict[str, np.ndarray]) -> int:
 def bench_model(name: str, rows: int, length: int, warmup: int, repeats: int, profile: bool) -> dict:
     spec = MODELS[name]
     hf = hf_llama(spec, length)
-    weights = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    weights = {k: v.detach().numpy() for k, v in hf.state_dict().items()}  # for the parameter count
     model_dir = tempfile.TemporaryDirectory(prefix=f"bench_{name}_")
     hf.save_pretrained(model_dir.name)  # before torch trains: both frameworks start from these weights
     batch = packed_batch(rows, length, spec["vocab_size"])
