@@ -1,7 +1,8 @@
 """Compile time of the train step with and without scan over layers (``model.scan_layers``), by depth.
 
 For each depth, a random Llama-style model (hidden 128, 4 heads / 2 KV heads, MLP 256, vocab 4096) gets one
-full fine-tuning train step (AdamW, remat full, 2 rows x 256 packed tokens), jitted by ``make_train_step``:
+full fine-tuning train step (AdamW, remat full, 2 rows x 256 packed tokens), built by
+``sftjax.train.program.build_program`` from a random-init Config (``model.init``), as ``sftjax train`` builds it:
 the time to trace + lower, the time to compile (medians of ``--repeats`` interleaved rounds), the size of the optimized HLO, and one step's loss (the two
 layouts must agree: the script exits 1 if they differ by more than 1e-5 relative). Compile time depends on the
 program, not the sizes of the arrays, so a small width shows what a deep model costs. Writes
@@ -23,24 +24,18 @@ import time
 import numpy as np
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sftjax.config import LoraSection, OptimSection  # noqa: E402
-from sftjax.models.config import ModelConfig  # noqa: E402
-from sftjax.models.decoder import Decoder  # noqa: E402
-from sftjax.models.scan import stack_layers  # noqa: E402
-from sftjax.peft.lora import split_model  # noqa: E402
-from sftjax.train.optim import make_optimizer  # noqa: E402
-from sftjax.train.step import TrainState, make_train_step  # noqa: E402
+from sftjax.config import Config, ModelSection, OptimSection, TrainSection  # noqa: E402
+from sftjax.sharding import make_mesh  # noqa: E402
+from sftjax.train.program import build_program  # noqa: E402
 
 ROWS, LENGTH, VOCAB = 2, 256, 4096
 
 
-def batch() -> dict:
+def batch(sharding) -> dict:
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, VOCAB, (ROWS, LENGTH)).astype(np.int32)
     half = LENGTH // 2
@@ -49,22 +44,23 @@ def batch() -> dict:
     targets = np.roll(tokens, -1, 1)
     loss_mask = np.ones_like(tokens)
     loss_mask[:, half - 1] = loss_mask[:, -1] = 0
-    return {k: jnp.asarray(v) for k, v in dict(tokens=tokens, targets=targets, loss_mask=loss_mask,
-                                                 segment_ids=segment_ids, positions=positions).items()}
+    arrays = dict(tokens=tokens, targets=targets, loss_mask=loss_mask, segment_ids=segment_ids, positions=positions)
+    return {k: jax.device_put(v.reshape(1, ROWS, LENGTH), sharding) for k, v in arrays.items()}
+
+
+def config(num_layers: int, scan: bool) -> Config:
+    """The run: random init (``model.init``), full fine-tuning, AdamW (lr 1e-3, 10-step cosine), clipping at 1."""
+    init = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_layers=num_layers, num_heads=4,
+                num_kv_heads=2, head_dim=32, max_position_embeddings=LENGTH)
+    return Config(model=ModelSection(init=init, remat="full", scan_layers=scan),
+                  optim=OptimSection(learning_rate=1e-3, max_grad_norm=1.0),
+                  train=TrainSection(steps=10, global_batch_size=ROWS, seed=0, progress=False, tensorboard=False))
 
 
 def measure(num_layers: int, scan: bool) -> dict:
-    config = ModelConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_layers=num_layers,
-                         num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=LENGTH, remat="full")
-    model = Decoder(config, rngs=nnx.Rngs(0))
-    if scan:
-        stack_layers(model)
-    lora = LoraSection()
-    graphdef, trainable, frozen = split_model(model, lora)
-    tx, schedule = make_optimizer(OptimSection(learning_rate=1e-3), 10)
-    state = TrainState.create(trainable, tx)
-    step = make_train_step(graphdef, tx, schedule, max_grad_norm=1.0)
-    data = batch()
+    program = build_program(config(num_layers, scan), mesh=make_mesh(), total_steps=10)
+    state, frozen, step = program.state, program.frozen, program.train_step
+    data = batch(program.batch_sharding)
     key = jax.random.key(0)
     start = time.perf_counter()
     lowered = step.lower(state, frozen, data, key)

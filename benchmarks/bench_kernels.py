@@ -8,6 +8,9 @@ Writes ``benchmarks/results/kernels_<device>.json``.
 
     python benchmarks/bench_kernels.py            # accelerator shapes (GPU/TPU; a few minutes)
     python benchmarks/bench_kernels.py --small    # CPU-sized shapes (under a minute)
+
+On a GPU machine use ``scripts/bench_gpu.sh`` instead (``benchmarks/gpu/``: capped stages, float32 checks under
+"highest" matmul precision, results appended as they arrive).
 """
 
 from __future__ import annotations

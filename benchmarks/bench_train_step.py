@@ -5,8 +5,10 @@ What is measured (float32, CPU unless JAX/torch see an accelerator):
 * PyTorch baseline, the loop DESIGN.md names: a ``transformers`` Llama run eagerly on rows of ``max_length``
   with a 4D block-diagonal causal mask per row (``use_cache=False``, per-segment position ids), masked-mean
   cross-entropy over the trained tokens, ``torch.optim.AdamW``; torch threads = the machine's cores.
-* sftjax: ``make_train_step`` (forward + backward + optax AdamW, jitted, state donated) with every attention /
-  cross-entropy implementation pair that runs on the CPU, plus the automatic choice.
+* sftjax: the run ``sftjax train`` would build (``sftjax.train.program.build_program`` from a Config made in
+  Python, the model loaded from the PyTorch model's own ``save_pretrained`` directory; forward + backward + optax
+  AdamW, jitted, state donated) with every attention / cross-entropy implementation pair that runs on the CPU,
+  plus the automatic choice.
 
 Correctness first: the first step's loss and gradient global norm of every sftjax configuration are compared
 with PyTorch's (relative differences printed and recorded; the script exits 1 above 1e-5). At a fresh init the
@@ -34,6 +36,7 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -46,11 +49,11 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from sftjax.config import LoraSection, OptimSection  # noqa: E402
-from sftjax.models.weights import model_from_hf_tensors  # noqa: E402
-from sftjax.peft.lora import split_model  # noqa: E402
-from sftjax.train.optim import make_optimizer  # noqa: E402
-from sftjax.train.step import LossOptions, TrainState, forward_loss, make_train_step  # noqa: E402
+from benchmarks.batches import packed_batch  # noqa: E402,F401 - re-exported for profile_train_step
+from sftjax.config import Config, ModelSection, OptimSection, TrainSection  # noqa: E402
+from sftjax.sharding import make_mesh  # noqa: E402
+from sftjax.train.program import build_program  # noqa: E402
+from sftjax.train.step import forward_loss  # noqa: E402
 
 MODELS = {
     # ~7M parameters: the shape DESIGN.md's "Where the time goes" refers to
@@ -74,28 +77,6 @@ def hf_llama(spec: dict, max_length: int, seed: int = 0):
                                       mlp_bias=False, attn_implementation="sdpa")
     config.architectures = ["LlamaForCausalLM"]
     return transformers.LlamaForCausalLM(config).float()
-
-
-def packed_batch(rows: int, length: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Batch-contract arrays: 2-3 segments per row filling ~97% of it, the second half of each segment trained
-    (a prompt -> completion shape), targets the next token within the segment."""
-    rng = np.random.default_rng(seed)
-    batch = {k: np.zeros((rows, length), np.int32) for k in ("tokens", "targets", "loss_mask", "segment_ids",
-                                                                "positions")}
-    for row in range(rows):
-        count = int(rng.integers(2, 4))
-        used = int(length * rng.uniform(0.95, 1.0))
-        cuts = np.sort(rng.choice(np.arange(32, used - 32), count - 1, replace=False))
-        bounds = [0, *cuts.tolist(), used]
-        for segment, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
-            tokens = rng.integers(1, vocab, stop - start)
-            batch["tokens"][row, start:stop] = tokens
-            batch["targets"][row, start:stop - 1] = tokens[1:]
-            prompt = (stop - start) // 2
-            batch["loss_mask"][row, start + prompt:stop - 1] = 1
-            batch["segment_ids"][row, start:stop] = segment
-            batch["positions"][row, start:stop] = np.arange(stop - start)
-    return batch
 
 
 # ----------------------------------------------------------------------------------------------------- PyTorch
@@ -146,20 +127,27 @@ def torch_runner(model, batch: dict[str, np.ndarray]):
 
 
 # ------------------------------------------------------------------------------------------------------ sftjax
-def sftjax_runner(hf_config: dict, weights: dict[str, np.ndarray], batch: dict[str, np.ndarray], attention: str,
-                  cross_entropy: str):
-    """(step() -> loss, forward() -> loss, compiled memory) for one implementation pair, on a fresh model."""
-    model, _ = model_from_hf_tensors(hf_config, weights.items(), dtype=jnp.float32, source="benchmark")
-    model.configure(attention_implementation=attention)
-    graphdef, trainable, frozen = split_model(model, LoraSection())
-    optim = OptimSection(name="adamw", learning_rate=LEARNING_RATE, schedule="constant", weight_decay=WEIGHT_DECAY,
-                         no_decay=[], b1=0.9, b2=0.999, eps=1e-8)
-    tx, schedule = make_optimizer(optim, total_steps=1000)
-    options = LossOptions(cross_entropy_implementation=cross_entropy)
-    train_step = make_train_step(graphdef, tx, schedule, options)
-    device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
+def run_config(model_dir: str, rows: int, attention: str, cross_entropy: str) -> Config:
+    """The benchmark's run as a Config: full fine-tuning in float32, AdamW at a constant rate, no clipping."""
+    return Config(
+        model=ModelSection(path=model_dir, param_dtype="float32", compute_dtype="float32",
+                           attention_implementation=attention, cross_entropy_implementation=cross_entropy),
+        optim=OptimSection(name="adamw", learning_rate=LEARNING_RATE, schedule="constant",
+                           weight_decay=WEIGHT_DECAY, no_decay=[], b1=0.9, b2=0.999, eps=1e-8, max_grad_norm=None),
+        train=TrainSection(steps=1000, global_batch_size=rows, progress=False, tensorboard=False))
+
+
+def sftjax_runner(model_dir: str, batch: dict[str, np.ndarray], attention: str, cross_entropy: str):
+    """(step() -> loss, forward() -> loss, compiled memory) for one implementation pair, on a fresh model loaded
+    from ``model_dir`` by ``build_program`` (the recipe ``sftjax train`` uses)."""
+    rows, length = batch["tokens"].shape
+    program = build_program(run_config(model_dir, rows, attention, cross_entropy), mesh=make_mesh(),
+                            total_steps=1000)
+    graphdef, frozen, options, train_step = program.graphdef, program.frozen, program.loss, program.train_step
+    device_batch = {k: jax.device_put(v.reshape(1, rows, length), program.batch_sharding) for k, v in batch.items()}
+    eval_batch = {k: jnp.asarray(v) for k, v in batch.items()}
     rng = jax.random.key(0)
-    holder = {"state": TrainState.create(trainable, tx)}
+    holder = {"state": program.state}
 
     compiled = train_step.lower(holder["state"], frozen, device_batch, rng).compile()
     analysis = compiled.memory_analysis()
@@ -178,7 +166,7 @@ def sftjax_runner(hf_config: dict, weights: dict[str, np.ndarray], batch: dict[s
         return result.loss_sum / jnp.maximum(result.token_count, 1.0)
 
     def forward():
-        return float(jax.block_until_ready(loss_only(holder["state"].params, frozen, device_batch)))
+        return float(jax.block_until_ready(loss_only(holder["state"].params, frozen, eval_batch)))
 
     return step, forward, memory
 
@@ -203,8 +191,9 @@ def parameter_count(weights: dict[str, np.ndarray]) -> int:
 def bench_model(name: str, rows: int, length: int, warmup: int, repeats: int, profile: bool) -> dict:
     spec = MODELS[name]
     hf = hf_llama(spec, length)
-    hf_config = hf.config.to_dict()
-    weights = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}  # before torch trains
+    weights = {k: v.detach().numpy() for k, v in hf.state_dict().items()}  # for the parameter count
+    model_dir = tempfile.TemporaryDirectory(prefix=f"bench_{name}_")
+    hf.save_pretrained(model_dir.name)  # before torch trains: both frameworks start from these weights
     batch = packed_batch(rows, length, spec["vocab_size"])
     tokens_per_step = rows * length
     record = {"model": name, "config": spec, "parameters": parameter_count(weights),
@@ -220,7 +209,7 @@ def bench_model(name: str, rows: int, length: int, warmup: int, repeats: int, pr
     steps, forwards = {"pytorch": torch_step}, {"pytorch": torch_forward}
     for attention, cross_entropy in CONFIGURATIONS:
         label = f"{attention}/{cross_entropy}"
-        step, forward, memory = sftjax_runner(hf_config, weights, batch, attention, cross_entropy)
+        step, forward, memory = sftjax_runner(model_dir.name, batch, attention, cross_entropy)
         start = time.perf_counter()
         first_loss, grad_norm = step(with_grad_norm=True)  # compiles
         compile_s = time.perf_counter() - start

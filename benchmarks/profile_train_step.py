@@ -47,11 +47,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import bench_train_step as bench  # noqa: E402
-from sftjax.config import LoraSection, OptimSection  # noqa: E402
-from sftjax.models.weights import model_from_hf_tensors  # noqa: E402
-from sftjax.peft.lora import split_model  # noqa: E402
-from sftjax.train.optim import make_optimizer  # noqa: E402
-from sftjax.train.step import LossOptions, TrainState, make_train_step  # noqa: E402
+from sftjax.sharding import make_mesh  # noqa: E402
+from sftjax.train.program import build_program  # noqa: E402
 
 RUNTIME_EVENTS = ("ThunkExecutor", "SlinkyThreadPool")  # scheduling, not work
 
@@ -146,18 +143,16 @@ def self_times(trace_dir: str) -> tuple[dict[str, float], dict[str, int]]:
 def profile_model(name: str, rows: int, length: int, implementation: str, steps: int) -> dict:
     spec = bench.MODELS[name]
     hf = bench.hf_llama(spec, length)
-    weights = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
     batch = bench.packed_batch(rows, length, spec["vocab_size"])
-    model, _ = model_from_hf_tensors(hf.config.to_dict(), weights.items(), dtype=jnp.float32, source="profile")
-    model.configure(attention_implementation=implementation)
-    graphdef, trainable, frozen = split_model(model, LoraSection())
-    optim = OptimSection(name="adamw", learning_rate=bench.LEARNING_RATE, schedule="constant",
-                         weight_decay=bench.WEIGHT_DECAY, no_decay=[], b1=0.9, b2=0.999, eps=1e-8)
-    tx, schedule = make_optimizer(optim, total_steps=1000)
-    state = TrainState.create(trainable, tx)
-    device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    with tempfile.TemporaryDirectory(prefix=f"profile_{name}_") as model_dir:
+        hf.save_pretrained(model_dir)
+        # the same run as bench_train_step.py, built by the recipe `sftjax train` uses
+        program = build_program(bench.run_config(model_dir, rows, implementation, implementation), mesh=make_mesh(),
+                                total_steps=1000)
+    state, frozen = program.state, program.frozen
+    device_batch = {k: jax.device_put(v.reshape(1, rows, length), program.batch_sharding) for k, v in batch.items()}
     rng = jax.random.key(0)
-    compiled = make_train_step(graphdef, tx, schedule, LossOptions(cross_entropy_implementation=implementation)).lower(state, frozen, device_batch, rng).compile()
+    compiled = program.train_step.lower(state, frozen, device_batch, rng).compile()
     sources = hlo_source_map(compiled.as_text())
 
     def step(state):

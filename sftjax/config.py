@@ -299,7 +299,7 @@ class TrainSection(Section):
     output_dir: str = "runs/default"
     save: Literal["merged", "adapter", "none"] = "merged"
     progress: bool = True
-    tensorboard: bool = True
+    tensorboard: bool | None = None  # None: on when tensorboardX is installed (a one-line note when it is not)
     peak_flops: float | None = None  # per device; default: the datasheet table (none for a CPU: no MFU there)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     distributed: Literal["auto", "on", "off"] = "auto"  # join a multi-process job (sftjax.train.distributed)

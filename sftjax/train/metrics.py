@@ -1,17 +1,25 @@
 """Where training metrics go: a JSONL file, TensorBoard event files and a progress bar.
 
+TensorBoard files need tensorboardX; ``tensorboard=None`` (the config's default) writes them when it is
+installed and otherwise logs one line saying they are off, so a machine without it still trains.
 Only process 0 writes. Values arrive as host floats (the trainer fetches device metrics at log intervals
 only, so logging never forces a per-step host sync).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import math
 import pathlib
 import time
 
 import jax
+
+from sftjax.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 def device_memory_bytes() -> dict[str, float]:
@@ -68,10 +76,22 @@ def set_aside_stale_records(path: pathlib.Path, initial_step: int) -> pathlib.Pa
     return superseded
 
 
+def tensorboard_enabled(requested: bool | None) -> bool:
+    """Whether to write TensorBoard files: ``requested``, or (None) whether tensorboardX is installed."""
+    installed = importlib.util.find_spec("tensorboardX") is not None
+    if requested and not installed:
+        raise ConfigError("train.tensorboard=true needs tensorboardX, which is not installed "
+                          "(pip install tensorboardX, or set train.tensorboard=false)")
+    if requested is None and not installed:
+        logger.warning("tensorboardX is not installed: TensorBoard logging is off, metrics.jsonl is still written "
+                       "(pip install tensorboardX for event files)")
+    return installed if requested is None else requested
+
+
 class MetricsLogger:
     """Append metric dicts to ``<dir>/metrics.jsonl`` and TensorBoard; show a tqdm bar with ETA."""
 
-    def __init__(self, output_dir: str | pathlib.Path, *, total_steps: int, tensorboard: bool = True,
+    def __init__(self, output_dir: str | pathlib.Path, *, total_steps: int, tensorboard: bool | None = None,
                  progress: bool = True, initial_step: int = 0):
         self.enabled = jax.process_index() == 0
         self.output_dir = pathlib.Path(output_dir)
@@ -80,11 +100,12 @@ class MetricsLogger:
         self.bar = None
         if not self.enabled:
             return
+        write_events = tensorboard_enabled(tensorboard)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / "metrics.jsonl"
         set_aside_stale_records(path, initial_step)
         self.jsonl = open(path, "a", encoding="utf-8")
-        if tensorboard:
+        if write_events:
             from tensorboardX import SummaryWriter
 
             self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))

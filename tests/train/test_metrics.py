@@ -44,3 +44,43 @@ def test_no_file_or_empty_file_is_left_alone(tmp_path):
     assert set_aside_stale_records(path, 0) is None
     path.write_text("")
     assert set_aside_stale_records(path, 0) is None and path.exists()
+
+
+def _without_tensorboardx(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "tensorboardX" else real(name, *args))
+
+
+def test_tensorboard_defaults_off_with_a_note_when_tensorboardx_is_missing(tmp_path, monkeypatch, caplog):
+    import pytest
+
+    from sftjax.config import TrainSection
+    from sftjax.errors import ConfigError
+
+    assert TrainSection().tensorboard is None  # the default: on when tensorboardX is installed
+    _without_tensorboardx(monkeypatch)
+    with caplog.at_level("WARNING", logger="sftjax.train.metrics"):
+        logger = MetricsLogger(tmp_path, total_steps=2, progress=False)
+    logger.log(1, {"loss": 0.5})
+    logger.close()
+    assert logger.writer is None and not (tmp_path / "tensorboard").exists()
+    notes = [r.getMessage() for r in caplog.records if "tensorboardX is not installed" in r.getMessage()]
+    assert len(notes) == 1 and "\n" not in notes[0]
+    with pytest.raises(ConfigError, match="train.tensorboard=true needs tensorboardX"):
+        MetricsLogger(tmp_path / "explicit", total_steps=2, tensorboard=True, progress=False)
+
+
+def test_tensorboard_default_writes_event_files_when_tensorboardx_is_installed(tmp_path):
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("tensorboardX") is None:
+        pytest.skip("tensorboardX is not installed")
+    logger = MetricsLogger(tmp_path, total_steps=2, progress=False)
+    logger.log(1, {"loss": 0.5})
+    logger.close()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

@@ -1,0 +1,1 @@
+"""Benchmark scripts (see BENCHMARKS.md); ``benchmarks.gpu`` is the staged GPU run."""
