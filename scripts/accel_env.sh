@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 VENV=${ACCEL_VENV:-.venv-accel}
 PINS=constraints/accel-py312.txt
 JAX_VERSION=0.11.2
-TOP_LEVEL=("jax[tpu]==$JAX_VERSION" flax optax numpy pyyaml pytest "triton==3.6.0")
+TOP_LEVEL=("jax[tpu]==$JAX_VERSION" flax optax numpy pyyaml pytest "triton==3.6.0" "transformers==5.24.0")
 
 find_python() {
   if [ -n "${ACCEL_PYTHON:-}" ]; then echo "$ACCEL_PYTHON"; return; fi
@@ -45,6 +45,7 @@ if [ $refreeze = 1 ]; then
 elif [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q -c "$PINS" "${TOP_LEVEL[@]}"
 fi
+"$VENV/bin/python" -m pip install -q --no-deps -e . >/dev/null  # the sftjax command, this checkout
 echo "$want" > "$stamp"
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as m

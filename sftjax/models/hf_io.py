@@ -55,6 +55,9 @@ def safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
         return [directory / SINGLE_NAME]
     files = sorted(directory.glob("*.safetensors"))
     if not files:
+        if (directory / "config.json").is_file() and not any(directory.glob("*.bin")):
+            raise CheckpointError(f"{directory}: holds only config.json (the architecture, enough for `sftjax plan`), no "
+                                  "weights; download the model's *.safetensors into it or set model.path to a copy")
         raise CheckpointError(f"{directory}: no *.safetensors weights found (pytorch .bin checkpoints are not "
                               "supported; convert them with transformers' save_pretrained)")
     return files

@@ -240,7 +240,9 @@ def build_program(cfg: Config, *, mesh: Mesh, total_steps: int, abstract: bool =
     else:
         if model is None:
             model, model_config = build_model(cfg, mesh=mesh, tokenizer=tokenizer)
-        else:
+        else:  # a model built elsewhere runs with this config's run-time options too
+            model.configure(remat=cfg.model.remat, attention_implementation=cfg.model.attention,
+                            dtype=cfg.model.compute_dtype)
             model_config = model.config
         targets = adapt(model, cfg)
         shard_model(model, mesh)
