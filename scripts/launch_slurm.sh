@@ -26,7 +26,7 @@ options:
   --venv DIR             virtual environment with sftjax installed (default: .venv)
   --install              create/update the venv first: pip install -e ".[gpu]"
   --python PY            Python >= 3.11 for --install (default: python3)
-  --constraints FILE     pip constraints for --install (default: constraints/gpu.txt, else the only constraints/*.txt)
+  --constraints FILE     pip constraints for --install (default: constraints/gpu.txt if present)
   --env KEY=VALUE        exported to every task (repeatable), e.g. XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
   --sbatch-arg ARG       passed to sbatch as is (repeatable), e.g. --sbatch-arg=--exclusive
   --dry-run              print every command instead of running it
@@ -71,14 +71,7 @@ for item in "${positional[@]:1}"; do [[ $item == *=* ]] || die "override $item m
 
 cd "$(dirname "$0")/.."
 if [ -z "$constraints" ]; then
-  if [ -f constraints/gpu.txt ]; then
-    constraints=constraints/gpu.txt
-  else
-    shopt -s nullglob
-    found=(constraints/*.txt)
-    shopt -u nullglob
-    [ ${#found[@]} -eq 1 ] && constraints=${found[0]}
-  fi
+  [ -f constraints/gpu.txt ] && constraints=constraints/gpu.txt
 elif [ ! -f "$constraints" ]; then
   die "--constraints $constraints does not exist"
 fi

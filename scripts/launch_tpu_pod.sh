@@ -33,7 +33,7 @@ options:
   --repo URL               git remote to clone (--copy git)
   --ref REF                commit, branch or tag to check out (--copy git; default: this checkout's HEAD commit)
   --python PY              Python >= 3.11 on the workers (default: python3)
-  --constraints FILE       pip constraints file (default: constraints/tpu.txt, else the only constraints/*.txt)
+  --constraints FILE       pip constraints file, relative to the checkout (default: constraints/tpu.txt if present)
   --env KEY=VALUE          exported before training on every worker (repeatable)
   --detach                 start training in the background on the workers and return (collect logs later
                            with --steps logs)
@@ -112,14 +112,7 @@ wants() { [[ ",$steps," == *",$1,"* ]]; }
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 if [ -z "$constraints" ]; then
-  if [ -f constraints/tpu.txt ]; then
-    constraints=constraints/tpu.txt
-  else
-    shopt -s nullglob
-    found=(constraints/*.txt)
-    shopt -u nullglob
-    [ ${#found[@]} -eq 1 ] && constraints=${found[0]}
-  fi
+  [ -f constraints/tpu.txt ] && constraints=constraints/tpu.txt
 elif [[ $constraints == /* || ! -f $constraints ]]; then
   die "--constraints $constraints is not a file of this checkout (give a path relative to the repository root)"
 fi

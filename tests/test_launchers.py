@@ -165,10 +165,14 @@ def test_tpu_queued_resource_git_copy_and_detach(tmp_path):
         "git -C sftjax fetch --quiet origin v1.0; git -C sftjax checkout --quiet --detach FETCH_HEAD")
     assert "setsid bash -c" in _remote(train) and "< /dev/null &" in _remote(train)
     subprocess.run(["bash", "-n", "-c", _remote(train)], check=True)
-    # no constraints/ folder: installed without -c
-    (install,) = _lines(_run(root / "scripts" / "launch_tpu_pod.sh", "--tpu", "pod", "--zone", "z", "--steps",
-                             "install", "--dry-run", "c.yaml"))
-    assert _remote(install).endswith("pip install -q -e '.[tpu]'")
+    # no constraints/tpu.txt: installed without -c, unless a file is named
+    (root / "constraints").mkdir()
+    (root / "constraints" / "other.txt").write_text("jax==0.11.2\n")
+    install = ["--tpu", "pod", "--zone", "z", "--steps", "install", "--dry-run", "c.yaml"]
+    (line,) = _lines(_run(root / "scripts" / "launch_tpu_pod.sh", *install))
+    assert _remote(line).endswith("pip install -q -e '.[tpu]'")
+    (line,) = _lines(_run(root / "scripts" / "launch_tpu_pod.sh", "--constraints", "constraints/other.txt", *install))
+    assert _remote(line).endswith("pip install -q -e '.[tpu]' -c constraints/other.txt")
 
 
 @pytest.mark.parametrize("args, message", [
