@@ -4,8 +4,8 @@ Each section dataclass gives a heading (its ``SECTION`` key), its docstring and 
 its type and default (from the dataclass and its type hints) and its description, which is the comment written
 beside the field in sftjax/config.py (read with ``tokenize``; full-line comments right above a field are part of
 it). The keys of ``model.init`` are the fields of ``ModelConfig`` in sftjax/models/config.py, described the same
-way (there the full-line comments are group headings and are left out). ``tests/test_config_docs.py`` regenerates the page and fails when the committed file differs, so after
-changing the schema run::
+way (there the full-line comments are group headings and are left out). ``tests/test_config_docs.py`` regenerates
+the page and fails when the committed file differs, so after changing the schema run::
 
     python scripts/gen_config_docs.py          # rewrite docs/configuration.md
     python scripts/gen_config_docs.py --check  # exit 1 if it is out of date
