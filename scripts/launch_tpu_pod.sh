@@ -38,8 +38,8 @@ options:
   --detach                 start training in the background on the workers and return (collect logs later
                            with --steps logs)
   --logs DIR               local folder for the collected logs (default: logs/tpu-NAME-<time>)
-  --steps LIST             comma-separated subset of create,copy,install,train,logs
-                           (default: copy,install,train,logs, plus create with --queued-resource)
+  --steps LIST             comma-separated subset of create,copy,install,train,logs (default: copy,install,train,
+                           plus logs unless --detach, plus create with --queued-resource)
   --queued-resource ID     create the slice as this queued resource first (needs --accelerator-type and
                            --runtime-version; --spot for spot capacity)
   --accelerator-type TYPE  e.g. v5p-16
@@ -97,7 +97,8 @@ if [ -n "$queued" ]; then
   [ -n "$runtime" ] || die "missing --runtime-version V (--queued-resource creates the slice)"
 fi
 if [ -z "$steps" ]; then
-  steps="copy,install,train,logs"
+  steps="copy,install,train"
+  [ $detach -eq 1 ] || steps+=",logs"  # a detached run's logs are collected later: --steps logs
   [ -n "$queued" ] && steps="create,$steps"
 fi
 for step in ${steps//,/ }; do

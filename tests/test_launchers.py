@@ -165,6 +165,10 @@ def test_tpu_queued_resource_git_copy_and_detach(tmp_path):
         "git -C sftjax fetch --quiet origin v1.0; git -C sftjax checkout --quiet --detach FETCH_HEAD")
     assert "setsid bash -c" in _remote(train) and "< /dev/null &" in _remote(train)
     subprocess.run(["bash", "-n", "-c", _remote(train)], check=True)
+    # --detach alone: no log collection right after the start
+    lines = _lines(_run(root / "scripts" / "launch_tpu_pod.sh", "--tpu", "pod", "--zone", "z", "--detach",
+                        "--dry-run", "c.yaml"))
+    assert "setsid bash -c" in _remote(lines[-1]) and not any("logs/*" in line for line in lines)
     # no constraints/tpu.txt: installed without -c, unless a file is named
     (root / "constraints").mkdir()
     (root / "constraints" / "other.txt").write_text("jax==0.11.2\n")
