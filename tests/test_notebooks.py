@@ -27,7 +27,8 @@ def test_notebook_is_stored_without_outputs(path):
     assert notebook["nbformat"] == 4
     for index, cell in enumerate(notebook["cells"]):
         if cell["cell_type"] == "code":
-            assert cell["outputs"] == [], f"{path.name} cell {index} has outputs: strip them before committing"
+            assert cell["outputs"] == [], (f"{path.name} cell {index} has outputs: clear them before committing "
+                                           "(Jupyter: Edit > Clear Outputs of All Cells)")
             assert cell["execution_count"] is None, f"{path.name} cell {index} has an execution count"
 
 
