@@ -127,13 +127,13 @@ class SourceConfig(Section):
 
     SECTION: ClassVar[str] = "data.sources[]"
     SHORTHAND: ClassVar[str] = "path"
-    path: str
-    weight: float = 1.0
-    format: Literal[FORMATS] = "auto"
+    path: str  # a .jsonl/.json/.parquet/.csv/.tsv file or a `datasets.save_to_disk` directory
+    weight: float = 1.0  # examples per epoch = round(weight x rows): 2.0 repeats the source, 0.5 samples half
+    format: Literal[FORMATS] = "auto"  # auto: detected from the row's columns (sftjax.data.formats)
     columns: dict = dataclasses.field(default_factory=dict)  # canonical name -> column in the file
     json_field: str | None = None  # the key holding the rows in a JSON file that wraps them
     split: str | None = None  # of a `datasets.save_to_disk` DatasetDict
-    system_prompt: str | None = None
+    system_prompt: str | None = None  # a system message for rows that bring none
 
     def check(self) -> None:
         where = f"source {self.path!r}: "
@@ -155,20 +155,20 @@ class DataConfig(Section):
     """Training (and eval) data: sources, masking, packing and loader settings."""
 
     SECTION: ClassVar[str] = "data"
-    sources: tuple[SourceConfig, ...]
-    eval_sources: tuple[SourceConfig, ...] = ()
-    eval_fraction: float = 0.0
-    seed: int = 0
-    max_length: int = 2048
-    masking: Literal[MASKINGS] = "auto"
+    sources: tuple[SourceConfig, ...]  # training datasets: paths, or mappings with the keys of data.sources[]
+    eval_sources: tuple[SourceConfig, ...] = ()  # held-out datasets; when given, eval_fraction is ignored
+    eval_fraction: float = 0.0  # share of every training source held out for eval (split before packing)
+    seed: int = 0  # the eval split, the mixing of sources by weight and the row order per epoch
+    max_length: int = 2048  # tokens per packed row
+    masking: Literal[MASKINGS] = "auto"  # trained tokens; auto: completion for prompt/completion rows, else assistant
     chat_template: str | None = None  # a Jinja file or inline template; default: the tokenizer's
-    packing: Literal[PACKINGS] = "best"
-    overflow: Literal[OVERFLOWS] = "truncate"
-    on_bad_row: Literal[ON_BAD_ROW] = "error"
-    num_workers: int = 0
-    cache_dir: str | None = None
-    shuffle: bool = True
-    prefetch: int = 2
+    packing: Literal[PACKINGS] = "best"  # best: exact fill or repaired BFD, whichever needs fewer rows
+    overflow: Literal[OVERFLOWS] = "truncate"  # examples longer than max_length: keep the start, split, or drop
+    on_bad_row: Literal[ON_BAD_ROW] = "error"  # error: stop at a malformed row; skip: drop it and count it
+    num_workers: int = 0  # tokenizer processes; 0: one per core (at most 16) from 20,000 rows, else in-process
+    cache_dir: str | None = None  # tokenized-data cache; default $SFTJAX_CACHE_DIR or ~/.cache/sftjax/tokenized
+    shuffle: bool = True  # a seeded new order of the packed rows every epoch
+    prefetch: int = 2  # batches prepared ahead by background threads
 
     def check(self) -> None:
         if not self.sources:
@@ -187,11 +187,11 @@ class LoraSection(Section):
     """PEFT-style LoRA adapters; disabled = full fine-tuning."""
 
     SECTION: ClassVar[str] = "lora"
-    enabled: bool = False
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    rslora: bool = False
+    enabled: bool = False  # false: full fine-tuning (every parameter trains)
+    r: int = 8  # adapter rank
+    alpha: float = 16.0  # the update is scaled by alpha / r (alpha / sqrt(r) with rslora)
+    dropout: float = 0.0  # on the adapter's input, in training only
+    rslora: bool = False  # rank-stabilized scale alpha / sqrt(r)
     target_modules: list[str] | str = "all-linear"  # names/regexes, or all-linear
     modules_to_save: list[str] = dataclasses.field(default_factory=list)  # regexes of fully trained params
 
@@ -213,21 +213,21 @@ class OptimSection(Section):
     """Optimizer, learning-rate schedule and gradient clipping."""
 
     SECTION: ClassVar[str] = "optim"
-    name: Literal["adamw", "adafactor", "sgd"] = "adamw"
-    learning_rate: float = 1e-4
-    schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
+    name: Literal["adamw", "adafactor", "sgd"] = "adamw"  # the optax optimizer
+    learning_rate: float = 1e-4  # peak learning rate, reached at the end of warmup
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"  # after warmup: constant, or decay to the minimum
+    warmup_steps: int = 0  # linear warmup from 0
+    warmup_ratio: float = 0.0  # warmup as a share of all steps, used when warmup_steps is 0
     min_lr_ratio: float = 0.0  # final lr = learning_rate * min_lr_ratio (linear/cosine)
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # not applied to the no_decay parameters
     # regexes over parameter paths that get no weight decay (norms, biases, embeddings by default)
     no_decay: list[str] = dataclasses.field(default_factory=lambda: ["norm", "bias", "embed"])
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
+    b1: float = 0.9  # adamw
+    b2: float = 0.999  # adamw
+    eps: float = 1e-8  # adamw
     momentum: float = 0.0  # sgd
     max_grad_norm: float | None = 1.0  # null: no clipping
-    z_loss: float = 0.0
+    z_loss: float = 0.0  # coefficient of the logsumexp(logits)^2 penalty per trained token
 
     def check(self) -> None:
         _positive("optim.learning_rate", self.learning_rate)
@@ -249,9 +249,9 @@ class MeshSection(Section):
     """Device mesh sizes; -1 = all remaining devices."""
 
     SECTION: ClassVar[str] = "train.mesh"
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
+    data: int = -1  # data parallelism: batch rows split, weights replicated
+    fsdp: int = 1  # batch rows split and weights (and optimizer state) sharded, gathered for use
+    tensor: int = 1  # heads, MLP and vocabulary split (tensor parallelism)
 
     def sizes(self) -> dict[str, int]:
         return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
@@ -284,8 +284,8 @@ class TrainSection(Section):
     """Loop length, batch geometry, cadence and outputs."""
 
     SECTION: ClassVar[str] = "train"
-    steps: int | None = None
-    epochs: float | None = None
+    steps: int | None = None  # optimizer steps; takes precedence over epochs
+    epochs: float | None = None  # passes over the packed training rows (when steps is not given)
     global_batch_size: int = 8  # rows per optimizer step, over all devices and hosts
     micro_batch_size: int | None = None  # rows per accumulation micro-batch (global); default = global
     eval_every: int = 0  # 0 = only at the end
@@ -293,15 +293,15 @@ class TrainSection(Section):
     generate_eval_every: int = 0  # decode eval prompts and log eval/accuracy every N steps (0 = never)
     generate_eval_answer: str = "exact"  # exact | number | gsm8k | regex:PATTERN
     generate_eval_limit: int | None = 32  # eval examples decoded per generation eval (None = all)
-    generate_eval_max_new_tokens: int = 128
+    generate_eval_max_new_tokens: int = 128  # answer length limit of the generation eval
     log_every: int = 10  # 0 = every step
-    seed: int = 0
-    output_dir: str = "runs/default"
-    save: Literal["merged", "adapter", "none"] = "merged"
-    progress: bool = True
-    tensorboard: bool | None = None  # None: on when tensorboardX is installed (a one-line note when it is not)
+    seed: int = 0  # random init, LoRA init and dropout
+    output_dir: str = "runs/default"  # metrics.jsonl, tensorboard/, checkpoints/ and final/ (the trained model)
+    save: Literal["merged", "adapter", "none"] = "merged"  # final/: merged HF weights, a PEFT adapter, or nothing
+    progress: bool = True  # a progress bar with loss, tokens/s, MFU and ETA
+    tensorboard: bool | None = None  # TensorBoard events in <output_dir>/tensorboard; None: when tensorboardX is installed
     peak_flops: float | None = None  # per device; default: the datasheet table (none for a CPU: no MFU there)
-    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)  # device mesh axis sizes (train.mesh)
     distributed: Literal["auto", "on", "off"] = "auto"  # join a multi-process job (sftjax.train.distributed)
 
     def check(self) -> None:
@@ -341,12 +341,12 @@ class CheckpointSection(Section):
 
     SECTION: ClassVar[str] = "checkpoint"
     directory: str | None = None  # default: <train.output_dir>/checkpoints
-    save_every_steps: int | None = None
-    save_every_minutes: float | None = 30.0
+    save_every_steps: int | None = None  # null: no step trigger
+    save_every_minutes: float | None = 30.0  # null: no time trigger; the last step is always saved
     keep: int | None = 3  # newest checkpoints kept (null: all)
     keep_best: int = 0  # also keep this many with the lowest eval_loss
     resume: str = "auto"  # auto | never | <path to a run, checkpoint root or step directory>
-    async_save: bool = True
+    async_save: bool = True  # write in a background thread while training goes on
 
     def check(self) -> None:
         for key in ("save_every_steps", "save_every_minutes", "keep"):
