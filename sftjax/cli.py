@@ -34,9 +34,16 @@ def _entry_points(target: str):
     return module.add_arguments, module.run
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument error is one line naming the command (argparse prints the whole usage block otherwise)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sftjax", description="Supervised fine-tuning in JAX.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="sftjax", description="Supervised fine-tuning in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = next((arg for arg in argv if not arg.startswith("-")), None)
     runners = {}

@@ -35,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_options(parser)
 
 
+class _OptionParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError(f"plan: {message} (see sftjax plan --help)")
+
+
 def _split_overrides(args: argparse.Namespace) -> argparse.Namespace:
     """Options that came after the config (inside ``overrides``) parsed and merged into ``args``."""
     overrides, options = [], []
@@ -45,12 +50,9 @@ def _split_overrides(args: argparse.Namespace) -> argparse.Namespace:
             takes_value = not takes_value and item in _VALUE_OPTIONS
         else:
             overrides.append(item)
-    parser = argparse.ArgumentParser(prog="sftjax plan", add_help=False)
+    parser = _OptionParser(prog="sftjax plan", add_help=False)
     _add_options(parser)
-    try:
-        parsed = parser.parse_args(options)
-    except SystemExit:
-        raise ConfigError(f"plan: cannot parse the options {' '.join(options)} (see sftjax plan --help)") from None
+    parsed = parser.parse_args(options)
     merged = vars(args) | {k: v for k, v in vars(parsed).items() if v != parser.get_default(k)}
     merged["overrides"] = overrides
     return argparse.Namespace(**merged)

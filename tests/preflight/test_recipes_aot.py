@@ -1,0 +1,61 @@
+"""The shipped recipes compiled ahead of time for the accelerators they are meant for, by ``sftjax plan --compile
+--target`` (XLA's real TPU compiler on libtpu's compile-only devices; CUDA lowering for GPUs): each reports
+per-device memory and the verdict it must have. Printed, so the CI log shows the numbers."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+from sftjax.config import load_config
+from sftjax.plan.compile import compile_for_target, format_target
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+QWEN_7B_FULL = REPO / "configs" / "qwen25_7b_full_tpu_v5p8.yaml"
+LLAMA_8B_LORA = REPO / "configs" / "llama31_8b_lora_1gpu.yaml"
+SMOLLM2 = REPO / "configs" / "smollm2_135m_cpu.yaml"
+
+
+def compiled(config, target, overrides=()):
+    result = compile_for_target(load_config(config, list(overrides)), target)
+    print("\n".join(format_target(result)))
+    print(json.dumps(result, default=str))
+    return result
+
+
+@pytest.mark.parametrize("config, target, overrides, verdict", [
+    (QWEN_7B_FULL, "v5p-8", [], "FITS"),
+    (LLAMA_8B_LORA, "v5p-8", ["train.mesh.data=1", "train.mesh.fsdp=4", "train.micro_batch_size=4"], "FITS"),
+    (SMOLLM2, "v5e-4", [f"model.path={REPO / 'configs' / 'models' / 'smollm2-135m-instruct'}",
+                        "model.scan_layers=true", "train.micro_batch_size=4", "train.global_batch_size=8"], "FITS"),
+    # an 8B full fine-tune (f32 master weights + AdamW: ~128 GB of state) cannot fit one 16 GiB v5e chip
+    (LLAMA_8B_LORA, "v5e-1", ["lora.enabled=false", "model.param_dtype=float32",
+                              "train.micro_batch_size=1", "train.global_batch_size=1"], "DOES NOT FIT"),
+])
+def test_recipe_compiles_for_its_tpu_with_the_right_verdict(libtpu, config, target, overrides, verdict):
+    result = compiled(config, target, overrides)
+    memory = result["memory"]
+    assert result["verdict"] == verdict, result
+    assert memory["argument_bytes"] > 0 and memory["temp_bytes"] > 0 and memory["generated_code_bytes"] > 0
+    assert result["kernels"]["attention"] == "splash_tpu"  # the TPU rule, not this CPU machine's
+    assert result["roofline_step_s"] > 0
+
+
+def test_8b_lora_recipe_lowers_for_h100_with_the_triton_kernels(triton_package):
+    result = compiled(LLAMA_8B_LORA, "h100", ["model.attention_implementation=pallas_gpu",
+                                               "model.cross_entropy_implementation=pallas_gpu",
+                                               "data.max_length=1024"])
+    assert "lowered for CUDA" in result["checked"] and "not compiled" in result["not_checked"]
+    assert {"sftjax_flash_attention_fwd", "sftjax_ce_row_stats"} <= set(result["triton_kernels"]), result
+
+
+def test_bad_targets_are_one_line(libtpu):
+    from sftjax.errors import ConfigError
+
+    cfg = load_config(QWEN_7B_FULL)
+    with pytest.raises(ConfigError, match="unknown target 'v9x-8': choose one of v4-8"):
+        compile_for_target(cfg, "v9x-8")
+    with pytest.raises(ConfigError, match="--target v5p-8 has 4 devices: train.mesh"):
+        compile_for_target(load_config(QWEN_7B_FULL, ["train.mesh.fsdp=8"]), "v5p-8")
