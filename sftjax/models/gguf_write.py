@@ -223,6 +223,11 @@ def write_gguf_from_hf(hf_config: dict, tensors: Iterable[tuple[str, np.ndarray]
     numbers = _add_metadata(writer, hf_config, arch, dtype)
     if tokenizer is not None:
         add_tokenizer(writer, tokenizer, int(hf_config["vocab_size"]), out_path, tokenizer_pre)
+    else:  # the config's special ids, as llama.cpp's converter reads them from config.json
+        for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                         ("pad_token_id", writer.add_pad_token_id)):
+            if isinstance(hf_config.get(key), int):
+                add(hf_config[key])
     for tensor_name, data in _extra_tensors(hf_config, numbers, out_path):
         writer.add_tensor(tensor_name, data)
     tied = bool(hf_config.get("tie_word_embeddings")) or model_type in ("gemma", "gemma2")
