@@ -19,7 +19,6 @@ from sftjax.models.gguf_read import _rope_rows_to_ggml
 from sftjax.models.gguf_tokenizer import add_tokenizer, tokenizer_kind
 from sftjax.models.weights import iter_hf_tensors
 
-
 _WRITE_DTYPES = ("f32", "f16", "bf16", "q8_0")
 
 # HF model_type -> (gguf.MODEL_ARCH member, HF architectures entry, HF activation, RoPE types llama.cpp can run).
@@ -153,7 +152,7 @@ def _add_metadata(writer, hf_config: dict, arch: str, dtype: str) -> dict:
             scale = max_positions / original
             writer.add_rope_scaling_attn_factors(
                 math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0)
-    return dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, rope=rope, rotary=int(head_dim * partial))
+    return {"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "rope": rope, "rotary": int(head_dim * partial)}
 
 
 def _extra_tensors(hf_config: dict, numbers: dict, out_path) -> list[tuple[str, np.ndarray]]:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import require  # noqa: E402
+from tests.conftest import require
 
 gguf = require("gguf")
 torch = require("torch")
 
-from sftjax.errors import CheckpointError  # noqa: E402
-from sftjax.models import gguf_read, gguf_tokenizer, gguf_write  # noqa: E402
-from tests.oracle import assert_close  # noqa: E402
+from sftjax.errors import CheckpointError
+from sftjax.models import gguf_read, gguf_tokenizer, gguf_write
+from tests.oracle import assert_close
 
 Q = gguf.GGMLQuantizationType
 
@@ -337,8 +337,9 @@ def test_tokenizer_matches_hf_files(smollm2_gguf, assets_dir):
 
 def test_smollm2_load_model_logits_match_torch(smollm2_read):
     """sftjax.load_model on the alias vs a transformers Llama built from the same dequantized weights."""
-    import sftjax
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import sftjax
 
     config, tensors = smollm2_read
     reference = LlamaForCausalLM(LlamaConfig(**config)).eval()
@@ -627,7 +628,7 @@ def test_pre_tokenizer_names(assets_dir, name, pre):
         assert rebuilt.pre_tokenize_str(text) == source.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
 
 
-@pytest.mark.parametrize("name, pre", [("llama3/hf", "llama-bpe")])
+@pytest.mark.parametrize("name, pre", [("llama3/hf", "llama-bpe"), ("qwen2/hf", "qwen2")])
 def test_tokenizer_roundtrip_through_gguf_metadata(tmp_path, assets_dir, name, pre):
     """Vocabulary/merges/pre-tokenizer written by write_gguf come back as the same tokenizer (llama.cpp's names)."""
     from transformers import AutoTokenizer

@@ -19,29 +19,29 @@ from tests.conftest import require
 gguf = require("gguf")
 torch = require("torch")
 
-from sftjax.errors import CheckpointError  # noqa: E402
-from sftjax.models import gguf_read, gguf_write  # noqa: E402
-from tests.oracle import assert_close  # noqa: E402
+from sftjax.errors import CheckpointError
+from sftjax.models import gguf_read, gguf_write
+from tests.oracle import assert_close
 
-_BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
-             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_BASE = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+             "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
 # model_type -> (GGUF architecture, transformers can load it, config overrides). The head sizes follow what
 # transformers' GGUF loader assumes where the file has no key for them (Qwen3's head_dim, Gemma 2's
 # query_pre_attn_scalar and soft-capping defaults).
 _FAMILIES = {
     "llama": ("llama", True, {}),
-    "mistral": ("llama", True, dict(sliding_window=None)),
+    "mistral": ("llama", True, {"sliding_window": None}),
     "qwen2": ("qwen2", True, {}),
-    "qwen3": ("qwen3", True, dict(num_attention_heads=2, num_key_value_heads=1, head_dim=128)),
-    "gemma": ("gemma", False, dict(tie_word_embeddings=True, num_key_value_heads=1,
-                                   hidden_activation="gelu_pytorch_tanh")),
-    "gemma2": ("gemma2", True, dict(tie_word_embeddings=True, num_attention_heads=2, num_key_value_heads=1,
-                                    head_dim=256, query_pre_attn_scalar=256, sliding_window=4,
-                                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-                                    hidden_activation="gelu_pytorch_tanh")),
-    "phi3": ("phi3", True, dict(sliding_window=None)),
+    "qwen3": ("qwen3", True, {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 128}),
+    "gemma": ("gemma", False, {"tie_word_embeddings": True, "num_key_value_heads": 1,
+                                   "hidden_activation": "gelu_pytorch_tanh"}),
+    "gemma2": ("gemma2", True, {"tie_word_embeddings": True, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                    "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4,
+                                    "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                                    "hidden_activation": "gelu_pytorch_tanh"}),
+    "phi3": ("phi3", True, {"sliding_window": None}),
 }
 _TOKENS = np.array([[1, 5, 9, 33, 7, 100, 3, 60, 2, 11, 17, 90]])
 
@@ -269,17 +269,17 @@ def _hf(model_type: str, **extra) -> dict:
 
 
 @pytest.mark.parametrize("model_type, extra, expected", [
-    ("llama", dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}), "dynamic"),
-    ("llama", dict(mlp_bias=True), "MLP biases"),
-    ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1), "sliding window"),
-    ("gemma", dict(tie_word_embeddings=False), "untied"),
-    ("gemma2", dict(query_pre_attn_scalar=100), "query_pre_attn_scalar"),
-    ("gemma2", dict(layer_types=["full_attention", "sliding_attention"]), "every other layer"),
-    ("phi3", dict(partial_rotary_factor=0.5, hidden_act="gelu"), "activation"),
-    ("qwen3", dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
-    ("phi3", dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "long_factor": [1.0] * 8,
+    ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}}, "dynamic"),
+    ("llama", {"mlp_bias": True}, "MLP biases"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}, "sliding window"),
+    ("gemma", {"tie_word_embeddings": False}, "untied"),
+    ("gemma2", {"query_pre_attn_scalar": 100}, "query_pre_attn_scalar"),
+    ("gemma2", {"layer_types": ["full_attention", "sliding_attention"]}, "every other layer"),
+    ("phi3", {"partial_rotary_factor": 0.5, "hidden_act": "gelu"}, "activation"),
+    ("qwen3", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "long_factor": [1.0] * 8,
                                    "short_factor": [1.0] * 8, "original_max_position_embeddings": 32,
-                                   "attention_factor": 3.0}), "attention_factor"),
+                                   "attention_factor": 3.0}}, "attention_factor"),
 ])
 def test_unexportable_configs_say_so_before_writing(tmp_path, model_type, extra, expected):
     config, state = _hf(model_type, **extra)
