@@ -112,6 +112,9 @@ def assistant_spans(tokenizer, messages: list[dict], template: str, full_text: s
             found = ended.rfind(content)
             turn_start = found if 0 <= found < turn_start else turn_start
         turn = ended[turn_start:].rstrip()
+        if marker:  # a header for the next reply written after the final message (Command-A) is not the turn's
+            at = turn.find(content) if content else -1
+            turn = turn[:_cut_before_marker(turn, at + len(content) if at >= 0 else 0, len(turn), marker)]
         if not turn:
             raise _error(f"{location}: chat template renders assistant message {i} as empty text", "template_error")
         # The turn cannot start before the message it answers: skip past that message's content.
