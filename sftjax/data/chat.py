@@ -195,7 +195,7 @@ def _generation_mask(tokenizer, messages, template, tools, ids, where) -> list[i
 
 def encode_example(row: dict, tokenizer, *, masking: str = "assistant", chat_template: str | None = None,
                    max_length: int | None = None, format: str = "auto", columns: dict | None = None,
-                   location: str | None = None, system_prompt: str | None = None) -> dict:
+                   location: str | None = None, system_prompt: str | None = None, train_reasoning: str = "all") -> dict:
     """One dataset row -> ``{"input_ids": [...], "train_mask": [...]}`` (truncated to ``max_length`` if given).
 
     Raises DataError naming ``location`` for a bad row, DroppedExample (with ``reason``) when nothing is trained.
@@ -203,7 +203,7 @@ def encode_example(row: dict, tokenizer, *, masking: str = "assistant", chat_tem
     where = location or "row"
     conversation = to_conversation(row, format=format, columns=columns, location=where, system_prompt=system_prompt)
     ids, mask = encode_conversation(conversation, tokenizer, masking=masking, chat_template=chat_template,
-                                    location=where)
+                                    location=where, train_reasoning=train_reasoning)
     if not any(mask):
         raise DroppedExample(f"{where}: example has no trained tokens", "no_trained_tokens")
     if max_length is not None and len(ids) > max_length:
