@@ -39,6 +39,7 @@ from sftjax.models.scan import unstacked
 from sftjax.models.tokenizer import load_tokenizer
 from sftjax.peft.lora import trainable_filter
 from sftjax.train import checkpoint as ckpt
+from sftjax.train import run_meta
 from sftjax.train import program
 from sftjax.peft.adapter_io import write_peft_adapter
 
@@ -92,7 +93,7 @@ def model_from_checkpoint(source, *, step: int | None = None):
         if step is None:
             raise CheckpointError(f"no complete checkpoint in {root}")
         meta = manager.read_meta(step)
-        cfg = ckpt.run_config(meta, root / str(step))
+        cfg = run_meta.run_config(meta, root / str(step))
         model, model_config = _base_model(cfg, meta, root / str(step))
         program.adapt(model, cfg)
         trainable = nnx.state(model, trainable_filter(cfg.lora, scan_plan=model.scan_plan))
@@ -109,7 +110,7 @@ def _base_model(cfg, meta: Mapping, step_dir: pathlib.Path):
     path = base_ref.get("path") or cfg.model.path
     if path:
         fingerprint = base_ref.get("fingerprint")
-        if fingerprint and pathlib.Path(path).exists() and ckpt.fingerprint_model(path) != fingerprint:
+        if fingerprint and pathlib.Path(path).exists() and run_meta.fingerprint_model(path) != fingerprint:
             raise CheckpointError(f"base model {path} changed since checkpoint {step_dir} was written "
                                   "(fingerprint differs); the adapters would be applied to other weights")
         return program.build_model(cfg.replace(model=dataclasses.replace(cfg.model, path=str(path))))

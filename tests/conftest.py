@@ -13,8 +13,10 @@ libraries are imported with ``require("torch")`` (module level or inside a test)
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import pathlib
+import re
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -68,3 +70,26 @@ def smollm2_gguf() -> pathlib.Path:
     if not path.is_file():
         _missing(f"{path} not found")
     return path
+
+
+_LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [\w.]+: ")
+
+
+def error_line(stderr: str) -> str:
+    """The one line a failed command tells the user, from its stderr minus the log records it wrote before
+    failing (progress of data loading, checkpoint restores); fails unless it is exactly one line, no traceback."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip() and not _LOG_RECORD.match(line)]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """``sftjax train`` configures the root logger onto the stderr of the moment; inside a test that is the
+    test's capture stream, closed once the test ends. Each test gets the root logger back as it found it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

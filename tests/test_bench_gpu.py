@@ -192,8 +192,6 @@ def test_benchmark_modules_import_without_grain_gguf_or_tensorboardx(tmp_path):
         "logger.log(1, {'loss': 1.0}); logger.close()",
         "import sys",
         "assert all(sys.modules.get(m) is None for m in ('grain', 'gguf', 'tensorboardX'))",
-        "try:\n    import tensorboardX\nexcept ModuleNotFoundError:\n    pass",
-        "else:\n    raise SystemExit('tensorboardX was not blocked')",
     ])
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,

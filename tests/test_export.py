@@ -14,13 +14,14 @@ import pytest
 from flax import nnx
 
 from sftjax.train import checkpoint as ckpt
+from sftjax.train import run_meta
 from sftjax import export as ex
 from sftjax.peft import adapter_io
 from sftjax.config import LoraSection
 from sftjax.errors import CheckpointError
 from tests.oracle import assert_close, relative_error
 
-from tests.conftest import require
+from tests.conftest import require, error_line
 
 torch = require("torch")
 transformers = require("transformers")
@@ -134,7 +135,7 @@ def _save_checkpoint(run_dir, config, model, lora: LoraSection, step=10):
 
     with ckpt.CheckpointManager(run_dir / "checkpoints", config,
                                 base_model={"path": config["model"]["path"],
-                                            "fingerprint": ckpt.fingerprint_model(config["model"]["path"])}) as m:
+                                            "fingerprint": run_meta.fingerprint_model(config["model"]["path"])}) as m:
         m.save(step, {"params": nnx.state(model, trainable_filter(lora))}, data_state={"index": 3})
 
 
@@ -206,8 +207,8 @@ def test_output_must_be_empty_unless_overwrite(hf_base, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     assert main(["export", str(tmp_path / "run"), str(out), "--format", "hf"]) == 2
-    err = capsys.readouterr().err
-    assert "non-empty directory" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    err = error_line(capsys.readouterr().err)
+    assert "non-empty directory" in err and "--overwrite" in err
     assert (out / "keep.txt").read_text() == "precious"
     assert main(["export", str(tmp_path / "run"), str(out), "--format", "hf", "--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()

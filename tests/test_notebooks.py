@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from tests.conftest import require
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
@@ -33,13 +35,8 @@ def test_notebook_is_stored_without_outputs(path):
 
 
 def _execute(path: pathlib.Path, assets_dir: pathlib.Path, tmp_path: pathlib.Path):
-    try:
-        import nbformat
-        from nbclient import NotebookClient
-    except ImportError as error:
-        if os.environ.get("CI"):
-            pytest.fail(f"{error} (the test extra installs nbclient, nbformat and ipykernel; required in CI)")
-        pytest.skip(f"{error}: install the test extra to run the notebooks")
+    nbformat = require("nbformat")
+    NotebookClient = require("nbclient").NotebookClient
     notebook = nbformat.read(path, as_version=4)
     # The kernel gets a clean CPU environment: one device (the test session's fake 8-device XLA flag is dropped),
     # this checkout first on the path, the shared assets, caches under the test's temporary directory.

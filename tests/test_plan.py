@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from sftjax.config import load_config
 from sftjax.plan.compile import compile_memory
 from sftjax.plan.estimate import Plan, plan
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, error_line
 
 TINY = str(REPO_ROOT / "configs" / "tiny_cpu.yaml")
 LLAMA_8B = str(REPO_ROOT / "configs" / "llama31_8b_lora_1gpu.yaml")
@@ -169,8 +169,8 @@ def test_errors_are_one_line(tmp_path, capsys, override, expected):
     base = [] if override.startswith("train") else ["model.init=null"]
     args = ["plan", TINY, *base, override.format(tmp=tmp_path), "--devices", "8"]
     assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("sftjax: error:") and expected in err and "\n" not in err
+    err = error_line(capsys.readouterr().err)
+    assert err.startswith("sftjax: error:") and expected in err
 
 
 @pytest.mark.parametrize("remat, lora, scan, dtype, length", [

@@ -6,7 +6,7 @@ Each weight passes through ``gather_for_compute`` right before use: the FSDP all
 XLA mis-partitions some backward matmuls without it (see ``sftjax.sharding``).
 
 A ``Linear`` may hold a quantized frozen kernel instead (``quantize``: NF4 or int8 in bitsandbytes' format, see
-``sftjax.peft.quant``), dequantized right before its matmul, and a DoRA adapter (``use_dora``), following peft.
+``sftjax.models.quant``), dequantized right before its matmul, and a DoRA adapter (``use_dora``), following peft.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sftjax.errors import ConfigError
-from sftjax.peft.quant import QuantizedWeight, quantize_kernel
+from sftjax.models.quant import QuantizedWeight, quantize_kernel
 from sftjax.sharding import gather_for_compute
 
 
@@ -64,7 +64,7 @@ class Linear(nnx.Module):
         return jnp.dtype(self.kernel.source_dtype) if self.quantized else self.kernel[...].dtype
 
     def quantize(self, fmt: str, *, double_quant: bool = False) -> None:
-        """Replace the dense kernel by its ``fmt`` (nf4 | int8) quantization (see ``sftjax.peft.quant``)."""
+        """Replace the dense kernel by its ``fmt`` (nf4 | int8) quantization (see ``sftjax.models.quant``)."""
         self.kernel = quantize_kernel(self.kernel[...], fmt, logical_axes=self.logical_axes,
                                       double_quant=double_quant)
 

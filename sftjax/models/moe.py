@@ -42,322 +42,38 @@ merged weight).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
 from sftjax.errors import ConfigError
 from sftjax.models.layers import Linear, param
+from sftjax.models.moe_ops import (  # noqa: F401  (re-exported: the block's public names)
+    _GLU_ACTIVATIONS,
+    EXPERT_ACTIVATIONS,
+    IMPLEMENTATIONS,
+    MEGABLOX_ON_TPU,
+    ROUTER_ORDERS,
+    MoEAux,
+    MoEConfig,
+    Routing,
+    combine,
+    expert_activation,
+    grouped_ffn,
+    inverse_permutation,
+    ragged_matmul,
+    resolve_implementation,
+    route,
+    routed_dense,
+    routed_local,
+    router_statistics,
+    sort_by_expert,
+    weight_logical_axes,
+)
+from sftjax.models.moe_sharding import routed_experts
 from sftjax.sharding import gather_for_compute
-
-ROUTER_ORDERS = ("softmax_topk", "topk_softmax")
-EXPERT_ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu", "clamped_swiglu")
-IMPLEMENTATIONS = ("auto", "ragged_dot", "dense", "megablox", "megablox_interpret")
-# megablox's gmm compiles for TPU inside shard_map, forward and backward (scripts/check_moe_tpu_lowering.py,
-# run against libtpu's compiler on a v5p topology); "auto" uses it there and ragged_dot everywhere else.
-MEGABLOX_ON_TPU = True
-
-_GLU_ACTIVATIONS = {
-    "silu": jax.nn.silu,
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class MoEConfig:
-    """The closed set of switches of one MoE block (hashable: it lives on the model as static data)."""
-
-    hidden_size: int
-    expert_intermediate_size: int  # HF: moe_intermediate_size (Qwen), intermediate_size (Mixtral, gpt-oss)
-    num_experts: int  # HF: num_local_experts / num_experts
-    num_experts_per_tok: int  # k
-    router_order: str = "softmax_topk"  # or "topk_softmax" (gpt-oss)
-    norm_topk_prob: bool = True  # softmax_topk only: renormalize the k chosen probabilities to sum to 1
-    router_bias: bool = False  # gpt-oss
-    activation: str = "silu"  # GLU act(gate) * up; "clamped_swiglu" is gpt-oss's (alpha, limit, (up + 1))
-    expert_bias: bool = False  # biases on the expert projections (gpt-oss)
-    swiglu_alpha: float = 1.702
-    swiglu_limit: float = 7.0
-    shared_expert_intermediate_size: int = 0  # 0 = no shared expert
-    shared_expert_gate: bool = False  # sigmoid(x @ w_gate) scales the shared expert (Qwen2-MoE)
-    router_aux_loss_coef: float = 0.0  # coefficient of the load-balancing loss in the training objective
-    router_z_loss_coef: float = 0.0  # coefficient of the router z-loss
-    implementation: str = "auto"  # ragged_dot | dense (oracle) | megablox (TPU) | megablox_interpret (CPU) | auto
-
-    def __post_init__(self):
-        def bad(key, value, allowed):
-            raise ConfigError(f"model.moe.{key}={value!r} is not supported (allowed: {allowed})")
-
-        if self.router_order not in ROUTER_ORDERS:
-            bad("router_order", self.router_order, ", ".join(ROUTER_ORDERS))
-        if self.activation not in EXPERT_ACTIVATIONS:
-            bad("activation", self.activation, ", ".join(EXPERT_ACTIVATIONS))
-        if self.implementation not in IMPLEMENTATIONS:
-            bad("implementation", self.implementation, ", ".join(IMPLEMENTATIONS))
-        for key in ("hidden_size", "expert_intermediate_size", "num_experts", "num_experts_per_tok"):
-            if int(getattr(self, key)) < 1:
-                bad(key, getattr(self, key), "a positive integer")
-        if self.num_experts_per_tok > self.num_experts:
-            raise ConfigError(f"model.moe.num_experts_per_tok={self.num_experts_per_tok} is larger than "
-                              f"model.moe.num_experts={self.num_experts}")
-        if self.shared_expert_intermediate_size < 0:
-            bad("shared_expert_intermediate_size", self.shared_expert_intermediate_size, "0 (none) or positive")
-        if self.shared_expert_gate and not self.shared_expert_intermediate_size:
-            raise ConfigError("model.moe.shared_expert_gate=True needs a shared expert "
-                              "(model.moe.shared_expert_intermediate_size > 0)")
-        if self.shared_expert_intermediate_size and self.activation == "clamped_swiglu":
-            raise ConfigError("model.moe.activation=clamped_swiglu with a shared expert is not supported "
-                              "(no family combines them)")
-        if self.router_order == "topk_softmax" and self.norm_topk_prob:
-            raise ConfigError("model.moe.norm_topk_prob=True has no meaning with router_order=topk_softmax "
-                              "(the softmax over the chosen experts already sums to 1); set it to False")
-
-    def replace(self, **changes) -> MoEConfig:
-        return dataclasses.replace(self, **changes)
-
-
-def resolve_implementation(name: str, backend: str | None = None) -> str:
-    """The grouped-matmul implementation to use: ``auto`` is megablox on TPU (see MEGABLOX_ON_TPU), else
-    ragged_dot."""
-    if name != "auto":
-        return name
-    backend = backend or jax.default_backend()
-    return "megablox" if backend == "tpu" and MEGABLOX_ON_TPU else "ragged_dot"
-
-
-# ----------------------------------------------------------------------------------------------- statistics
-
-
-@struct.dataclass
-class MoEAux:
-    """Additive router statistics of one forward (one MoE layer, or several summed: ``a + b``, or ``total``
-    over a stacked leading axis). Padding tokens (``segment_ids == 0``) are excluded from all of them."""
-
-    rows: jax.Array  # [] float32: tokens routed, summed over the layers counted here
-    layers: jax.Array  # [] float32: MoE layers counted here
-    expert_counts: jax.Array  # [E] float32: (token, slot) assignments per expert (also for logging)
-    router_prob_sum: jax.Array  # [E] float32: sum over tokens of the router's softmax probabilities
-    z_sum: jax.Array  # [] float32: sum over tokens of logsumexp(router logits)^2
-
-    def __add__(self, other: MoEAux) -> MoEAux:
-        return jax.tree.map(jnp.add, self, other)
-
-    @classmethod
-    def zeros(cls, num_experts: int) -> MoEAux:
-        """The aux of a dense layer (counts nothing), so dense and MoE layers return the same structure."""
-        zero = jnp.zeros((), jnp.float32)
-        return cls(rows=zero, layers=zero, expert_counts=jnp.zeros((num_experts,), jnp.float32),
-                   router_prob_sum=jnp.zeros((num_experts,), jnp.float32), z_sum=zero)
-
-    @classmethod
-    def total(cls, stacked: MoEAux) -> MoEAux:
-        """The sum over a leading layer axis (the aux of scanned layers)."""
-        return jax.tree.map(lambda a: jnp.sum(a, axis=0), stacked)
-
-    @property
-    def token_count(self) -> jax.Array:
-        """Non-padding tokens of the forward (N)."""
-        return self.rows / jnp.maximum(self.layers, 1.0)
-
-    def load_balancing(self) -> tuple[jax.Array, jax.Array]:
-        """(sum, count) of transformers' load-balancing loss; sum / count is its per-forward value."""
-        rows = jnp.maximum(self.rows, 1.0)
-        num_experts = self.expert_counts.shape[-1]
-        value = num_experts * jnp.sum((self.expert_counts / rows) * (self.router_prob_sum / rows))
-        return value * self.token_count, self.token_count
-
-    def z_loss(self) -> tuple[jax.Array, jax.Array]:
-        """(sum, count) of the router z-loss; sum / count is the mean over tokens and layers of lse^2."""
-        return self.z_sum / jnp.maximum(self.layers, 1.0), self.token_count
-
-
-class Routing(NamedTuple):
-    logits_TE: jax.Array  # float32 router logits (bias included)
-    weights_TK: jax.Array  # routing weights of the chosen experts, in the activation dtype
-    experts_TK: jax.Array  # int32 chosen experts, distinct per token
-
-
-def route(logits_TE, config: MoEConfig, dtype) -> Routing:
-    """Top-k routing of float32 logits in the configured order."""
-    k = config.num_experts_per_tok
-    if config.router_order == "softmax_topk":
-        probs = jax.nn.softmax(logits_TE, axis=-1)
-        top, experts = jax.lax.top_k(probs, k)
-        if config.norm_topk_prob:
-            top = top / jnp.sum(top, axis=-1, keepdims=True)
-    else:
-        top_logits, experts = jax.lax.top_k(logits_TE, k)
-        top = jax.nn.softmax(top_logits, axis=-1)
-    return Routing(logits_TE, top.astype(dtype), experts.astype(jnp.int32))
-
-
-def router_statistics(routing: Routing, valid_T) -> MoEAux:
-    """This layer's MoEAux: counts from the chosen experts (no gradient), probabilities and z from the logits."""
-    num_experts = routing.logits_TE.shape[-1]
-    mask = valid_T.astype(jnp.float32)
-    probs = jax.nn.softmax(routing.logits_TE, axis=-1)
-    chosen = jax.nn.one_hot(routing.experts_TK, num_experts, dtype=jnp.float32).sum(axis=1)  # [T, E]
-    lse = jax.nn.logsumexp(routing.logits_TE, axis=-1)
-    return MoEAux(rows=jnp.sum(mask), layers=jnp.ones((), jnp.float32),
-                  expert_counts=jax.lax.stop_gradient(jnp.einsum("te,t->e", chosen, mask)),
-                  router_prob_sum=jnp.einsum("te,t->e", probs, mask),
-                  z_sum=jnp.sum(jnp.square(lse) * mask))
-
-
-# ------------------------------------------------------------------------------------------- expert math
-
-
-def expert_activation(gate, up, config: MoEConfig):
-    """act(gate) * up, or gpt-oss's clamped SwiGLU: (clip(up, -l, l) + 1) * g * sigmoid(alpha * g), g = min(gate, l)."""
-    if config.activation == "clamped_swiglu":
-        limit = config.swiglu_limit
-        gate = jnp.minimum(gate, limit)
-        up = jnp.clip(up, -limit, limit)
-        return (up + 1.0) * (gate * jax.nn.sigmoid(gate * config.swiglu_alpha))
-    return _GLU_ACTIVATIONS[config.activation](gate) * up
-
-
-def ragged_matmul(implementation: str) -> Callable:
-    """``(x [P, in], w [G, in, out], group_sizes [G], valid_P) -> [P, out]``: rows in runs of one group each.
-
-    Rows past ``sum(group_sizes)`` are not part of any group; their output is 0. For megablox those rows are
-    also zeroed on the way in and out, because its kernel leaves them unwritten and its backward would return
-    unwritten input-gradient rows there (a ``where`` stops both, a multiply would not stop a NaN).
-    """
-    if implementation == "ragged_dot":
-        def matmul(x, w, group_sizes, valid):
-            del valid
-            return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
-        return matmul
-    if implementation in ("megablox", "megablox_interpret"):
-        from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
-
-        run_interpreted = implementation == "megablox_interpret"
-
-        def matmul(x, w, group_sizes, valid):
-            rows, k = x.shape
-            n = w.shape[-1]
-            tm = 128 if rows >= 128 else -(-rows // 16) * 16  # bf16 packs 16 rows a tile
-            padded = -(-rows // tm) * tm
-            tiling = (tm, _lane_tile(k), _lane_tile(n))
-            xv = jnp.where(valid[:, None], x, 0).astype(x.dtype)
-            mask = valid
-            if padded != rows:
-                xv = jnp.pad(xv, ((0, padded - rows), (0, 0)))
-                mask = jnp.pad(valid, (0, padded - rows))
-            out = megablox.gmm(xv, w.astype(x.dtype), group_sizes.astype(jnp.int32), x.dtype, tiling, None, None,
-                               False, run_interpreted)
-            return jnp.where(mask[:, None], out, 0)[:rows]
-        return matmul
-    raise ValueError(f"no grouped matmul {implementation!r}")
-
-
-def _lane_tile(dim: int) -> int:
-    """A k/n tile for megablox: 512/256/128 when they divide ``dim``, else the whole dimension (always legal)."""
-    for tile in (512, 256, 128):
-        if dim % tile == 0:
-            return tile
-    return dim
-
-
-def grouped_ffn(x_PD, ids_P, group_sizes_G, weights: dict, config: MoEConfig, matmul: Callable,
-                reduce: Callable = lambda v: v):
-    """The expert MLP of rows sorted by (local) expert ``ids_P`` (``G`` = no group, rows at the end).
-
-    ``weights`` holds ``{gate,up,down}_kernel`` [G, in, out], optional ``{gate,up,down}_bias`` [G, out] and
-    ``{gate,up,down}_lora_a/_lora_b`` with ``{...}_lora_scale`` (a float). ``reduce`` sums the down projection
-    over a split intermediate dimension (a tensor-axis psum under expert parallelism; identity otherwise).
-    """
-    num_groups = weights["gate_kernel"].shape[0]
-    valid = ids_P < num_groups
-    safe_ids = jnp.minimum(ids_P, num_groups - 1)
-
-    def project(h, name, *, reduced: bool):
-        y = matmul(h, weights[f"{name}_kernel"], group_sizes_G, valid)
-        lora_a = weights.get(f"{name}_lora_a")
-        if reduced:
-            y = reduce(y)
-        if lora_a is not None:
-            low = matmul(h, lora_a, group_sizes_G, valid)
-            if reduced:
-                low = reduce(low)
-            delta = matmul(low, weights[f"{name}_lora_b"], group_sizes_G, valid)
-            y = y + delta * jnp.asarray(weights[f"{name}_lora_scale"], y.dtype)
-        bias = weights.get(f"{name}_bias")
-        if bias is not None:
-            y = y + jnp.take(bias.astype(y.dtype), safe_ids, axis=0)
-        return y
-
-    gate = project(x_PD, "gate", reduced=False)
-    up = project(x_PD, "up", reduced=False)
-    return project(expert_activation(gate, up, config), "down", reduced=True)
-
-
-def sort_by_expert(experts_TK, valid_T, num_groups: int):
-    """Sort the T*k (token, slot) pairs by expert; padding pairs get id ``num_groups`` and sort last.
-    Returns (order_P, sorted_ids_P, group_sizes_G)."""
-    ids = jnp.where(valid_T[:, None], experts_TK, num_groups).reshape(-1)
-    order = jnp.argsort(ids, stable=True)
-    sorted_ids = ids[order]
-    group_sizes = jnp.zeros((num_groups,), jnp.int32).at[sorted_ids].add(1, mode="drop")
-    return order, sorted_ids, group_sizes
-
-
-def inverse_permutation(order):
-    return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-
-
-def combine(y_pairs_TKD, weights_TK, valid_TK):
-    """sum_k weight * expert output, with unrouted pairs contributing exactly 0."""
-    y = jnp.where(valid_TK[..., None], y_pairs_TKD, 0)
-    weights = jnp.where(valid_TK, weights_TK, 0).astype(y.dtype)
-    return jnp.einsum("tkd,tk->td", y, weights)
-
-
-def routed_local(x_TD, routing: Routing, valid_T, weights: dict, config: MoEConfig, implementation: str,
-                 reduce: Callable = lambda v: v):
-    """Routed-expert output [T, D] on one device (all experts local): sort, grouped matmul, un-sort, combine."""
-    tokens, k = routing.experts_TK.shape
-    num_experts = weights["gate_kernel"].shape[0]
-    order, sorted_ids, group_sizes = sort_by_expert(routing.experts_TK, valid_T, num_experts)
-    x_sorted = jnp.take(x_TD, order // k, axis=0)
-    y_sorted = grouped_ffn(x_sorted, sorted_ids, group_sizes, weights, config, ragged_matmul(implementation),
-                           reduce)
-    y_pairs = jnp.take(y_sorted, inverse_permutation(order), axis=0).reshape(tokens, k, -1)
-    return combine(y_pairs, routing.weights_TK, jnp.broadcast_to(valid_T[:, None], (tokens, k)))
-
-
-def routed_dense(x_TD, routing: Routing, valid_T, weights: dict, config: MoEConfig):
-    """The oracle: every token through every expert (LoRA merged into the kernels), weighted by the routing
-    weights scattered to a dense [T, E] matrix (0 for unchosen experts and padding)."""
-    def kernel(name):
-        w = weights[f"{name}_kernel"].astype(x_TD.dtype)
-        if weights.get(f"{name}_lora_a") is not None:
-            delta = jnp.einsum("eir,ero->eio", weights[f"{name}_lora_a"].astype(jnp.float32),
-                               weights[f"{name}_lora_b"].astype(jnp.float32))
-            w = (w.astype(jnp.float32) + delta * weights[f"{name}_lora_scale"]).astype(x_TD.dtype)
-        return w
-
-    def bias(name):
-        b = weights.get(f"{name}_bias")
-        return 0 if b is None else b.astype(x_TD.dtype)[None]
-
-    gate = jnp.einsum("td,edf->tef", x_TD, kernel("gate")) + bias("gate")
-    up = jnp.einsum("td,edf->tef", x_TD, kernel("up")) + bias("up")
-    y = jnp.einsum("tef,efd->ted", expert_activation(gate, up, config), kernel("down")) + bias("down")
-    num_experts = weights["gate_kernel"].shape[0]
-    dense_weights = jnp.einsum("tk,tke->te", routing.weights_TK,
-                               jax.nn.one_hot(routing.experts_TK, num_experts, dtype=routing.weights_TK.dtype))
-    dense_weights = jnp.where(valid_T[:, None], dense_weights, 0).astype(y.dtype)
-    return jnp.einsum("ted,te->td", y, dense_weights)
-
 
 # ---------------------------------------------------------------------------------------------- modules
 
@@ -499,8 +215,6 @@ class MoE(nnx.Module):
                               else value) for name, value in weights.items()}
             y_TD = routed_dense(x_TD, routing, valid_T, weights, self.config)
         else:
-            from sftjax.models.moe_sharding import routed_experts
-
             y_TD = routed_experts(x_TD, routing, valid_T, weights, self.config, implementation)
         if self.shared_expert is not None:
             shared = self.shared_expert(x_TD, deterministic=deterministic)
@@ -509,12 +223,3 @@ class MoE(nnx.Module):
                 shared = jax.nn.sigmoid(gate) * shared
             y_TD = y_TD + shared.astype(y_TD.dtype)
         return y_TD.reshape(batch, length, dim).astype(x_BLD.dtype), aux
-
-
-def weight_logical_axes(name: str) -> tuple[str | None, ...]:
-    """Logical axes of an entry of ``MoE.expert_weights()`` (``gate_kernel``, ``down_lora_b``, ...)."""
-    proj, _, kind = name.partition("_")
-    in_axis, out_axis = ("mlp", "embed") if proj == "down" else ("embed", "mlp")
-    return {"kernel": ("expert", in_axis, out_axis), "bias": ("expert", out_axis),
-            "lora_a": ("expert", in_axis, None), "lora_b": ("expert", None, out_axis)}[kind]
-

@@ -43,8 +43,17 @@ from jax.sharding import PartitionSpec
 
 from pallas_kernels.sharding import ROW_AXES, find_mesh, spec_entry, split_axes
 from sftjax.errors import ConfigError
-from sftjax.models.moe import (MoEConfig, Routing, combine, grouped_ffn, inverse_permutation, ragged_matmul,
-                               routed_local, sort_by_expert, weight_logical_axes)
+from sftjax.models.moe_ops import (
+    MoEConfig,
+    Routing,
+    combine,
+    grouped_ffn,
+    inverse_permutation,
+    ragged_matmul,
+    routed_local,
+    sort_by_expert,
+    weight_logical_axes,
+)
 from sftjax.sharding import LOGICAL_RULES
 
 EXPERT_MESH_AXIS = "fsdp"

@@ -40,6 +40,7 @@ from sftjax.models.zoo import resolve_model_path
 from sftjax.peft.adapter_io import write_peft_adapter
 from sftjax.sharding import make_mesh
 from sftjax.train import checkpoint as ckpt
+from sftjax.train import run_meta
 from sftjax.train import flops as flops_lib
 from sftjax.train.metrics import MetricsLogger, device_memory_bytes
 from sftjax.train.preemption import PreemptionGuard
@@ -204,7 +205,7 @@ class Trainer:
         base_model = None
         if cfg.model.path:
             resolved = resolve_model_path(cfg.model.path).absolute()
-            base_model = {"path": str(resolved), "fingerprint": ckpt.fingerprint_model(resolved)}
+            base_model = {"path": str(resolved), "fingerprint": run_meta.fingerprint_model(resolved)}
         manager = ckpt.manager_for(cfg.checkpoint, cfg.train.output_dir, cfg, base_model=base_model)
         try:
             if cfg.checkpoint.resume in ("never", "none") and manager.all_steps:

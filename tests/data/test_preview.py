@@ -8,6 +8,8 @@ import warnings
 
 import pytest
 
+from tests.conftest import error_line
+
 from sftjax.cli import main
 
 warnings.filterwarnings("ignore")
@@ -69,12 +71,12 @@ def test_errors_are_one_line(tmp_path, assets_dir, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("data:\n  sources: [missing.jsonl]\n  maskng: all\n")
     assert main(["data", "preview", str(config), "--tokenizer", str(assets_dir / "tokenizers" / "smollm2")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "did you mean data.masking?" in err
+    err = error_line(capsys.readouterr().err)
+    assert "did you mean data.masking?" in err
     config.write_text("data:\n  sources: [missing.jsonl]\n")
     assert main(["data", "preview", str(config), "--tokenizer", str(assets_dir / "tokenizers" / "smollm2")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "missing.jsonl: dataset file or directory does not exist" in err
+    err = error_line(capsys.readouterr().err)
+    assert "missing.jsonl: dataset file or directory does not exist" in err
     config.write_text("data:\n  sources: [x.jsonl]\n")
     assert main(["data", "preview", str(config)]) == 2
     assert "no tokenizer" in capsys.readouterr().err

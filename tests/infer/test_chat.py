@@ -8,6 +8,8 @@ import io
 import re
 
 import pytest
+
+from tests.conftest import error_line
 from flax import nnx
 
 from sftjax.infer import generate as gen
@@ -210,4 +212,4 @@ def test_cli_exit_stops_reading(tmp_path, assets_dir, monkeypatch, capsys):
     assert printed == gen.generate(model, tokenizer, "hi", max_new_tokens=4, system="S") + "\n"
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
     assert main(["chat", str(out), "--top-p", "0"]) == 2
-    assert capsys.readouterr().err.count("\n") == 1
+    error_line(capsys.readouterr().err)

@@ -9,6 +9,8 @@ import re
 
 import pytest
 
+from tests.conftest import error_line
+
 from sftjax.cli import main
 from sftjax.errors import ConfigError
 from sftjax.infer.evaluate import answer_matcher, prompts_and_targets
@@ -86,5 +88,5 @@ def test_eval_generate_accuracy_equals_its_predictions(assets_dir, tmp_path, cap
                          (["--max-new-tokens", "100000"], "exceeds the model's context"),
                          (["--answer", "regex:("], "not a valid regular expression")]:
         assert main(["eval", TINY, *base, "--generate", "--limit", "2", *extra]) == 2
-        err = capsys.readouterr().err.strip()
-        assert "\n" not in err and words in err, err
+        err = error_line(capsys.readouterr().err)
+        assert words in err, err

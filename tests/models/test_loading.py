@@ -212,7 +212,7 @@ def test_tensor_shape_disagreeing_with_config_is_named(hf_dir, tmp_path):
 def test_no_weights_in_directory(hf_dir, tmp_path):
     directory, _ = hf_dir
     (tmp_path / "config.json").write_text((directory / "config.json").read_text())
-    with pytest.raises(CheckpointError, match="no \\*.safetensors weights found"):
+    with pytest.raises(CheckpointError, match="holds only config.json .*, no weights; download the model's \\*.safetensors"):
         load_model(tmp_path)
 
 

@@ -17,17 +17,8 @@ from sftjax.config import LoraSection
 from sftjax.errors import ConfigError
 from sftjax.models.decoder import Decoder
 from sftjax.models.layers import Linear
-from sftjax.peft.quant import (
-    DYNAMIC_CODE,
-    NF4_LEVELS,
-    QuantizedKernel,
-    QuantizedWeight,
-    check_trainable,
-    quantize_int8,
-    quantize_model,
-    quantize_nf4,
-    quantized_paths,
-)
+from sftjax.models.quant import DYNAMIC_CODE, NF4_LEVELS, QuantizedKernel, QuantizedWeight, quantize_int8, quantize_nf4
+from sftjax.peft.quant import check_trainable, quantize_model, quantized_paths
 from sftjax.peft.lora import apply_lora, linear_modules, split_model
 from tests.oracle import assert_close
 from tests.train.test_step import make_examples, pack_rows, tiny_model_config

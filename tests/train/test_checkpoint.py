@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from sftjax.train import checkpoint as ckpt
+from sftjax.train import run_meta
 from sftjax.errors import CheckpointError
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -377,10 +378,10 @@ def test_fingerprint_changes_with_content(tmp_path):
     model.mkdir()
     (model / "config.json").write_text('{"a": 1}')
     (model / "model.safetensors").write_bytes(b"x" * 3000)
-    first = ckpt.fingerprint_model(model)
-    assert first == ckpt.fingerprint_model(model)
+    first = run_meta.fingerprint_model(model)
+    assert first == run_meta.fingerprint_model(model)
     (model / "model.safetensors").write_bytes(b"x" * 2999 + b"y")
-    assert ckpt.fingerprint_model(model) != first
+    assert run_meta.fingerprint_model(model) != first
 
 
 def test_bad_arguments(tmp_path):

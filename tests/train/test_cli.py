@@ -8,6 +8,8 @@ import pathlib
 
 import pytest
 
+from tests.conftest import error_line
+
 from sftjax.cli import main
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -50,8 +52,8 @@ def test_train_then_eval_cli(assets_dir, tmp_path, capsys):
 
 def test_eval_without_a_trained_run_is_one_line(assets_dir, tmp_path, capsys):
     assert main(["eval", TINY, *overrides(assets_dir, tmp_path / "never_trained")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "nothing trained to evaluate" in err and "--random-init" in err, err
+    err = error_line(capsys.readouterr().err)
+    assert "nothing trained to evaluate" in err and "--random-init" in err, err
 
 
 @pytest.mark.parametrize("extra, words", [
@@ -71,8 +73,8 @@ def test_bad_config_is_one_line_before_compiling(assets_dir, tmp_path, capsys, m
     compiled = []
     monkeypatch.setattr(program_module, "make_train_step", lambda *a, **k: compiled.append(1))
     assert main(["train", TINY, *overrides(assets_dir, tmp_path), *extra]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("sftjax: error: ") and "\n" not in err, err
+    err = error_line(capsys.readouterr().err)
+    assert err.startswith("sftjax: error: "), err
     for word in words:
         assert word in err, err
     assert not compiled

@@ -13,6 +13,8 @@ import shutil
 
 import pytest
 
+from tests.conftest import error_line
+
 from sftjax.cli import main
 from sftjax.errors import CheckpointError, ConfigError
 
@@ -60,8 +62,8 @@ def test_bad_checkpoint_section_is_one_line_before_building(assets_dir, tmp_path
     built = []
     monkeypatch.setattr("sftjax.train.program.build_model", lambda *a, **k: built.append(1))
     assert main(["train", TINY, *overrides(assets_dir, tmp_path, "train.steps=2"), setting]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("sftjax: error: ") and "\n" not in err, err
+    err = error_line(capsys.readouterr().err)
+    assert err.startswith("sftjax: error: "), err
     for word in words:
         assert word in err, err
     assert not built
@@ -92,8 +94,8 @@ def test_incompatible_config_names_the_fields_in_one_line(finished_run, tmp_path
     run_dir = copy_run(finished_run, tmp_path)
     capsys.readouterr()
     assert main(["train", TINY, *overrides(assets_dir, run_dir, "train.steps=6", "lora.r=8")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("sftjax: error: ") and "\n" not in err, err
+    err = error_line(capsys.readouterr().err)
+    assert err.startswith("sftjax: error: "), err
     assert "incompatible config" in err and "lora.r: 4 -> 8" in err, err
     assert logged_steps(run_dir) == [1, 2, 3, 4]
 
@@ -103,8 +105,8 @@ def test_resume_never_refuses_a_directory_with_checkpoints(finished_run, tmp_pat
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     capsys.readouterr()
     assert main(["train", TINY, *overrides(assets_dir, run_dir, "train.steps=4", "checkpoint.resume=never")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "checkpoint.resume=never" in err and "refusing to overwrite" in err, err
+    err = error_line(capsys.readouterr().err)
+    assert "checkpoint.resume=never" in err and "refusing to overwrite" in err, err
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
     # resume=never in a fresh directory trains from scratch
@@ -177,6 +179,6 @@ def test_lora_resume_refuses_a_changed_base_model(tmp_path, assets_dir, capsys):
     save_model(Decoder(config, rngs=nnx.Rngs(1)), config, base)  # same files, other weights
     capsys.readouterr()
     assert main(["train", TINY, *args, "train.steps=4"]) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "was trained on base model" in err[0] and str(base) in err[0], err
+    err = error_line(capsys.readouterr().err)
+    assert "was trained on base model" in err and str(base) in err, err
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
