@@ -30,14 +30,18 @@ up with no trained token raises :class:`DroppedExample` so the caller can drop a
 
 from __future__ import annotations
 
-import bisect
 import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
 from sftjax.data.chat_spans import (
-    _error, _template_messages, assistant_spans, reasoning_block, reasoning_text, render,
+    _error,
+    _template_messages,
+    assistant_spans,
+    reasoning_block,
+    reasoning_text,
+    render,
 )
 from sftjax.data.formats import to_conversation
 from sftjax.errors import DataError

@@ -10,7 +10,14 @@ import pytest
 
 from sftjax.data.chat import GENERATION_TAG, encode_conversation
 from sftjax.errors import DataError
-from tests.data.test_chat import CONVERSATION, NO_SYSTEM_ROLE, UNSUPPORTED, _family_tokenizer, _runs, _template_names
+from tests.data.test_chat import (
+    CONVERSATION,
+    NO_SYSTEM_ROLE,
+    UNSUPPORTED,
+    _family_tokenizer,
+    _runs,
+    _template_names,
+)
 
 warnings.filterwarnings("ignore")
 
@@ -76,8 +83,8 @@ def test_reasoning_dropped_from_past_turns(tok, policy, last):
     ("none", ["<think></think>Hello! How can I help?<|im_end|>", "It is 4.<|im_end|>", "You are welcome.<|im_end|>"]),
 ])
 def test_reasoning_policy_kimi_k2_thinking(assets_dir, policy, expected):
-    """Kimi-K2-Thinking keeps reasoning from the last user query on (message 4 here is before it, but the
-    template keeps reasoning after the last *non-tool-call* query; what it renders is what counts)."""
+    """Kimi-K2-Thinking renders the reasoning of messages 4 and 6 but only an empty think block on message 2: the
+    reasoning trains where it is rendered, per policy; the empty block is the turn's own markup."""
     template = (assets_dir / "chat_templates" / "llama.cpp" / "Kimi-K2-Thinking.jinja").read_text()
     tok = _family_tokenizer(assets_dir, "kimi", template)
     assert _encode(tok, REASONED, template, train_reasoning=policy) == expected
