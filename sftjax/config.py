@@ -269,8 +269,8 @@ class TrainSection(Section):
     save: Literal["merged", "adapter", "none"] = "merged"  # final/: merged HF weights, a PEFT adapter, or nothing
     progress: bool = True  # a progress bar with loss, tokens/s, MFU and ETA
     tensorboard: bool | None = None  # TensorBoard events in <output_dir>/tensorboard; None: when tensorboardX is installed
-    loggers: tuple[Literal["jsonl", "tensorboard", "wandb", "mlflow"], ...] = ()  # metric sinks beside metrics.jsonl (always written); tensorboard here = tensorboard: true
-    run_name: str | None = None  # the W&B / MLflow run name; None: the last part of output_dir
+    loggers: tuple[Literal["jsonl", "tensorboard", "wandb", "mlflow"], ...] = ()  # where metrics go besides metrics.jsonl (always written): tensorboard (= tensorboard: true), wandb (pip install wandb), mlflow (pip install mlflow)
+    run_name: str | None = None  # the W&B / MLflow run name; None: the last part of output_dir (a resumed run logs as a new run)
     wandb_project: str = "sftjax"  # W&B project (loggers: [wandb])
     wandb_mode: Literal["offline", "online"] = "offline"  # offline: run files in <output_dir>/wandb (upload later with wandb sync)
     mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a file store in <output_dir>/mlruns
