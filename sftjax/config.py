@@ -34,6 +34,7 @@ ATTENTION_IMPLEMENTATIONS = (kernel_choices.AUTO, *kernel_choices.ATTENTION)
 CROSS_ENTROPY_IMPLEMENTATIONS = (kernel_choices.AUTO, *kernel_choices.CROSS_ENTROPY)
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
 MASKINGS = ("auto", "assistant", "completion", "last_assistant", "all")
+REASONING = ("all", "last", "none")
 PACKINGS = ("best", "bfd", "first_fit", "none")
 OVERFLOWS = ("truncate", "split", "drop")
 ON_BAD_ROW = ("error", "skip")
@@ -131,6 +132,8 @@ class DataConfig(Section):
     max_length: int = 2048  # tokens per packed row
     masking: Literal[MASKINGS] = "auto"  # trained tokens; auto: completion for prompt/completion rows, else assistant
     chat_template: str | None = None  # a Jinja file or inline template; default: the tokenizer's
+    # reasoning (reasoning_content/thinking) where the template renders it: all, last (final message), none
+    train_reasoning: Literal[REASONING] = "all"
     packing: Literal[PACKINGS] = "best"  # best: exact fill or repaired BFD, whichever needs fewer rows
     overflow: Literal[OVERFLOWS] = "truncate"  # examples longer than max_length: keep the start, split, or drop
     on_bad_row: Literal[ON_BAD_ROW] = "error"  # error: stop at a malformed row; skip: drop it and count it

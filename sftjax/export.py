@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from flax import nnx
 
 from sftjax.errors import CheckpointError, ConfigError
-from sftjax.models.gguf_write import write_gguf
+from sftjax.models.gguf_write import check_exportable, write_gguf
 from sftjax.models.loading import load_model, save_model
 from sftjax.models.scan import unstacked
 from sftjax.models.tokenizer import load_tokenizer
@@ -156,6 +156,8 @@ def export(source, out, *, format: str, dtype: str | None = None, overwrite: boo
         run_config, meta = {"model": {"path": str(source)}}, {}
     else:
         model, model_config, run_config, meta = model_from_checkpoint(source, step=step)
+    if format == "gguf":  # a family llama.cpp cannot run is one line before anything is written
+        check_exportable(model_config.to_hf_dict(), where=str(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -13,6 +13,7 @@ libraries are imported with ``require("torch")`` (module level or inside a test)
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import pathlib
 import re
@@ -81,3 +82,14 @@ def error_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.strip() and not _LOG_RECORD.match(line)]
     assert len(lines) == 1, stderr[-3000:]
     return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """``sftjax train`` configures the root logger onto the stderr of the moment; inside a test that is the
+    test's capture stream, closed once the test ends. Each test gets the root logger back as it found it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -95,7 +95,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest
 
 
-def cache_key(source, tokenizer, *, masking: str, chat_template: str | None, on_bad_row: str, encoder_name: str) -> str:
+def cache_key(source, tokenizer, *, masking: str, chat_template: str | None, on_bad_row: str, encoder_name: str,
+              train_reasoning: str = "all") -> str:
     """The hash naming the cache file; ``chat_template`` is the resolved template *text*."""
     description = {
         "version": CACHE_FORMAT_VERSION,
@@ -103,6 +104,7 @@ def cache_key(source, tokenizer, *, masking: str, chat_template: str | None, on_
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "chat_template": chat_template,
         "masking": masking,
+        "train_reasoning": train_reasoning,
         "on_bad_row": on_bad_row,
         "encoder": encoder_name,
         "source": {
@@ -225,6 +227,7 @@ def tokenize_source(
     *,
     masking: str = "auto",
     chat_template: str | None = None,
+    train_reasoning: str = "all",
     on_bad_row: str = "error",
     num_workers: int = 0,
     cache_dir: str | os.PathLike | None = None,
@@ -242,7 +245,7 @@ def tokenize_source(
     template_text = resolve_chat_template(tokenizer, chat_template)
     encoder_name = "default" if encode_fn is None else f"{encode_fn.__module__}.{encode_fn.__qualname__}"
     key = cache_key(source, tokenizer, masking=masking, chat_template=template_text, on_bad_row=on_bad_row,
-                    encoder_name=encoder_name)
+                    encoder_name=encoder_name, train_reasoning=train_reasoning)
     cache_file = pathlib.Path(cache_dir or default_cache_dir()) / f"{pathlib.Path(source.path).name}-{key[:20]}.npz"
     if use_cache and cache_file.is_file():
         loaded = _load(cache_file)
@@ -257,6 +260,8 @@ def tokenize_source(
         num_workers = min(os.cpu_count() or 1, 16) if len(rows) >= PARALLEL_MIN_ROWS else 1
     encode_kwargs = {"masking": masking, "chat_template": template_text, "format": source.format,
                      "columns": dict(source.columns), "system_prompt": source.system_prompt}
+    if train_reasoning != "all":  # (custom encoders without the option keep working with the default)
+        encode_kwargs["train_reasoning"] = train_reasoning
     examples, dropped = _encode_rows(rows, encode_fn, tokenizer, encode_kwargs, on_bad_row, num_workers)
     if dropped:
         logger.info("%s: dropped %s", source.path, dict(sorted(dropped.items())))

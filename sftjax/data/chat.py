@@ -2,31 +2,24 @@
 
 How the mask is found
 ---------------------
-The conversation is rendered to text once with the chat template (the tokenizer's own, or one the config names)
-and that text is tokenized once with ``add_special_tokens=False`` (the template places BOS itself, so there is
-never a double BOS). The mask marks which *tokens* are trained; ``packing.py`` turns it into the loss mask.
+The whole conversation is rendered to text once with the chat template (the tokenizer's own, or one the config
+names) and that text is tokenized once with ``add_special_tokens=False`` (the template places BOS itself, so there
+is never a double BOS): the ids are transformers' ``apply_chat_template`` of the whole conversation. The mask
+marks which *tokens* are trained; ``packing.py`` turns it into the loss mask.
 
 * Templates with ``{% generation %}`` markers: the mask is the one transformers computes with
   ``return_assistant_tokens_mask=True``.
-* Any other template (prefix-diff): for each assistant turn ``i`` we render ``S = messages[:i]`` with the
-  generation prompt and ``E = messages[:i+1]`` without it. The turn's **span** is the text the template writes
-  for the turn *after the generation prompt*: ``E`` minus its longest common prefix with ``S``, minus trailing
-  whitespace. So the span is the content plus the template's end-of-turn text (``<|im_end|>``, ``<|eot_id|>``,
-  ``</s>``, ``<end_of_turn>``, ...) and stops before the newline / next turn's header. Text a generation prompt
-  already supplies (e.g. ``<think>\\n`` for DeepSeek-R1) is prompt, not trained. The span is then located in the
-  full text, searching forward from the end of the message it answers (so a reply that repeats the question is
-  not found inside the question), so templates that render *earlier* turns differently
-  once later turns exist (system prompt moved, reasoning stripped from history) still work. If the turn itself
-  renders differently when it is not the last one (e.g. Qwen3 writes an empty ``<think></think>`` block only on
-  the final turn), the span starts where the turn starts in the full text (after the generation header) and is
-  the longest tail of the last-turn rendering found there; failing that it is anchored on the content: content
-  + end-of-turn text as found in ``E``.
-  A turn that cannot be located raises a DataError rather than training a wrong mask. Some templates write
-  the end-of-turn text only when another turn follows (e.g. Apertus omits ``<|assistant_end|>`` after the final
-  turn); special tokens between a turn and the next user message's header (learned from the first user turn)
-  are end-of-turn text too and are trained.
+* Any other template: each assistant turn's span in that one rendering -- its content plus the end-of-turn text
+  the template writes right after it there, never the next message's header -- is found by prefix-diff
+  rendering (see ``chat_spans.py``).
 * Characters map to tokens through the offsets of the single tokenization: a token is trained iff its characters
   overlap a trained span.
+
+Reasoning (``reasoning_content`` or ``thinking`` on a message) is rendered exactly as the template renders it
+(most templates drop it from past turns). Where the rendering holds a turn's reasoning, the reasoning and the think
+tags around it are part of that turn's span and trained per ``train_reasoning``: ``all`` (wherever the template
+renders it), ``last`` (only in the final assistant message), ``none`` (reasoning is context only; the turn's
+content and end-of-turn text still train).
 
 Masking modes: ``assistant`` (every assistant turn), ``completion`` (the completion messages of prompt/completion
 rows; the last assistant turn otherwise), ``last_assistant``, ``all`` (every token). A message with
@@ -37,18 +30,25 @@ up with no trained token raises :class:`DroppedExample` so the caller can drop a
 
 from __future__ import annotations
 
-import bisect
 import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
+from sftjax.data.chat_spans import (
+    _error,
+    _template_messages,
+    assistant_spans,
+    reasoning_block,
+    reasoning_text,
+    render,
+)
 from sftjax.data.formats import to_conversation
 from sftjax.errors import DataError
 
 MASKINGS = ("auto", "assistant", "completion", "last_assistant", "all")
+REASONING = ("all", "last", "none")
 GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
-_TEMPLATE_KEYS = ("role", "content", "tool_calls", "name", "tool_call_id", "reasoning_content")
 
 
 class DroppedExample(DataError):
@@ -57,12 +57,6 @@ class DroppedExample(DataError):
     def __init__(self, message: str, reason: str = "dropped"):
         super().__init__(message)
         self.reason = reason  # kept through pickling (worker processes) via the exception's __dict__
-
-
-def _error(message: str, reason: str) -> DataError:
-    err = DataError(message)
-    err.reason = reason
-    return err
 
 
 def resolve_chat_template(tokenizer, chat_template: str | None = None) -> str | None:
@@ -80,217 +74,6 @@ def resolve_chat_template(tokenizer, chat_template: str | None = None) -> str | 
     raise DataError(f"chat_template {chat_template!r}: file not found (and it is not inline Jinja)")
 
 
-def _template_messages(messages: list[dict]) -> list[dict]:
-    return [{k: m[k] for k in _TEMPLATE_KEYS if k in m} for m in messages]
-
-
-def render(tokenizer, messages: list[dict], template: str, *, tools=None, add_generation_prompt=False,
-           location: str = "row") -> str:
-    """Render ``messages`` to text with ``template``; any template failure becomes a one-line DataError."""
-    try:
-        text = tokenizer.apply_chat_template(
-            _template_messages(messages), tools=tools, chat_template=template, tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-        )
-    except Exception as err:  # jinja raises TemplateError, templates raise_exception(), bad filters -> TypeError
-        detail = " ".join(str(err).split()) or type(err).__name__
-        raise _error(f"{location}: chat template failed to render: {detail[:200]}", "template_error") from None
-    if not isinstance(text, str):
-        raise _error(f"{location}: chat template did not render to a string", "template_error")
-    return text
-
-
-def _common_prefix_length(a: str, b: str) -> int:
-    """Length of the longest common prefix, in C-speed string comparisons (O(n log n))."""
-    if b.startswith(a):
-        return len(a)
-    low, high = 0, min(len(a), len(b))
-    while low < high:
-        mid = (low + high + 1) // 2
-        if a[:mid] == b[:mid]:
-            low = mid
-        else:
-            high = mid - 1
-    return low
-
-
-def assistant_spans(tokenizer, messages: list[dict], template: str, full_text: str, ids, offsets, *, tools=None,
-                    location: str = "row") -> dict[int, tuple[int, int]]:
-    """Character span ``[start, end)`` in ``full_text`` of every assistant turn (prefix-diff, see module doc).
-
-    ``ids``/``offsets`` are the one tokenization of ``full_text``; they are used to cut partial matches at token
-    boundaries and to accept follow-up end-of-turn text only when it is made of special tokens.
-    """
-    spans: dict[int, tuple[int, int]] = {}
-    search_from = 0
-    has_generation_header = None
-    edges = _token_edges(offsets)
-    first_user = next((j for j, m in enumerate(messages) if m["role"] == "user" and m.get("content", "").strip()),
-                      None)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = ""
-        if i > 0:
-            prompt = render(tokenizer, messages[:i], template, tools=tools, add_generation_prompt=True,
-                            location=location)
-            if has_generation_header is None:  # checked once: does add_generation_prompt write anything?
-                has_generation_header = prompt != render(tokenizer, messages[:i], template, tools=tools,
-                                                         location=location)
-        ended = render(tokenizer, messages[: i + 1], template, tools=tools, location=location)
-        turn_start = _common_prefix_length(prompt, ended)
-        content = message.get("content", "").strip()
-        if i > 0 and not has_generation_header and content:  # no generation header: the turn starts at its content
-            found = ended.find(content, turn_start)
-            turn_start = found if found >= 0 else turn_start
-        elif content:  # a generation prompt may share its first words with the content ("Here are ...")
-            found = ended.rfind(content)
-            turn_start = found if 0 <= found < turn_start else turn_start
-        turn = ended[turn_start:].rstrip()
-        if not turn:
-            raise _error(f"{location}: chat template renders assistant message {i} as empty text", "template_error")
-        # The turn cannot start before the message it answers: skip past that message's content.
-        lower = _after_message(messages, i - 1, full_text, search_from)
-        expected = _common_prefix_length(prompt, full_text)
-        found = full_text.find(content, lower, expected + len(content)) if content else -1
-        expected = found if lower <= found < expected else expected  # prompt shared the content's first words
-        anchors = [expected] if expected >= lower else []
-        start, end = -1, -1
-        if anchors and full_text.startswith(turn, expected):
-            start = expected
-        else:
-            start = full_text.find(turn, lower)
-        if start < 0 and i > 0:
-            # The turn as the last message carries something it drops mid-conversation (Qwen3's empty think
-            # block, a think block kept only after the last query): find where the turn starts in the full text
-            # (after the generation prompt's header) and align the longest tail of the turn there.
-            no_prompt = render(tokenizer, messages[:i], template, tools=tools, location=location)
-            header = prompt[_common_prefix_length(no_prompt, prompt):]
-            found = full_text.find(header, lower) if header.strip() else -1
-            if found >= 0:
-                anchors.append(found + len(header))
-            for anchor in anchors:
-                dropped = _aligned_tail(turn, full_text, anchor)
-                if dropped is not None:
-                    start, end = anchor, anchor + len(turn) - dropped
-                    break
-                matched_end = _match_ignoring_whitespace(turn, full_text, anchor)
-                if matched_end is not None:  # e.g. Nemotron-Nano-v2 puts a newline before its end token mid-way
-                    start, end = anchor, matched_end
-                    break
-        if start >= 0:
-            end = end if end >= 0 else start + len(turn)
-            end += len(_end_of_turn_before_next_user(messages, i, full_text, end, first_user, ids, offsets,
-                                                     edges, tokenizer))
-            spans[i] = (start, end)
-            search_from = end
-            continue
-        # The turn renders differently when it is not the last one: anchor on its content, then keep the part
-        # of its last-turn ending that the full text repeats, cut at a token boundary (all of it, or none of it:
-        # e.g. templates that write EOS only after the final turn).
-        content_in_ended = ended.rfind(content, turn_start) if content else -1
-        start = full_text.find(content, lower) if content_in_ended >= 0 else -1
-        if start < 0:
-            raise _error(
-                f"{location}: cannot locate assistant message {i} in the rendered conversation (the template "
-                "renders it differently mid-conversation); use a template with {% generation %} markers",
-                "template_error",
-            )
-        after = start + len(content)
-        end_of_turn = ended[content_in_ended + len(content):].rstrip()
-        matched = _common_prefix_length(end_of_turn, full_text[after: after + len(end_of_turn)])
-        end = _token_boundary_at_or_before(edges, after + matched, after)
-        if end not in (after, after + len(end_of_turn)):
-            raise _error(
-                f"{location}: assistant message {i} ends differently mid-conversation than as the last turn; "
-                "cannot tell its end-of-turn text apart (use a template with {% generation %} markers)",
-                "template_error",
-            )
-        spans[i] = (start, end)
-        search_from = end
-    return spans
-
-
-def _aligned_tail(turn: str, full_text: str, anchor: int, probe_length: int = 16) -> int | None:
-    """Smallest k > 0 with ``full_text[anchor:]`` starting with ``turn[k:]`` (None if there is none)."""
-    probe = full_text[anchor: anchor + min(probe_length, len(turn))]
-    if not probe.strip():
-        return None
-    k = turn.find(probe, 1)
-    while k >= 0:
-        if full_text.startswith(turn[k:], anchor):
-            return k
-        k = turn.find(probe, k + 1)
-    return None
-
-
-def _match_ignoring_whitespace(turn: str, full_text: str, anchor: int) -> int | None:
-    """End position in ``full_text`` of ``turn`` read from ``anchor`` when they differ only in whitespace."""
-    i, j = 0, anchor
-    while i < len(turn):
-        if j < len(full_text) and turn[i] == full_text[j]:
-            i, j = i + 1, j + 1
-        elif turn[i].isspace():
-            i += 1
-        elif j < len(full_text) and full_text[j].isspace():
-            j += 1
-        else:
-            return None
-    return j
-
-
-def _after_message(messages, j: int, full_text: str, search_from: int) -> int:
-    """Position just after message ``j``'s content in ``full_text`` (searching from ``search_from``)."""
-    content = messages[j].get("content", "").strip() if j >= 0 else ""
-    found = full_text.find(content, search_from) if content else -1
-    return found + len(content) if found >= 0 else search_from
-
-
-def _common_suffix_length(a: str, b: str) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
-        n += 1
-    return n
-
-
-def _end_of_turn_before_next_user(messages, i, full_text, end, first_user, ids, offsets, edges, tokenizer) -> str:
-    """End-of-turn text a template writes only when another turn follows (e.g. Apertus omits its
-    ``<|assistant_end|>`` after the final turn). The gap between this turn and the next user message's content
-    is split into [extra][user header], the header being the gap's longest common suffix with the text before
-    the first user message's content (cut at a token boundary). The extra is trained only if it consists of
-    special tokens, so a numbered header (``[Round 2]``) is never mistaken for an end-of-turn marker."""
-    if first_user is None or i + 1 >= len(messages) or messages[i + 1]["role"] != "user":
-        return ""
-    content = messages[i + 1].get("content", "").strip()
-    content_at = full_text.find(content, end) if content else -1
-    first_at = full_text.find(messages[first_user]["content"].strip())
-    if content_at < 0 or first_at < 0 or content_at == end:
-        return ""
-    gap = full_text[end:content_at]
-    header_start = content_at - _common_suffix_length(gap, full_text[:first_at])
-    header_start = _token_boundary_at_or_after(edges, header_start, content_at)
-    extra_end = end + len(full_text[end:header_start].rstrip())
-    if extra_end <= end:
-        return ""
-    special = _special_ids(tokenizer)
-    inside, k = [], max(bisect.bisect_left(offsets, (end, end)) - 1, 0)
-    while k < len(offsets) and offsets[k][0] < extra_end:
-        if offsets[k][1] > end:
-            inside.append(ids[k])
-        k += 1
-    if not inside or not all(token in special for token in inside):
-        return ""
-    return full_text[end:extra_end]
-
-
-def _special_ids(tokenizer) -> set[int]:
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    for token_id, token in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items():
-        if getattr(token, "special", False):
-            special.add(int(token_id))
-    return special
-
-
 def _selected_turns(conversation: dict, masking: str) -> list[int]:
     """Indices of the assistant messages the masking mode trains (before per-message train/loss_weight)."""
     messages = conversation["messages"]
@@ -303,23 +86,6 @@ def _selected_turns(conversation: dict, masking: str) -> list[int]:
     else:
         chosen = assistants
     return [i for i in chosen if messages[i].get("train", True) and messages[i].get("loss_weight", 1.0) != 0]
-
-
-def _token_edges(offsets) -> list[int]:
-    """Sorted character positions where a token starts or ends."""
-    return sorted({edge for pair in offsets for edge in pair})
-
-
-def _token_boundary_at_or_before(edges: list[int], position: int, floor: int) -> int:
-    """The largest token edge in [floor, position] (``floor`` if none): where a partial match must be cut."""
-    k = bisect.bisect_right(edges, position) - 1
-    return edges[k] if k >= 0 and edges[k] >= floor else floor
-
-
-def _token_boundary_at_or_after(edges: list[int], position: int, ceiling: int) -> int:
-    """The smallest token edge in [position, ceiling] (``ceiling`` if none)."""
-    k = bisect.bisect_left(edges, position)
-    return edges[k] if k < len(edges) and edges[k] <= ceiling else ceiling
 
 
 def _tokenize_with_offsets(tokenizer, text: str, location: str):
@@ -369,11 +135,14 @@ def _encode_plain_completion(tokenizer, prompt: str, completion: str, location: 
 
 
 def encode_conversation(conversation: dict, tokenizer, *, masking: str = "auto", chat_template: str | None = None,
-                        location: str | None = None) -> tuple[list[int], list[int]]:
+                        location: str | None = None, train_reasoning: str = "all") -> tuple[list[int], list[int]]:
     """Canonical conversation -> (input_ids, train_mask), not truncated."""
     where = location or "row"
     if masking not in MASKINGS:
         raise DataError(f"{where}: masking={masking!r} is not allowed; choose one of {', '.join(MASKINGS)}")
+    if train_reasoning not in REASONING:
+        raise DataError(f"{where}: train_reasoning={train_reasoning!r} is not allowed; choose one of "
+                        f"{', '.join(REASONING)}")
     if "text" in conversation:
         return _encode_text(tokenizer, conversation["text"], where)
     if masking == "auto":
@@ -395,15 +164,23 @@ def encode_conversation(conversation: dict, tokenizer, *, masking: str = "auto",
         raise DroppedExample(f"{where}: no assistant turn is selected for training (masking={masking}, "
                              "train/loss_weight flags)", "no_trained_tokens")
     all_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    untrained = [i for i in all_turns if reasoning_text(messages[i])
+                 and (train_reasoning == "none" or (train_reasoning == "last" and i != all_turns[-1]))]
+    marked = None
     if GENERATION_TAG.search(template):
         marked = _generation_mask(tokenizer, messages, template, tools, ids, where)
-        if chosen == all_turns:
+        if chosen == all_turns and not untrained:
             return ids, marked
-        spans = assistant_spans(tokenizer, messages, template, text, ids, offsets, tools=tools, location=where)
-        keep = _mask_from_spans(offsets, [spans[i] for i in chosen])
-        return ids, [a & b for a, b in zip(marked, keep)]
     spans = assistant_spans(tokenizer, messages, template, text, ids, offsets, tools=tools, location=where)
-    return ids, _mask_from_spans(offsets, [spans[i] for i in chosen])
+    mask = _mask_from_spans(offsets, [spans[i] for i in chosen])
+    if marked is not None:
+        mask = marked if chosen == all_turns else [a & b for a, b in zip(marked, mask)]
+    blocks = {i: block for i in untrained if (block := reasoning_block(text, spans[i], messages[i]))}
+    if blocks:  # reasoning the policy leaves untrained is context only (a token shared with the content stays)
+        reasoning = _mask_from_spans(offsets, list(blocks.values()))
+        rest = _mask_from_spans(offsets, [(block[1], spans[i][1]) for i, block in blocks.items()])
+        mask = [m & (not r or k) for m, r, k in zip(mask, reasoning, rest)]
+    return ids, mask
 
 
 def _generation_mask(tokenizer, messages, template, tools, ids, where) -> list[int]:
@@ -422,7 +199,7 @@ def _generation_mask(tokenizer, messages, template, tools, ids, where) -> list[i
 
 def encode_example(row: dict, tokenizer, *, masking: str = "assistant", chat_template: str | None = None,
                    max_length: int | None = None, format: str = "auto", columns: dict | None = None,
-                   location: str | None = None, system_prompt: str | None = None) -> dict:
+                   location: str | None = None, system_prompt: str | None = None, train_reasoning: str = "all") -> dict:
     """One dataset row -> ``{"input_ids": [...], "train_mask": [...]}`` (truncated to ``max_length`` if given).
 
     Raises DataError naming ``location`` for a bad row, DroppedExample (with ``reason``) when nothing is trained.
@@ -430,7 +207,7 @@ def encode_example(row: dict, tokenizer, *, masking: str = "assistant", chat_tem
     where = location or "row"
     conversation = to_conversation(row, format=format, columns=columns, location=where, system_prompt=system_prompt)
     ids, mask = encode_conversation(conversation, tokenizer, masking=masking, chat_template=chat_template,
-                                    location=where)
+                                    location=where, train_reasoning=train_reasoning)
     if not any(mask):
         raise DroppedExample(f"{where}: example has no trained tokens", "no_trained_tokens")
     if max_length is not None and len(ids) > max_length:

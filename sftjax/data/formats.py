@@ -193,8 +193,9 @@ def _message(raw: Any, where: str, index: int) -> dict:
         tool_calls = [_tool_call(c, here) for c in calls] + tool_calls
     if tool_calls:
         message["tool_calls"] = tool_calls
-    if reasoning or raw.get("reasoning_content"):
-        message["reasoning_content"] = "".join(reasoning) or _string(raw["reasoning_content"], here, "reasoning")
+    key = next((k for k in ("reasoning_content", "thinking", "reasoning") if raw.get(k)), None)
+    if reasoning or key:  # a message's reasoning under any of its usual keys, or as content parts
+        message["reasoning_content"] = "".join(reasoning) or _string(raw[key], here, key)
     for key in ("name", "tool_call_id"):
         if raw.get(key) is not None:
             message[key] = _string(raw[key], here, key)

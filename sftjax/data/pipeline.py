@@ -229,6 +229,7 @@ def build_datasets(
     def tokenize(source) -> TokenizedSource:
         return tokenize_source(
             source, tokenizer, masking=cfg.masking, chat_template=cfg.chat_template, on_bad_row=cfg.on_bad_row,
+            train_reasoning=cfg.train_reasoning,
             num_workers=cfg.num_workers, cache_dir=cfg.cache_dir, encode_fn=encode_fn,
         )
 

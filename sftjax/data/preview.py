@@ -61,6 +61,7 @@ def encode_sources(config: DataConfig, tokenizer, limit: int | None = None):
                 yield location, row
         encoded, source_drops = encode_rows(
             remember(counted()), tokenizer, on_bad_row=config.on_bad_row, masking=config.masking,
+            train_reasoning=config.train_reasoning,
             chat_template=config.chat_template, format=source.format, columns=source.columns,
             system_prompt=source.system_prompt)
         for example in encoded:

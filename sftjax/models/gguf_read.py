@@ -76,6 +76,8 @@ _GLOBAL_NAMES = {
 # Pre-tokenizer regexes of llama.cpp's known BPE pre-tokenizers, shared with the writer.
 _LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# RoPE frequency tensors: read into the config, not weights.
+_ROPE_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z0-9_]+)\.(weight|bias)$")
 _GLOBAL_RE = re.compile(r"^([a-z0-9_]+)\.(weight|bias)$")
 
@@ -182,6 +184,8 @@ def _hf_config(reader, path: pathlib.Path, tensor_names: set[str]) -> dict[str, 
         config["sliding_window"] = int(sliding_window or 4096)
     elif sliding_window:
         config["sliding_window"] = int(sliding_window)
+        if arch == "llama":  # llama.cpp writes Mistral as "llama"; the window is what tells them apart
+            config["model_type"], config["architectures"] = "mistral", ["MistralForCausalLM"]
     if arch in ("qwen2",):
         config["use_sliding_window"] = False
     if arch == "phi3":
@@ -293,11 +297,21 @@ def read_gguf_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], Itera
             raise CheckpointError(
                 f"{path}: tensor '{tensor.name}' has quantization type {tensor.tensor_type.name}, which sftjax "
                 f"does not read (supported: {', '.join(_SUPPORTED_TYPE_NAMES)})")
-        if tensor.name != "rope_freqs.weight" and _hf_name(tensor.name, arch) is None:
+        if tensor.name not in _ROPE_TENSORS and _hf_name(tensor.name, arch) is None:
             raise CheckpointError(f"{path}: tensor '{tensor.name}' has no Hugging Face counterpart for '{arch}'")
         expected_bytes = max(expected_bytes, int(tensor.data_offset) + int(tensor.n_bytes))
     if expected_bytes > path.stat().st_size:
         raise CheckpointError(f"{path}: file is truncated ({path.stat().st_size} bytes, tensors need {expected_bytes})")
+    if "rope_factors_long.weight" in tensor_names and arch == "phi3":
+        long, short = (_dequantize(next(t for t in reader.tensors if t.name == f"rope_factors_{kind}.weight"), path)
+                       for kind in ("long", "short"))
+        original = int(_field(reader, f"{arch}.rope.scaling.original_context_length",
+                              config["max_position_embeddings"]))
+        config["rope_parameters"].update(rope_type="longrope", long_factor=[float(x) for x in long],
+                                         short_factor=[float(x) for x in short],
+                                         original_max_position_embeddings=original)
+        config["rope_scaling"] = dict(config["rope_parameters"])
+        config["original_max_position_embeddings"] = original
     if "rope_freqs.weight" in tensor_names:
         freq_tensor = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
         rope = _llama3_rope_parameters(_dequantize(freq_tensor, path).astype(np.float64), config)
@@ -308,7 +322,7 @@ def read_gguf_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], Itera
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for tensor in reader.tensors:
-            if tensor.name == "rope_freqs.weight":
+            if tensor.name in _ROPE_TENSORS:
                 continue
             name = _hf_name(tensor.name, arch)
             array = _dequantize(tensor, path)

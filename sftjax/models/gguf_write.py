@@ -1,104 +1,183 @@
-"""Writing GGUF files llama.cpp can run: HF names -> GGUF names, the q/k permutation re-applied, the metadata keys
-llama.cpp reads, and the tokenizer's vocabulary, merges, special ids and chat template.
+"""Writing GGUF files llama.cpp can run, for every family sftjax loads: HF names -> GGUF names (gguf-py's tables),
+the q/k permutation re-applied for the llama architecture, Gemma's norms stored as 1 + w, the metadata keys
+llama.cpp reads for each architecture, and the tokenizer (:mod:`sftjax.models.gguf_tokenizer`).
 
 Every problem is a one-line :class:`~sftjax.errors.CheckpointError` raised before anything is written.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import pathlib
-import re
 from collections.abc import Iterable
 
 import numpy as np
 
 from sftjax.errors import CheckpointError
-from sftjax.models.gguf_read import (_LLAMA3_SPLIT, _QWEN2_SPLIT, _BLOCK_NAMES, _GLOBAL_NAMES, _rope_rows_to_ggml)
+from sftjax.models.gguf_read import _rope_rows_to_ggml
+from sftjax.models.gguf_tokenizer import add_tokenizer, tokenizer_kind
 from sftjax.models.weights import iter_hf_tensors
-
 
 _WRITE_DTYPES = ("f32", "f16", "bf16", "q8_0")
 
-
-def _gguf_name(hf_name: str) -> str:
-    """GGUF tensor name for a Llama HF parameter name (the inverse of :func:`_hf_name`)."""
-    for gguf_prefix, hf_prefix in _GLOBAL_NAMES.items():
-        if hf_name.startswith(hf_prefix + ".") and hf_name.count(".") == hf_prefix.count(".") + 1:
-            return f"{gguf_prefix}.{hf_name.rsplit('.', 1)[1]}"
-    match = re.match(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$", hf_name)
-    if match:
-        layer, part, kind = match.groups()
-        for gguf_part, hf_part in _BLOCK_NAMES.items():
-            if hf_part == part and gguf_part != "attn_qkv":
-                return f"blk.{layer}.{gguf_part}.{kind}"
-    raise CheckpointError(f"write_gguf: tensor {hf_name} has no GGUF name for the llama architecture")
-
-
-def _tokenizer_pre(backend: dict) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenizer ("default" when not recognised)."""
-    pre = backend.get("pre_tokenizer") or {}
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt-2"
-    for step in pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []:
-        regex = (step.get("pattern") or {}).get("Regex") if step.get("type") == "Split" else None
-        if regex == _LLAMA3_SPLIT:
-            return "llama-bpe"
-        if regex == _QWEN2_SPLIT:
-            return "qwen2"
-    return "default"
+# HF model_type -> (gguf.MODEL_ARCH member, HF architectures entry, HF activation, RoPE types llama.cpp can run).
+# Mistral is llama.cpp's "llama" architecture (as its converter writes it); Gemma's GELU is the tanh one.
+_FAMILIES = {
+    "llama": ("LLAMA", "LlamaForCausalLM", "silu", ("default", "linear", "llama3")),
+    "mistral": ("LLAMA", "MistralForCausalLM", "silu", ("default", "linear", "llama3")),
+    "qwen2": ("QWEN2", "Qwen2ForCausalLM", "silu", ("default", "linear")),
+    "qwen3": ("QWEN3", "Qwen3ForCausalLM", "silu", ("default", "linear")),
+    "gemma": ("GEMMA", "GemmaForCausalLM", "gelu_pytorch_tanh", ("default", "linear")),
+    "gemma2": ("GEMMA2", "Gemma2ForCausalLM", "gelu_pytorch_tanh", ("default", "linear")),
+    "phi3": ("PHI3", "Phi3ForCausalLM", "silu", ("default", "linear", "longrope")),
+}
+_TANH_GELU = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 
 
-def _add_tokenizer(writer, tokenizer, vocab_size: int, out_path: pathlib.Path, tokenizer_pre: str | None) -> None:
-    """Vocabulary, merges, token types, special ids and chat template of a byte-level BPE tokenizer."""
+def _rope(hf_config: dict) -> dict:
+    rope = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", hf_config.get("rope_theta", 10000.0))
+    rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+    return rope
+
+
+def check_exportable(hf_config: dict, where="write_gguf") -> str:
+    """The GGUF architecture name for a ``config.json`` dict, or a one-line CheckpointError saying why llama.cpp's
+    architecture for the family cannot run it (raised before anything is written)."""
     import gguf
 
-    backend = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
-    model = backend.get("model") or {}
-    pre = backend.get("pre_tokenizer") or {}
-    byte_level = pre.get("type") == "ByteLevel" or any(
-        step.get("type") == "ByteLevel" for step in pre.get("pretokenizers", []))
-    if model.get("type") != "BPE" or not byte_level:
-        raise CheckpointError(f"{out_path}: write_gguf supports byte-level BPE tokenizers (GPT-2/Llama-3/Qwen style); "
-                              f"this one is {model.get('type', type(tokenizer).__name__)} with pre-tokenizer "
-                              f"{pre.get('type')}")
-    id_to_token = {index: token for token, index in tokenizer.get_vocab().items()}
-    if max(id_to_token) >= vocab_size:
-        raise CheckpointError(f"{out_path}: tokenizer has token id {max(id_to_token)} but the model's vocabulary "
-                              f"has {vocab_size} rows")
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for index in range(vocab_size):
-        if index not in id_to_token:
-            tokens.append(f"[PAD{index}]")
-            types.append(gguf.TokenType.UNUSED)
-            continue
-        tokens.append(id_to_token[index])
-        if index in added:
-            types.append(gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED)
-        else:
-            types.append(gguf.TokenType.NORMAL)
-    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(tokenizer_pre or _tokenizer_pre(backend))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),
-                          (tokenizer.eos_token_id, writer.add_eos_token_id),
-                          (tokenizer.unk_token_id, writer.add_unk_token_id),
-                          (tokenizer.pad_token_id, writer.add_pad_token_id)):
-        if token_id is not None:
-            add(int(token_id))
-    probe_with, probe_without = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
-    writer.add_add_bos_token(bool(tokenizer.bos_token_id is not None and probe_with[:1] == [tokenizer.bos_token_id]
-                                  and probe_without[:1] != [tokenizer.bos_token_id]))
-    writer.add_add_eos_token(bool(tokenizer.eos_token_id is not None and probe_with[-1:] == [tokenizer.eos_token_id]
-                                  and probe_without[-1:] != [tokenizer.eos_token_id]))
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, str) and template:
-        writer.add_chat_template(template)
+    model_type = hf_config.get("model_type")
+    architectures = hf_config.get("architectures") or []
+    if model_type not in _FAMILIES:
+        raise CheckpointError(f"{where}: {', '.join(architectures) or model_type} has no GGUF export "
+                              f"(supported: {', '.join(_FAMILIES)})")
+    arch_member, hf_class, activation, rope_types = _FAMILIES[model_type]
+    if any(arch != hf_class for arch in architectures):
+        raise CheckpointError(f"{where}: model_type '{model_type}' with architectures {architectures}: "
+                              f"expected {hf_class}")
+
+    def refuse(what: str):
+        raise CheckpointError(f"{where}: cannot export {hf_class} to GGUF: {what}")
+
+    act = hf_config.get("hidden_activation") or hf_config.get("hidden_act") or activation
+    if act != activation and not (activation in _TANH_GELU and act in _TANH_GELU):
+        refuse(f"activation '{act}' (llama.cpp's {model_type} uses {activation})")
+    rope = _rope(hf_config)
+    if rope["rope_type"] not in rope_types:
+        refuse(f"RoPE type '{rope['rope_type']}' (llama.cpp runs {', '.join(rope_types)} for this family)")
+    partial = float(rope.get("partial_rotary_factor", hf_config.get("partial_rotary_factor", 1.0)) or 1.0)
+    if partial != 1.0 and model_type != "phi3":
+        refuse(f"partial_rotary_factor {partial}")
+    if hf_config.get("mlp_bias"):
+        refuse("MLP biases")
+    if hf_config.get("attention_bias") and model_type not in ("llama",):
+        refuse("attention biases")
+    max_positions = int(hf_config.get("max_position_embeddings", 2048))
+    window = hf_config.get("sliding_window")
+    if model_type in ("qwen2", "qwen3") and hf_config.get("use_sliding_window") and window \
+            and int(window) < max_positions:
+        refuse(f"a sliding window ({window}) on some layers")
+    if model_type in ("gemma", "gemma2") and hf_config.get("tie_word_embeddings") is False:
+        refuse("an lm_head untied from the embeddings (llama.cpp's Gemma always ties them)")
+    if model_type == "gemma2":
+        layers = int(hf_config["num_hidden_layers"])
+        layer_types = list(hf_config.get("layer_types") or [])
+        alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        if layer_types and layer_types != alternating and set(layer_types) != {"full_attention"}:
+            refuse("sliding-window layers other than every other layer from layer 0")
+        heads = int(hf_config["num_attention_heads"])
+        head_dim = int(hf_config.get("head_dim") or int(hf_config["hidden_size"]) // heads)
+        scalar = float(hf_config.get("query_pre_attn_scalar") or head_dim)
+        big = layers == 46 and scalar == int(hf_config["hidden_size"]) // heads  # llama.cpp's Gemma-2 27B rule
+        if scalar != head_dim and not big:
+            refuse(f"query_pre_attn_scalar {scalar} (llama.cpp scales queries by head_dim {head_dim} ** -0.5)")
+    if model_type == "phi3" and rope["rope_type"] == "longrope":
+        original = int(rope.get("original_max_position_embeddings")
+                       or hf_config.get("original_max_position_embeddings") or max_positions)
+        scale = max_positions / original
+        expected = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0
+        given = rope.get("attention_factor")
+        if given is not None and not math.isclose(float(given), expected, rel_tol=1e-6):
+            refuse(f"longrope attention_factor {given} (llama.cpp uses {expected:.6g})")
+    return gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch_member)]
+
+
+def _add_metadata(writer, hf_config: dict, arch: str, dtype: str) -> dict:
+    """The hyperparameter keys llama.cpp reads for ``arch``; returns the numbers the tensors need."""
+    import gguf
+
+    model_type = hf_config["model_type"]
+    hidden = int(hf_config["hidden_size"])
+    heads = int(hf_config["num_attention_heads"])
+    kv_heads = int(hf_config.get("num_key_value_heads") or heads)
+    head_dim = int(hf_config.get("head_dim") or hidden // heads)
+    rope = _rope(hf_config)
+    max_positions = int(hf_config.get("max_position_embeddings", 2048))
+    partial = float(rope.get("partial_rotary_factor", hf_config.get("partial_rotary_factor", 1.0)) or 1.0)
+    writer.add_context_length(max_positions)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(int(hf_config["num_hidden_layers"]))
+    writer.add_feed_forward_length(int(hf_config["intermediate_size"]))
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(int(head_dim * partial))
+    if head_dim != hidden // heads or model_type in ("gemma", "gemma2", "qwen3"):
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    writer.add_layer_norm_rms_eps(float(hf_config.get("rms_norm_eps", 1e-6)))
+    writer.add_vocab_size(int(hf_config["vocab_size"]))
+    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    writer.add_file_type(int(file_types[dtype]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    window = hf_config.get("sliding_window")
+    if model_type == "mistral" and window:
+        writer.add_sliding_window(int(window))  # llama.cpp's llama architecture runs full attention
+    if model_type == "gemma2":
+        full = set(hf_config.get("layer_types") or ["sliding_attention"]) == {"full_attention"}
+        writer.add_sliding_window(max_positions if full or not window else int(window))
+        writer.add_attn_logit_softcapping(float(hf_config.get("attn_logit_softcapping") or 0.0))
+        writer.add_final_logit_softcapping(float(hf_config.get("final_logit_softcapping") or 0.0))
+    if model_type == "phi3":
+        original = int(rope.get("original_max_position_embeddings")
+                       or hf_config.get("original_max_position_embeddings") or max_positions)
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_sliding_window(int(window or 0))  # 0: no window (llama.cpp's converter's convention)
+        if rope["rope_type"] == "longrope":
+            scale = max_positions / original
+            writer.add_rope_scaling_attn_factors(
+                math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0)
+    return {"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "rope": rope, "rotary": int(head_dim * partial)}
+
+
+def _extra_tensors(hf_config: dict, numbers: dict, out_path) -> list[tuple[str, np.ndarray]]:
+    """RoPE frequency tensors: Llama-3's ``rope_freqs`` and Phi-3's ``rope_factors_long/short``."""
+    import gguf
+
+    rope, head_dim = numbers["rope"], numbers["head_dim"]
+    if rope["rope_type"] == "llama3":
+        theta = float(rope["rope_theta"])
+        inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+        wavelength = 2 * np.pi / inv_freq
+        factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+        original = float(rope["original_max_position_embeddings"])
+        smooth = (original / wavelength - low) / (high - low)
+        factors = np.where(wavelength < original / high, 1.0,
+                           np.where(wavelength > original / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+        return [(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.astype(np.float32))]
+    if rope["rope_type"] == "longrope":
+        long, short = (np.asarray(rope[key], np.float32) for key in ("long_factor", "short_factor"))
+        if long.shape != short.shape or long.shape != (numbers["rotary"] // 2,):
+            raise CheckpointError(f"{out_path}: write_gguf: longrope factors must have {numbers['rotary'] // 2} "
+                                  f"entries each, not {long.shape[0]} and {short.shape[0]}")
+        return [(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight", long),
+                (gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight", short)]
+    return []
 
 
 def _encode_tensor(array: np.ndarray, dtype: str):
@@ -118,77 +197,55 @@ def _encode_tensor(array: np.ndarray, dtype: str):
 
 def write_gguf_from_hf(hf_config: dict, tensors: Iterable[tuple[str, np.ndarray]], tokenizer, out_path, *,
                        dtype: str = "f16", tokenizer_pre: str | None = None, name: str | None = None) -> pathlib.Path:
-    """Write a llama.cpp-compatible GGUF from a Llama ``config.json`` dict and HF-named [out, in] tensors."""
+    """Write a llama.cpp-compatible GGUF from a ``config.json`` dict and HF-named [out, in] tensors.
+
+    Families: Llama, Mistral (llama.cpp's "llama" architecture), Qwen2, Qwen3, Gemma, Gemma 2 and Phi-3, with the
+    architecture, tensor names and metadata keys of llama.cpp's converter (gguf-py's tables).
+    """
     import gguf
 
     out_path = pathlib.Path(out_path)
     if dtype not in _WRITE_DTYPES:
         raise CheckpointError(f"write_gguf: dtype '{dtype}' is not one of {', '.join(_WRITE_DTYPES)}")
-    model_type = hf_config.get("model_type")
-    architectures = hf_config.get("architectures") or []
-    if model_type != "llama" or any(arch != "LlamaForCausalLM" for arch in architectures):
-        raise CheckpointError(f"{out_path}: write_gguf supports the Llama architecture only, not "
-                              f"{', '.join(architectures) or model_type}")
-    if hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
-        raise CheckpointError(f"{out_path}: write_gguf: Llama with attention/MLP biases is not supported")
-    hidden = int(hf_config["hidden_size"])
-    heads = int(hf_config["num_attention_heads"])
-    kv_heads = int(hf_config.get("num_key_value_heads") or heads)
-    head_dim = int(hf_config.get("head_dim") or hidden // heads)
-    vocab = int(hf_config["vocab_size"])
-    rope = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
-    rope_theta = float(rope.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear", "llama3"):
-        raise CheckpointError(f"{out_path}: write_gguf: RoPE type '{rope_type}' is not supported")
+    arch = check_exportable(hf_config, where=str(out_path))
+    if tokenizer is not None:
+        tokenizer_kind(tokenizer, out_path)
+    model_type = hf_config["model_type"]
+    layers = int(hf_config["num_hidden_layers"])
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, _FAMILIES[model_type][0]), layers)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(out_path.name + ".partial")
-    writer = gguf.GGUFWriter(str(partial), "llama")
+    writer = gguf.GGUFWriter(str(partial), arch)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name or out_path.stem)
-    writer.add_context_length(int(hf_config.get("max_position_embeddings", 2048)))
-    writer.add_embedding_length(hidden)
-    writer.add_block_count(int(hf_config["num_hidden_layers"]))
-    writer.add_feed_forward_length(int(hf_config["intermediate_size"]))
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != hidden // heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(rope_theta)
-    writer.add_layer_norm_rms_eps(float(hf_config.get("rms_norm_eps", 1e-6)))
-    writer.add_vocab_size(vocab)
-    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-    writer.add_file_type(int(file_types[dtype]))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if rope_type == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(rope["factor"]))
+    numbers = _add_metadata(writer, hf_config, arch, dtype)
     if tokenizer is not None:
-        _add_tokenizer(writer, tokenizer, vocab, out_path, tokenizer_pre)
-
-    if rope_type == "llama3":
-        inv_freq = 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-        wavelength = 2 * np.pi / inv_freq
-        factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
-        original = float(rope["original_max_position_embeddings"])
-        smooth = (original / wavelength - low) / (high - low)
-        factors = np.where(wavelength < original / high, 1.0,
-                           np.where(wavelength > original / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
-        writer.add_tensor("rope_freqs.weight", factors.astype(np.float32))
+        add_tokenizer(writer, tokenizer, int(hf_config["vocab_size"]), out_path, tokenizer_pre)
+    else:  # the config's special ids, as llama.cpp's converter reads them from config.json
+        for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                         ("pad_token_id", writer.add_pad_token_id)):
+            if isinstance(hf_config.get(key), int):
+                add(hf_config[key])
+    for tensor_name, data in _extra_tensors(hf_config, numbers, out_path):
+        writer.add_tensor(tensor_name, data)
+    tied = bool(hf_config.get("tie_word_embeddings")) or model_type in ("gemma", "gemma2")
     seen = set()
     for hf_name, array in tensors:
-        if hf_name == "lm_head.weight" and hf_config.get("tie_word_embeddings"):
+        if hf_name == "lm_head.weight" and tied:
             continue
-        gguf_name = _gguf_name(hf_name)
-        if hf_name.endswith("q_proj.weight"):
-            array = _rope_rows_to_ggml(np.asarray(array), heads)
-        elif hf_name.endswith("k_proj.weight"):
-            array = _rope_rows_to_ggml(np.asarray(array), kv_heads)
-        data, raw_type = _encode_tensor(np.asarray(array, dtype=np.float32), dtype)
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise CheckpointError(f"{out_path}: write_gguf: tensor {hf_name} has no GGUF name for the {arch} "
+                                  f"architecture")
+        array = np.asarray(array, dtype=np.float32)
+        if arch == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            array = _rope_rows_to_ggml(array, numbers["heads"])
+        elif arch == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            array = _rope_rows_to_ggml(array, numbers["kv_heads"])
+        if model_type in ("gemma", "gemma2") and hf_name.endswith("norm.weight"):
+            array = array + 1.0  # GGML multiplies by the weight; Gemma's RMSNorm by 1 + w
+        data, raw_type = _encode_tensor(array, dtype)
         writer.add_tensor(gguf_name, data, raw_dtype=raw_type)
         seen.add(gguf_name)
     if "token_embd.weight" not in seen:
@@ -208,10 +265,10 @@ def write_gguf_from_hf(hf_config: dict, tensors: Iterable[tuple[str, np.ndarray]
 
 def write_gguf(model, config, tokenizer, out_path, *, dtype: str = "f16", tokenizer_pre: str | None = None,
                name: str | None = None) -> pathlib.Path:
-    """Export a Llama-architecture Decoder (LoRA merged) with its tokenizer to a GGUF file llama.cpp can run.
+    """Export a Decoder (LoRA merged) with its tokenizer to a GGUF file llama.cpp can run.
 
     ``dtype``: "f16" (default), "bf16", "q8_0" or "f32"; norms stay float32. ``config`` is the model's
-    ModelConfig. The tokenizer must be byte-level BPE (``tokenizer=None`` writes none).
+    ModelConfig. The tokenizer is byte-level BPE or SentencePiece (``tokenizer=None`` writes none).
     """
     hf_config = config.to_hf_dict()
     return write_gguf_from_hf(hf_config, iter_hf_tensors(model, config, dtype=np.float32), tokenizer, out_path,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import jax
 from jax.sharding import AbstractMesh, AxisType
@@ -51,6 +52,26 @@ def _memory(analysis) -> dict:
     out["peak_estimate_bytes"] = (out.get("argument_bytes", 0) + out.get("output_bytes", 0)
                                   - out.get("alias_bytes", 0) + out.get("temp_bytes", 0))
     return out
+
+
+_OUT_OF_HBM = re.compile(r"total memory required for HLO temporaries \(([0-9.]+)([KMGT]?)\) exceeds available HBM")
+
+
+def _argument_bytes(arguments) -> int:
+    """Bytes per device of the step's arguments (each leaf's shard on its sharding)."""
+    total = 0
+    for leaf in jax.tree.leaves(arguments):
+        shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+        total += math.prod(shape) * leaf.dtype.itemsize
+    return total
+
+
+def _refused_for_memory(error: Exception) -> int | None:
+    """The temporaries' bytes when XLA's TPU compiler refused the program for not fitting in HBM, else None."""
+    match = _OUT_OF_HBM.search(str(error))
+    if "RESOURCE_EXHAUSTED" not in str(error) or match is None:
+        return None
+    return int(float(match[1]) * 1024 ** "_KMGT".index(match[2] or "_"))
 
 
 def _program(cfg: Config, mesh, *, seq_len):
@@ -122,7 +143,19 @@ def compile_for_target(config: Config, target_name: str, *, seq_len: int | None 
                    stablehlo_chars=len(text), triton_kernels=sorted({k.name for k in kernels_found}))
         return out
     program = _program(cfg, mesh, seq_len=seq_len)
-    compiled = program.lower(length).compile()
+    chip = target.chip
+    try:
+        compiled = program.lower(length).compile()
+    except jax.errors.JaxRuntimeError as error:  # the compiler itself refuses a program that cannot fit in HBM
+        temp = _refused_for_memory(error)
+        if temp is None:
+            raise
+        arguments = _argument_bytes(program.abstract_arguments(length))
+        memory = {"argument_bytes": arguments, "temp_bytes": temp, "peak_estimate_bytes": arguments + temp}
+        out.update(checked="refused by XLA's TPU compiler (libtpu): its temporaries alone exceed the chip's HBM, "
+                           "so it gives no full memory analysis, cost analysis or code size",
+                   memory=memory, hbm_bytes=chip.hbm_bytes, fits=False, verdict="DOES NOT FIT")
+        return out
     memory = _memory(compiled.memory_analysis())
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
@@ -132,7 +165,6 @@ def compile_for_target(config: Config, target_name: str, *, seq_len: int | None 
     tokens_per_device = cfg.train.global_batch_size * length / out["devices"]
     model_flops = model_flops_per_token(mc, num_params=program.num_params, num_trainable_params=program.num_trainable,
                                         seq_len=length) * tokens_per_device
-    chip = target.chip
     compute_s, memory_s = model_flops / chip.peak_bf16_flops, bytes_accessed / chip.hbm_bandwidth
     peak = memory["peak_estimate_bytes"]
     out.update(checked="compiled by XLA's TPU compiler (libtpu), Mosaic kernels included",
@@ -154,6 +186,8 @@ def format_target(result: dict) -> list[str]:
             lines.append(f"  {key:<40}{_size(value):>12}")
         lines.append(f"verdict from XLA: {result['verdict']} ({_size(result['memory']['peak_estimate_bytes'])} per "
                      f"device vs {_size(result['hbm_bytes'])} HBM)")
+        if "cost" not in result:
+            return lines
         cost = result["cost"]
         lines.append(f"XLA cost analysis per device: {cost['xla_flops']:.4g} FLOPs, {cost['xla_bytes_accessed']:.4g} "
                      "bytes (each loop body -- the scan over layers, the accumulation -- counted once, and no FLOPs "

@@ -90,6 +90,13 @@ def test_reasoning_tool_use(assets_dir):
             assert [c["function"]["name"] for c in message.get("tool_calls", [])] == [c["name"] for c in calls]
 
 
+@pytest.mark.parametrize("key", ["reasoning_content", "thinking", "reasoning"])
+def test_reasoning_under_any_usual_key_is_kept(key):
+    conv = to_conversation({"messages": [{"role": "user", "content": "2+2?"},
+                                         {"role": "assistant", "content": "4", key: "two plus two"}]})
+    assert conv["messages"][1] == {"role": "assistant", "content": "4", "reasoning_content": "two plus two"}
+
+
 def test_text_and_string_tools_and_system_prompt():
     assert to_conversation({"text": "hello"}) == {"text": "hello"}
     conv = to_conversation({"conversation": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],

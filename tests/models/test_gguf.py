@@ -11,14 +11,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import require  # noqa: E402
+from tests.conftest import require
 
 gguf = require("gguf")
 torch = require("torch")
 
-from sftjax.errors import CheckpointError  # noqa: E402
-from sftjax.models import gguf_read, gguf_write  # noqa: E402
-from tests.oracle import assert_close  # noqa: E402
+from sftjax.errors import CheckpointError
+from sftjax.models import gguf_read, gguf_tokenizer, gguf_write
+from tests.oracle import assert_close
 
 Q = gguf.GGMLQuantizationType
 
@@ -337,8 +337,9 @@ def test_tokenizer_matches_hf_files(smollm2_gguf, assets_dir):
 
 def test_smollm2_load_model_logits_match_torch(smollm2_read):
     """sftjax.load_model on the alias vs a transformers Llama built from the same dequantized weights."""
-    import sftjax
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import sftjax
 
     config, tensors = smollm2_read
     reference = LlamaForCausalLM(LlamaConfig(**config)).eval()
@@ -491,15 +492,15 @@ def test_written_gguf_reads_in_transformers(tmp_path, source_tokenizer):
         source_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def test_write_gguf_refuses_other_architectures_and_tokenizers(tmp_path, source_tokenizer):
+def test_write_gguf_refuses_unexportable_configs_and_tokenizers(tmp_path, source_tokenizer):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
     config, state = _random_llama(tied=True)
-    qwen = {**config, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
+    gpt2 = {**config, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
     with pytest.raises(CheckpointError) as error:
-        gguf_write.write_gguf_from_hf(qwen, state.items(), source_tokenizer, tmp_path / "q.gguf")
-    _assert_one_line(error, "Qwen2ForCausalLM", "Llama")
+        gguf_write.write_gguf_from_hf(gpt2, state.items(), source_tokenizer, tmp_path / "g.gguf")
+    _assert_one_line(error, "GPT2LMHeadModel", "no GGUF export")
     with pytest.raises(CheckpointError) as error:
         gguf_write.write_gguf_from_hf(config, state.items(), source_tokenizer, tmp_path / "d.gguf", dtype="q4_0")
     _assert_one_line(error, "q4_0")
@@ -621,13 +622,13 @@ def test_pre_tokenizer_names(assets_dir, name, pre):
     from transformers import AutoTokenizer
 
     source = AutoTokenizer.from_pretrained(str(assets_dir / "tokenizers" / name))
-    assert gguf_write._tokenizer_pre(json.loads(source.backend_tokenizer.to_str())) == pre
+    assert gguf_tokenizer.tokenizer_pre(json.loads(source.backend_tokenizer.to_str())) == pre
     rebuilt = gguf_read._pre_tokenizer(pre)
     for text in _PRE_TOKENIZER_TEXTS:
         assert rebuilt.pre_tokenize_str(text) == source.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
 
 
-@pytest.mark.parametrize("name, pre", [("llama3/hf", "llama-bpe")])
+@pytest.mark.parametrize("name, pre", [("llama3/hf", "llama-bpe"), ("qwen2/hf", "qwen2")])
 def test_tokenizer_roundtrip_through_gguf_metadata(tmp_path, assets_dir, name, pre):
     """Vocabulary/merges/pre-tokenizer written by write_gguf come back as the same tokenizer (llama.cpp's names)."""
     from transformers import AutoTokenizer
@@ -635,7 +636,7 @@ def test_tokenizer_roundtrip_through_gguf_metadata(tmp_path, assets_dir, name, p
     source = AutoTokenizer.from_pretrained(str(assets_dir / "tokenizers" / name))
     path = tmp_path / "tok.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
-    gguf_write._add_tokenizer(writer, source, len(source), path, None)
+    gguf_tokenizer.add_tokenizer(writer, source, len(source), path)
     writer.add_tensor("token_embd.weight", np.zeros((len(source), 1), np.float32))  # placeholder tensor
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -38,9 +38,12 @@ def test_recipe_compiles_for_its_tpu_with_the_right_verdict(libtpu, config, targ
     result = compiled(config, target, overrides)
     memory = result["memory"]
     assert result["verdict"] == verdict, result
-    assert memory["argument_bytes"] > 0 and memory["temp_bytes"] > 0 and memory["generated_code_bytes"] > 0
     assert result["kernels"]["attention"] == "splash_tpu"  # the TPU rule, not this CPU machine's
-    assert result["roofline_step_s"] > 0
+    assert memory["argument_bytes"] > 0 and memory["temp_bytes"] > 0
+    if result["checked"].startswith("refused"):  # XLA's compiler itself refused it for HBM: no full analysis
+        assert verdict == "DOES NOT FIT" and memory["temp_bytes"] > result["hbm_bytes"], result
+        return
+    assert memory["generated_code_bytes"] > 0 and result["roofline_step_s"] > 0
 
 
 def test_8b_lora_recipe_lowers_for_h100_with_the_triton_kernels(triton_package):
