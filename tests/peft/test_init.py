@@ -56,8 +56,11 @@ def test_residual_inits_match_peft(kind, shape_OI, rank, rslora):
     # our sign rule: the largest-magnitude entry of every B column is positive
     assert np.all(b_OR[np.argmax(np.abs(b_OR), axis=0), np.arange(rank)] > 0)
     b_ref, a_ref = _align(b_ref, a_ref, b_OR)
-    assert_close(b_OR, b_ref, 1e-5, what="B")
-    assert_close(a_RI, a_ref, 1e-5, what="A")
+    # A and B are singular vectors scaled by sqrt(singular values): two float32 SVDs (LAPACK here, torch's in peft)
+    # agree on them to ~eps / (relative gap between singular values), measured up to 1.4e-5 of the scale on these
+    # random weights; the residual and the reconstruction below are checked at 1e-5.
+    assert_close(b_OR, b_ref, 1e-4, what="B")
+    assert_close(a_RI, a_ref, 1e-4, what="A")
     # the residual W - scale * B A carries W's rounding (it is ~0 at full rank): judged on W's scale
     residual_error = np.abs(np.asarray(residual_IO).T - residual_ref).max() / np.abs(w_OI).max()
     assert residual_error <= 1e-5, f"residual base: max |diff| is {residual_error:.3g} of W's scale"
