@@ -65,9 +65,9 @@ def cast_floating(tree, dtype):
             return x
         if isinstance(x, nnx.Variable):
             return jax.tree.map(cast, x)
-        if isinstance(x, jax.Array) or hasattr(x, "dtype"):
-            if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
-                return x.astype(dtype)
+        if (isinstance(x, jax.Array) or hasattr(x, "dtype")) and jnp.issubdtype(x.dtype, jnp.floating) \
+                and x.dtype != dtype:
+            return x.astype(dtype)
         return x
     return jax.tree.map(cast, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from sftjax.config import OptimSection
 from sftjax.train.optim import decay_mask, make_optimizer, make_schedule
@@ -114,8 +113,14 @@ def test_loraplus_two_adamw_steps_match_peft_create_loraplus_optimizer(weight_de
     from sftjax.config import LoraSection
     from sftjax.peft.lora import apply_lora, linear_modules, split_model
     from sftjax.train.step import LossOptions, TrainState, make_train_step
-    from tests.train.test_step import make_examples, our_model_from_torch, pack_rows, tiny_model_config, \
-        torch_llama, torch_loss
+    from tests.train.test_step import (
+        make_examples,
+        our_model_from_torch,
+        pack_rows,
+        tiny_model_config,
+        torch_llama,
+        torch_loss,
+    )
 
     lr, ratio = 1e-3, 16.0
     config = tiny_model_config()
