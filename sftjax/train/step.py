@@ -119,15 +119,16 @@ def train_step_fn(graphdef, tx: optax.GradientTransformation, schedule: Callable
         zeros = constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
 
         def body(carry, xs):
-            grads_sum, loss_sum, tokens, correct = carry
+            grads_sum, loss_sum, tokens, correct, real = carry
             one_batch, index = xs
             grads, result = grad_fn(state.params, one_batch, jax.random.fold_in(rng, index))
             grads_sum = constrain(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, constrain(grads)))
+            real = real + jnp.sum(one_batch["segment_ids"] != 0, dtype=jnp.float32)
             return (grads_sum, loss_sum + result.loss_sum, tokens + result.token_count,
-                    correct + result.correct_count), None
+                    correct + result.correct_count, real), None
 
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads_sum, loss_sum, tokens, correct), _ = jax.lax.scan(body, init, (micro, jnp.arange(accum)))
+        init = (zeros, *(jnp.zeros((), jnp.float32) for _ in range(4)))
+        (grads_sum, loss_sum, tokens, correct, real), _ = jax.lax.scan(body, init, (micro, jnp.arange(accum)))
 
         denominator = jnp.maximum(tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grads_sum)
@@ -148,7 +149,8 @@ def train_step_fn(graphdef, tx: optax.GradientTransformation, schedule: Callable
                                nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
         metrics = {
             "loss": loss_sum / denominator,
-            "trained_tokens": tokens,
+            "trained_tokens": tokens,  # loss_mask tokens of the whole step (all micro-batches, all devices)
+            "real_tokens": real,  # non-padding tokens (segment_ids != 0) of the whole step
             "correct_tokens": correct,
             "grad_norm": grad_norm,
             "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),

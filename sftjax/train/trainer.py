@@ -42,7 +42,7 @@ from sftjax.sharding import make_mesh
 from sftjax.train import checkpoint as ckpt
 from sftjax.train import run_meta
 from sftjax.train import flops as flops_lib
-from sftjax.train.metrics import MetricsLogger, device_memory_bytes
+from sftjax.train.metrics import MetricsLogger, check_loggers, device_memory_bytes
 from sftjax.train.preemption import PreemptionGuard
 from sftjax.train.program import BATCH_KEYS, build_program, check_backend
 from sftjax.train.step import TrainState
@@ -95,6 +95,7 @@ class Trainer:
         train = cfg.train
         self.checkpoints = None  # the CheckpointManager, once open_checkpoints() ran
         self.mesh_sizes = cfg.check_devices(jax.device_count())
+        check_loggers(train.loggers)  # a missing wandb/mlflow fails here, before the model loads
         self.mesh = make_mesh(**self.mesh_sizes)
         check_backend(cfg)
         self.tokenizer = tokenizer
@@ -289,7 +290,8 @@ class Trainer:
         cfg = self.config.train
         out_dir = pathlib.Path(cfg.output_dir)
         log = MetricsLogger(out_dir, total_steps=self.total_steps, tensorboard=cfg.tensorboard,
-                            progress=cfg.progress, initial_step=self.start_step)
+                            progress=cfg.progress, initial_step=self.start_step, train=cfg,
+                            run_config=self.config.to_dict())
         peak = cfg.peak_flops or flops_lib.device_peak_flops()
         seq_len = int(self.config.data.max_length) if self.config.data is not None else None
         data_iter = iter(self.train_data)
@@ -362,7 +364,10 @@ class Trainer:
         return {"train": last_train, "eval": last_eval, **stopped}
 
     def _summarize(self, fetched, elapsed, steps, seq_len, peak) -> dict:
+        # tokens_per_s counts every slot of the [B, L] batches (padding included: what the device computes on);
+        # real_tokens_per_s the non-padding tokens (segment_ids != 0); trained_tokens_per_s the loss-mask tokens.
         tokens = sum(float(m["trained_tokens"]) for m in fetched)
+        real = sum(float(m["real_tokens"]) for m in fetched)
         last = fetched[-1]
         all_tokens = steps * self.config.train.global_batch_size * (seq_len or 0)
         out = {
@@ -371,6 +376,7 @@ class Trainer:
             "learning_rate": float(last["learning_rate"]),
             "step_time_s": elapsed / max(steps, 1),
             "tokens_per_s": all_tokens / max(elapsed, 1e-9),
+            "real_tokens_per_s": real / max(elapsed, 1e-9),
             "trained_tokens_per_s": tokens / max(elapsed, 1e-9),
             "skipped_steps": float(sum(int(m["skipped"]) for m in fetched)),
             "nonfinite_steps": float(jax.device_get(self.state.nonfinite_steps)),

@@ -253,9 +253,11 @@ def test_gradient_clipping_matches_torch_clip_grad_norm_and_adamw(setup):
     assert_close(np.array(norms), np.array(torch_norms), 1e-5, what="pre-clipping gradient norms")
     # Compared by norm: AdamW turns the float32 noise of near-zero gradient elements (|g| ~ eps after clipping)
     # into O(lr) moves of those few elements (max-relative up to ~1e-3 measured), and the rounding of the weights
-    # themselves is ~1e-5 of these moves; a wrong clip factor moves every element.
+    # themselves is ~1e-5 of these moves; a wrong clip factor moves every element. The norm error measured
+    # 0.3e-4 to 3e-4 depending on which tests ran before in the process (the model `setup` yields is shared);
+    # 1e-3 keeps a factor of 10 below the unclipped run's error checked next.
     for name, ours, theirs in moves(clipped):
-        assert norm_relative_error(ours, theirs) <= 2e-4, name
+        assert norm_relative_error(ours, theirs) <= 1e-3, name
     # the comparison can tell: without clipping the same model ends measurably elsewhere
     unclipped, _ = run_ours(None)
     assert min(norm_relative_error(ours, theirs) for _, ours, theirs in moves(unclipped)) > 1e-2
