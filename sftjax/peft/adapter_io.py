@@ -113,9 +113,9 @@ def dora_magnitudes(model, model_config) -> dict[str, Any]:
         parts.sort(key=lambda p: p[0])
         total = parts[0][2]
         if total is not None and sum(int(p[1].shape[0]) for p in parts) != total:
-            others = sorted(p for p, (hf, _, _, _) in locations.items() if hf == hf_module and
-                            p not in {q[3] for q in parts})
-            raise CheckpointError(f"DoRA on part of the fused {hf_module}: {others[0]} has no DoRA adapter; "
+            other = min(p for p, (hf, _, _, _) in locations.items() if hf == hf_module and
+                        p not in {q[3] for q in parts})
+            raise CheckpointError(f"DoRA on part of the fused {hf_module}: {other} has no DoRA adapter; "
                                   "target all of its parts or export --format hf")
         magnitudes[hf_module] = jnp.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
     return magnitudes

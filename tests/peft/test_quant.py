@@ -362,8 +362,8 @@ def test_qlora_run_through_the_trainer_trains_adapters_only(assets_dir, tmp_path
     trainer.fit()
     after = {path: np.asarray(v[...]) for path, v in nnx.to_flat_state(trainer.frozen) if isinstance(v, QuantizedKernel)}
     assert before.keys() == after.keys()
-    for path in before:
-        np.testing.assert_array_equal(before[path], after[path], err_msg="/".join(map(str, path)))
+    for path, value in before.items():
+        np.testing.assert_array_equal(value, after[path], err_msg="/".join(map(str, path)))
     # the stored base is bitsandbytes' NF4 of the seeded random init (computed here from the dense init)
     dense, _ = build_model(cfg.replace(model=dataclasses.replace(cfg.model, quantize="none", double_quant=False)),
                            tokenizer=trainer.tokenizer)
@@ -379,7 +379,7 @@ def test_qlora_run_through_the_trainer_trains_adapters_only(assets_dir, tmp_path
     # checkpoints: only LoRA adapters (and their optimizer state), no frozen or quantized array
     step_dir = tmp_path / "checkpoints" / "10"
     saved = json.loads((step_dir / "params" / "_METADATA").read_text())["tree_metadata"]
-    names = [key for key in saved]
+    names = list(saved)
     assert names and all("lora_a" in n or "lora_b" in n for n in names), names[:4]
     assert not any(p.name in ("frozen", "model") for p in step_dir.iterdir())
     # merged final/: the dequantized base plus the trained adapters, in transformers
