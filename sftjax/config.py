@@ -38,6 +38,8 @@ REASONING = ("all", "last", "none")
 PACKINGS = ("best", "bfd", "first_fit", "none")
 OVERFLOWS = ("truncate", "split", "drop")
 ON_BAD_ROW = ("error", "skip")
+QUANTIZE = ("none", "nf4", "int8")  # sftjax.models.quant
+LORA_INITS = ("default", "gaussian", "pissa", "olora")  # sftjax.peft.init
 ANSWERS = ("exact", "number", "gsm8k", "regex:PATTERN")  # how generation eval compares answers (sftjax.infer.evaluate)
 # Canonical column names a source may rename (value = the column in the file).
 COLUMN_KEYS = ("messages", "conversations", "tools", "system", "instruction", "input", "output", "history",
@@ -74,6 +76,13 @@ class ModelSection(Section):
     attention_implementation: Literal[ATTENTION_IMPLEMENTATIONS] | None = "auto"  # pallas_kernels.attention
     cross_entropy_implementation: Literal[CROSS_ENTROPY_IMPLEMENTATIONS] | None = "auto"  # the fused loss
     scan_layers: bool = False  # stack the layers and run them with lax.scan (faster compiles of deep models)
+    # frozen base of attention/MLP linears in bitsandbytes' format (QLoRA; needs lora.enabled): none, nf4, int8
+    quantize: Literal[QUANTIZE] = "none"
+    double_quant: bool = False  # nf4 only: quantize the per-block absmax values too (bitsandbytes' compress_statistics)
+
+    def check(self) -> None:
+        if self.double_quant and self.quantize != "nf4":
+            raise ConfigError(f"model.double_quant=true needs model.quantize=nf4 (got {self.quantize!r})")
 
     @property
     def attention(self) -> str | None:
@@ -166,6 +175,11 @@ class LoraSection(Section):
     rslora: bool = False  # rank-stabilized scale alpha / sqrt(r)
     target_modules: list[str] | str = "all-linear"  # names/regexes, or all-linear
     modules_to_save: list[str] = dataclasses.field(default_factory=list)  # regexes of fully trained params
+    use_dora: bool = False  # DoRA: a trained magnitude per output feature (peft's use_dora)
+    # adapter init (peft's init_lora_weights): default (kaiming A, B = 0), gaussian, pissa or olora (SVD / QR of the
+    # weight; the base keeps the residual)
+    init: Literal[LORA_INITS] = "default"
+    lr_ratio: float | None = None  # LoRA+: the lora_b (and 1-D adapter) learning rate = optim.learning_rate x this
 
     def __post_init__(self):
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
@@ -178,6 +192,8 @@ class LoraSection(Section):
         _positive("lora.alpha", self.alpha)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout={self.dropout!r} must be in [0, 1)")
+        if self.lr_ratio is not None and not self.lr_ratio > 0:
+            raise ConfigError(f"lora.lr_ratio={self.lr_ratio!r} must be a number > 0 (or null: no LoRA+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,6 +391,18 @@ SECTIONS = {"model": ModelSection, "tokenizer": TokenizerSection, "data": DataCo
             "optim": OptimSection, "train": TrainSection, "checkpoint": CheckpointSection}
 
 
+def check_sections(cfg: Config) -> None:
+    """Rules between sections (one ConfigError line each)."""
+    lora = cfg.lora
+    if cfg.model.quantize != "none" and not lora.enabled:
+        raise ConfigError(f"model.quantize={cfg.model.quantize} needs lora.enabled=true: a quantized base is frozen "
+                          "(full fine-tuning of it is not supported)")
+    if not lora.enabled:
+        for key, default in (("use_dora", False), ("init", "default"), ("lr_ratio", None)):
+            if getattr(lora, key) != default:
+                raise ConfigError(f"lora.{key}={getattr(lora, key)!r} needs lora.enabled=true")
+
+
 # ------------------------------------------------------------------------------------------------- loading
 
 PURPOSES = ("train", "model", "data")
@@ -400,6 +428,7 @@ def config_from_dict(raw: dict, *, source_path: str | None = None, purpose: str 
     sections = {name: _build(cls, raw.get(name), name) for name, cls in SECTIONS.items() if name != "data"}
     data = _build(DataConfig, raw["data"], "data") if raw.get("data") is not None else None
     cfg = Config(data=data, source_path=source_path, **sections)
+    check_sections(cfg)
     if purpose not in PURPOSES:
         raise ValueError(f"config_from_dict: purpose={purpose!r} is not one of {PURPOSES}")
     if purpose in ("train", "model") and (cfg.model.path is None) == (cfg.model.init is None):

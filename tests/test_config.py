@@ -102,3 +102,27 @@ def test_missing_pieces_and_bad_files(tmp_path):
 def test_checkpoint_section_is_validated_at_load():
     with pytest.raises(ConfigError, match="every_steps"):
         build("checkpoint.every_steps=5")
+
+
+def test_qlora_dora_init_and_loraplus_keys():
+    cfg = build("lora.enabled=true", "model.quantize=nf4", "model.double_quant=true", "lora.use_dora=true",
+                "lora.init=pissa", "lora.lr_ratio=16")
+    assert (cfg.model.quantize, cfg.model.double_quant) == ("nf4", True)
+    assert (cfg.lora.use_dora, cfg.lora.init, cfg.lora.lr_ratio) == (True, "pissa", 16.0)
+    assert build().model.quantize == "none" and build().lora.lr_ratio is None and build().lora.init == "default"
+
+
+@pytest.mark.parametrize("override, words", [
+    (["lora.enabled=true", "lora.lr_ratio=0"], ["lora.lr_ratio=0", "> 0"]),
+    (["lora.enabled=true", "lora.lr_ratio=-2"], ["lora.lr_ratio=-2", "> 0"]),
+    (["model.quantize=nf4"], ["model.quantize=nf4", "lora.enabled=true", "full fine-tuning"]),
+    (["model.quantize=int4"], ["model.quantize", "int4", "none", "nf4", "int8"]),
+    (["lora.enabled=true", "model.quantize=int8", "model.double_quant=true"], ["model.double_quant", "nf4"]),
+    (["lora.enabled=true", "lora.init=loftq"], ["lora.init", "loftq", "pissa", "olora"]),
+    (["lora.use_dora=true"], ["lora.use_dora", "lora.enabled=true"]),
+    (["lora.lr_ratio=4"], ["lora.lr_ratio", "lora.enabled=true"]),
+])
+def test_qlora_dora_and_loraplus_refusals(override, words):
+    message = one_line_error(*override)
+    for word in words:
+        assert word in message, (word, message)

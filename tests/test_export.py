@@ -71,6 +71,17 @@ def add_random_lora(model, lora: LoraSection, seed: int = 1):
             module.lora_b[...] = 0.3 * jax.random.normal(sub, module.lora_b[...].shape)
 
 
+def perturb_magnitudes(model, seed: int = 2):
+    """DoRA magnitudes as if trained: the initial column norms times U(0.5, 1.5)."""
+    from sftjax.peft.lora import linear_modules
+
+    rng = np.random.default_rng(seed)
+    for module in linear_modules(model).values():
+        if getattr(module, "lora_magnitude", None) is not None:
+            m = np.asarray(module.lora_magnitude[...])
+            module.lora_magnitude[...] = jnp.asarray(m * rng.uniform(0.5, 1.5, m.shape).astype(np.float32))
+
+
 def load_ours(path):
     from sftjax.models.loading import load_model
 
@@ -260,9 +271,11 @@ def test_plain_model_directory_converts_to_hf(hf_base, tmp_path):
         ex.export(hf_base, tmp_path / "adapter", format="peft")
 
 
-@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "up_proj"]])
-def test_peft_adapter_on_fused_phi3_modules(tmp_path, targets):
-    """Phi-3 stores q/k/v (and gate/up) as one fused HF module: the adapter becomes one of summed rank there."""
+@pytest.mark.parametrize("targets, use_dora", [("all-linear", False), (["q_proj", "up_proj"], False),
+                                              ("all-linear", True), (["q_proj", "up_proj"], True)])
+def test_peft_adapter_on_fused_phi3_modules(tmp_path, targets, use_dora):
+    """Phi-3 stores q/k/v (and gate/up) as one fused HF module: the adapter becomes one of summed rank there (and
+    with DoRA, one magnitude vector of the parts' side by side)."""
     torch.manual_seed(0)
     config = transformers.Phi3Config(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -273,13 +286,22 @@ def test_peft_adapter_on_fused_phi3_modules(tmp_path, targets):
         for p in base.parameters():
             p.normal_(0.0, 0.2) if p.ndim > 1 else p.uniform_(0.8, 1.2)
     base.save_pretrained(tmp_path / "phi3")
-    lora = LoraSection(enabled=True, r=2, alpha=4.0, target_modules=targets)
+    lora = LoraSection(enabled=True, r=2, alpha=4.0, target_modules=targets, use_dora=use_dora)
     model, model_config = load_ours(tmp_path / "phi3")
     add_random_lora(model, lora)
+    if use_dora:
+        perturb_magnitudes(model)
     ours = our_logits(model)
+    if use_dora and targets != "all-linear":  # peft's DoRA on qkv_proj would rescale the k and v rows too
+        with pytest.raises(CheckpointError) as info:
+            adapter_io.write_peft_adapter(model, model_config, tmp_path / "adapter", lora=vars(lora),
+                                          base_model_name_or_path=str(tmp_path / "phi3"))
+        assert "fused" in str(info.value) and "\n" not in str(info.value)
+        return
     out = adapter_io.write_peft_adapter(model, model_config, tmp_path / "adapter", lora=vars(lora),
                                 base_model_name_or_path=str(tmp_path / "phi3"))
     adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["use_dora"] is use_dora
     if targets == "all-linear":  # qkv_proj gets rank 3r, gate_up_proj 2r
         assert set(adapter_config["rank_pattern"].values()) == {6, 4}
     else:  # only the q rows / up rows of the fused weights change; the other rows of B are zero
@@ -327,3 +349,28 @@ def test_random_init_full_finetune_checkpoint_to_hf(tmp_path, assets_dir):
     out = ex.export(tmp_path / "run", tmp_path / "hf", format="hf")
     exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert_close(torch_logits(exported), ours, 1e-5, what="logits")
+
+
+def test_dora_checkpoint_to_peft_and_hf(hf_base, tmp_path):
+    """lora.use_dora: the PEFT adapter carries lora_magnitude_vector and peft loads it with our logits; the merged HF
+    export is peft's merge_and_unload of the same adapter."""
+    lora = LoraSection(enabled=True, r=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
+    model, _ = load_ours(hf_base)
+    add_random_lora(model, lora)
+    perturb_magnitudes(model)
+    ours = our_logits(model)
+    _save_checkpoint(tmp_path / "run", _run_config(hf_base, lora), model, lora)
+    adapter = ex.export(tmp_path / "run", tmp_path / "adapter", format="peft")
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    assert sum(k.endswith("lora_magnitude_vector") for k in tensors) == 3 * 2
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
+    plain = torch_logits(base)
+    peft_model = peft.PeftModel.from_pretrained(base, adapter)
+    via_peft = torch_logits(peft_model)
+    assert relative_error(via_peft, plain) > 1e-2
+    assert_close(via_peft, ours, 1e-5, what="logits")
+    merged = ex.export(tmp_path / "run", tmp_path / "merged", format="hf", dtype="float32")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    assert_close(torch_logits(exported), torch_logits(peft_model.merge_and_unload()), 1e-5, what="merged logits")

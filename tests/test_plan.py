@@ -226,3 +226,34 @@ def test_gguf_model_counts_its_tensors(smollm2_gguf):
     reader = gguf.GGUFReader(str(smollm2_gguf), "r")
     assert result.params_base == sum(int(t.n_elements) for t in reader.tensors if t.name != "rope_freqs.weight")
     assert result.params_trainable == result.params_total - result.params_base > 0  # LoRA adapters
+
+
+@pytest.mark.parametrize("double_quant, scan", [(False, False), (True, True)])
+def test_nf4_base_bytes_are_half_a_byte_per_param_plus_absmax(assets_dir, double_quant, scan):
+    """model.quantize=nf4: the frozen quantized line is 4 bits per weight + the per-64 absmax (float32, or 8-bit
+    codes + a float32 per 256 of them + one offset with double quantization), counted here from the shapes."""
+    from sftjax.models.tokenizer import load_tokenizer
+
+    tokenizer_path = assets_dir / "tokenizers" / "smollm2"
+    overrides = [f"tokenizer.path={tokenizer_path}", "lora.enabled=true", "lora.r=4", "model.quantize=nf4",
+                 f"model.double_quant={str(double_quant).lower()}", f"model.scan_layers={str(scan).lower()}"]
+    cfg = load_config(TINY, overrides)
+    result = plan(cfg, devices=1, device_kind="cpu")
+    dense = plan(load_config(TINY, [f"tokenizer.path={tokenizer_path}", "lora.enabled=true", "lora.r=4"]),
+                 devices=1, device_kind="cpu")
+    mc = _real_model(cfg, load_tokenizer(tokenizer_path)).config
+    d, f, q, kv = mc.hidden_size, mc.intermediate_size, mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
+    shapes = [(q, d), (kv, d), (kv, d), (d, q), (f, d), (f, d), (d, f)]  # [out, in] of each attention/MLP linear
+    expected, params = 0, 0
+    for out_features, in_features in shapes:
+        n = out_features * in_features
+        blocks = -(-n // 64)
+        absmax = blocks * 4 if not double_quant else blocks + 4 * -(-blocks // 256) + 4
+        expected += mc.num_layers * (-(-n // 2) + absmax)
+        params += mc.num_layers * n
+    assert _item(result, "frozen quantized weights") == expected
+    per_param = 0.5 + (4 / 64 if not double_quant else 1 / 64 + 4 / (64 * 256))  # 0.5625 (0.5157) bytes
+    assert expected == pytest.approx(per_param * params, rel=5e-3)  # + the per-weight rounding (tiny: visible)
+    # the dense frozen weights lose exactly the quantized kernels (float32: 4 bytes per param)
+    assert _item(dense, "frozen weights") - _item(result, "frozen weights") == 4 * params
+    assert result.params_total == dense.params_total and result.params_trainable == dense.params_trainable

@@ -13,7 +13,7 @@ import pathlib
 import jax.numpy as jnp
 import numpy as np
 
-from sftjax.errors import CheckpointError
+from sftjax.errors import CheckpointError, ConfigError
 from sftjax.models import gguf_read, hf_io
 from sftjax.models.config import ModelConfig
 from sftjax.models.decoder import Decoder
@@ -23,16 +23,34 @@ from sftjax.models.zoo import resolve_model_path
 from sftjax.sharding import writes_files
 
 
-def load_model(path_or_alias, *, dtype=jnp.float32, mesh=None) -> tuple[Decoder, ModelConfig]:
-    """Load a HF checkpoint directory or a .gguf file (or a zoo alias) into a Decoder of ``dtype``."""
+def load_model(path_or_alias, *, dtype=jnp.float32, mesh=None, quantize: str = "none",
+               double_quant: bool = False) -> tuple[Decoder, ModelConfig]:
+    """Load a HF checkpoint directory or a .gguf file (or a zoo alias) into a Decoder of ``dtype``.
+
+    ``quantize="nf4" | "int8"`` then quantizes its attention and MLP linears in place (bitsandbytes' formats,
+    :func:`sftjax.peft.quant.quantize_model`; ``double_quant`` for nf4), for QLoRA or a smaller frozen model; the
+    dense weights are read first. (A run quantizes after its LoRA init instead: see ``sftjax.train.program``.)"""
+    if quantize not in ("none", "nf4", "int8"):
+        raise ConfigError(f"load_model: quantize={quantize!r} is not one of none, nf4, int8")
     path = resolve_model_path(path_or_alias)
     if path.is_file() and path.suffix.lower() == ".gguf":
         hf_config, tensors = gguf_read.read_gguf_checkpoint(path)
-        return model_from_hf_tensors(hf_config, tensors, dtype=dtype, mesh=mesh, source=str(path))
-    hf_config = hf_io.read_config_json(path)
-    family_for_hf(hf_config, source=str(path / "config.json"))  # fail on the architecture before reading weights
-    hf_io.safetensors_files(path)  # fail on a missing shard before any work
-    return model_from_hf_tensors(hf_config, hf_io.iter_safetensors(path), dtype=dtype, mesh=mesh, source=str(path))
+        model, config = model_from_hf_tensors(hf_config, tensors, dtype=dtype, mesh=mesh, source=str(path))
+    else:
+        hf_config = hf_io.read_config_json(path)
+        family_for_hf(hf_config, source=str(path / "config.json"))  # fail on the architecture before reading weights
+        hf_io.safetensors_files(path)  # fail on a missing shard before any work
+        model, config = model_from_hf_tensors(hf_config, hf_io.iter_safetensors(path), dtype=dtype, mesh=mesh,
+                                              source=str(path))
+    if quantize != "none":
+        from sftjax.peft.quant import quantize_model
+
+        quantize_model(model, quantize, double_quant=double_quant)
+        if mesh is not None:
+            from sftjax.sharding import shard_model
+
+            shard_model(model, mesh)
+    return model, config
 
 
 def save_model(model: Decoder, config: ModelConfig, out_dir, *, dtype=None, tokenizer=None,

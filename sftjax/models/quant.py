@@ -275,7 +275,7 @@ class QuantizedWeight(nnx.Module):
         self.names = tuple(sorted(arrays))
         tiled = fmt == "int8" or in_features % blocksize == 0
         for name, value in arrays.items():
-            value = np.asarray(value)
+            value = value if isinstance(value, jax.Array) else np.asarray(value)  # traced when abstract
             if fmt == "nf4" and tiled and name in ("codes", "absmax"):
                 value = value.reshape(out_features, -1)
             if name in ("absmax_scale", "absmax_offset") or not tiled:
@@ -339,10 +339,32 @@ class QuantizedWeight(nnx.Module):
         return sum(int(getattr(self, name)[...].nbytes) for name in self.names)
 
 
+def quantized_shapes(fmt: str, shape_OI: tuple[int, int], *, double_quant: bool = False,
+                     blocksize: int = NF4_BLOCKSIZE) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{array name: (flat shape, dtype)} that :func:`quantize_nf4` / :func:`quantize_int8` return for a weight of
+    ``shape_OI`` ([out, in])."""
+    out_features, in_features = shape_OI
+    if fmt == "int8":
+        return {"codes": ((out_features, in_features), jnp.int8), "scale": ((out_features,), jnp.float32)}
+    n = out_features * in_features
+    blocks = -(-n // blocksize)
+    shapes = {"codes": ((-(-n // 2),), jnp.uint8), "absmax": ((blocks,), jnp.float32)}
+    if double_quant:
+        shapes.update(absmax=((blocks,), jnp.uint8), absmax_scale=((-(-blocks // ABSMAX_BLOCKSIZE),), jnp.float32),
+                      absmax_offset=((), jnp.float32))
+    return shapes
+
+
 def quantize_kernel(kernel_IO, fmt: str, *, logical_axes, double_quant: bool = False) -> QuantizedWeight:
     """A dense ``[in, out]`` kernel (ours) -> :class:`QuantizedWeight` (bitsandbytes' ``[out, in]`` format)."""
     from sftjax.sharding import to_host
 
+    if isinstance(kernel_IO, jax.core.Tracer):  # traced (nnx.eval_shape: the abstract program): shapes only
+        in_features, out_features = kernel_IO.shape
+        arrays = {name: jnp.zeros(shape, dtype) for name, (shape, dtype) in
+                  quantized_shapes(fmt, (out_features, in_features), double_quant=double_quant).items()}
+        return QuantizedWeight(arrays, fmt=fmt, in_features=in_features, out_features=out_features,
+                               logical_axes=logical_axes, source_dtype=kernel_IO.dtype)
     host = to_host(kernel_IO)
     w_OI = np.asarray(host, dtype=np.float32).T
     arrays = quantize_nf4(w_OI, double_quant=double_quant) if fmt == "nf4" else quantize_int8(w_OI)

@@ -3,7 +3,8 @@
 PEFT names a module by its Hugging Face path (``model.layers.0.self_attn.q_proj``), found through the family's
 weight table, and stores ``lora_A`` as [r, in] and ``lora_B`` as [out, r] (the transposes of our [in, r] /
 [r, out]). A fused Hugging Face module (Phi-3 ``qkv_proj``) gets one adapter whose rank is the sum of its parts'
-(A stacked, B block-diagonal), so that ``A @ B`` is exactly the parts' updates side by side. Modules trained
+(A stacked, B block-diagonal), so that ``A @ B`` is exactly the parts' updates side by side; a DoRA magnitude is
+written as peft's ``lora_magnitude_vector``. Modules trained
 whole (``lora.modules_to_save``) are stored under their Hugging Face tensor names, as PEFT does.
 """
 
@@ -88,6 +89,38 @@ def lora_adapters(model, model_config) -> dict[str, tuple[Any, Any, float]]:
     return adapters
 
 
+def dora_magnitudes(model, model_config) -> dict[str, Any]:
+    """HF module name -> DoRA magnitude [out] (peft's ``lora_magnitude_vector``) of every DoRA adapter in ``model``.
+
+    A fused HF module (Phi-3 ``qkv_proj``) gets its parts' magnitudes side by side: the norm is per output row,
+    and each row of the fused ``W + scale * B A`` is its part's (B is block-diagonal), so peft computes the same
+    numbers. Every part of such a module then needs a DoRA adapter (one-line CheckpointError otherwise)."""
+    import jax.numpy as jnp
+
+    from sftjax.models.scan import unstacked
+    from sftjax.peft.lora import linear_modules
+
+    model = unstacked(model)
+    locations = hf_module_parts(model_config)
+    grouped: dict[str, list] = {}
+    for path, module in linear_modules(model).items():
+        if getattr(module, "lora_magnitude", None) is None or path not in locations:
+            continue
+        hf_module, start, _, total = locations[path]
+        grouped.setdefault(hf_module, []).append((start or 0, module.lora_magnitude[...], total, path))
+    magnitudes = {}
+    for hf_module, parts in grouped.items():
+        parts.sort(key=lambda p: p[0])
+        total = parts[0][2]
+        if total is not None and sum(int(p[1].shape[0]) for p in parts) != total:
+            other = min(p for p, (hf, _, _, _) in locations.items() if hf == hf_module and
+                        p not in {q[3] for q in parts})
+            raise CheckpointError(f"DoRA on part of the fused {hf_module}: {other} has no DoRA adapter; "
+                                  "target all of its parts or export --format hf")
+        magnitudes[hf_module] = jnp.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+    return magnitudes
+
+
 def _target_modules(adapted: list[str], all_linear: list[str]) -> list[str] | str:
     """PEFT's ``target_modules``: the leaf names when they select exactly the adapted modules, else an exact regex."""
     leaves = sorted({name.rsplit(".", 1)[-1] for name in adapted})
@@ -128,6 +161,15 @@ def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_mode
         target = np.dtype(jnp.dtype(dtype)) if dtype else np.dtype(a_IR.dtype)
         tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(to_host(a_IR.astype(target)).T)
         tensors[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(to_host(b_RO.astype(target)).T)
+    magnitudes = dora_magnitudes(model, model_config)
+    if magnitudes and set(magnitudes) != set(adapters):
+        missing = sorted(set(adapters) - set(magnitudes))[0]
+        raise CheckpointError(f"{missing} has a LoRA adapter without DoRA while others have DoRA; peft's use_dora "
+                              "applies to every module: export --format hf")
+    for name, magnitude in magnitudes.items():
+        target = np.dtype(jnp.dtype(dtype)) if dtype else np.dtype(magnitude.dtype)
+        tensors[f"base_model.model.{name}.lora_magnitude_vector"] = np.ascontiguousarray(
+            to_host(magnitude.astype(target)))
     saved_modules, saved_tensors = modules_to_save_tensors(model, model_config, lora.get("modules_to_save") or [],
                                                            set(adapters), dtype)
     tensors.update({f"base_model.model.{name}": value for name, value in saved_tensors.items()})
@@ -144,6 +186,7 @@ def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_mode
         "r": rank,
         "lora_alpha": alpha_for(rank),
         "use_rslora": rslora,
+        "use_dora": bool(magnitudes),
         "lora_dropout": float(lora.get("dropout", 0.0)),
         "target_modules": _target_modules(list(adapters), all_linear),
         "bias": "none",

@@ -61,8 +61,10 @@ def select_targets(names: list[str], target_modules: list[str] | str) -> list[st
     return chosen
 
 
-def apply_lora(model, cfg: LoraSection, *, rngs: nnx.Rngs) -> list[str]:
-    """Add adapters in place to the target modules; returns their dotted paths. No-op when disabled."""
+def apply_lora(model, cfg: LoraSection, *, rngs: nnx.Rngs, dora: bool | None = None) -> list[str]:
+    """Add adapters in place to the target modules (initialized per ``lora.init``, with DoRA's magnitude when
+    ``dora``, default ``lora.use_dora``); returns their dotted paths. No-op when disabled. A run on a quantized
+    base passes ``dora=False`` and enables DoRA after quantizing (see :func:`sftjax.train.program.adapt`)."""
     if not cfg.enabled:
         return []
     if getattr(model, "scan_plan", None) is not None:
@@ -71,8 +73,15 @@ def apply_lora(model, cfg: LoraSection, *, rngs: nnx.Rngs) -> list[str]:
     modules = linear_modules(model)
     targets = select_targets(list(modules), cfg.target_modules)
     check_modules_to_save(model, cfg.modules_to_save)
+    dora = cfg.use_dora if dora is None else dora
+    extra = {"init": cfg.init, "use_dora": dora} if cfg.init != "default" or dora else {}
     for name in targets:
-        modules[name].enable_lora(cfg.r, cfg.alpha, rslora=cfg.rslora, dropout=cfg.dropout, rngs=rngs)
+        module = modules[name]
+        if extra and not hasattr(module, "enable_dora"):
+            raise ConfigError(f"lora.init={cfg.init}, lora.use_dora={dora}: {name} is a "
+                              f"{type(module).__name__}, whose adapters support neither; target other modules")
+        module.enable_lora(cfg.r, cfg.alpha, rslora=cfg.rslora, dropout=cfg.dropout, rngs=rngs,
+                           **(extra | {"name": name} if extra else {}))
     return targets
 
 
@@ -128,8 +137,11 @@ def merge_lora(model) -> int:
     count = 0
     for _, module in linear_modules(model).items():
         if getattr(module, "lora_a", None) is not None:
-            module.kernel[...] = module.merged_kernel()
-            module.lora_a = None
-            module.lora_b = None
+            if hasattr(module, "fold_adapter"):
+                module.fold_adapter()
+            else:
+                module.kernel[...] = module.merged_kernel()
+                module.lora_a = None
+                module.lora_b = None
             count += 1
     return count

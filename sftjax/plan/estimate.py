@@ -57,6 +57,8 @@ from sftjax import accelerators
 from sftjax.config import Config
 from sftjax.errors import ConfigError
 from sftjax.models.tokenizer import load_tokenizer
+from sftjax.models.quant import QuantizedKernel, QuantizedWeight
+from sftjax.models.scan import unstacked_paths
 from sftjax.peft.lora import linear_modules
 from sftjax.sharding import MESH_AXES
 from sftjax.train.flops import calibrated_cpu_flops, device_peak_flops, model_flops_per_token
@@ -388,7 +390,9 @@ def _lora_linears(model, mesh_sizes) -> list[tuple[int, int, int]]:
     for module in linear_modules(model).values():
         if getattr(module, "lora_a", None) is None:
             continue
-        shape = module.kernel.get_value().shape  # [in, out], or [layers, in, out] when stacked for scanning
+        # [in, out], or [layers, in, out] when stacked for scanning (from the adapter: the kernel may be quantized)
+        a_shape, b_shape = module.lora_a.get_value().shape, module.lora_b.get_value().shape
+        shape = (*a_shape[:-1], b_shape[-1])
         in_axis, out_axis = module.logical_axes
         in_f = _split(shape[-2], tensor) if in_axis in ("heads", "mlp") else shape[-2]
         out_f = _split(shape[-1], tensor) if out_axis in ("heads", "kv_heads", "mlp") else shape[-1]
@@ -427,15 +431,25 @@ def plan(config: Config, *, devices: int | None = None, device_kind: str | None 
                             vocab_size=_vocab_size_from_tokenizer(cfg))
     mc, model, trainable, frozen = program.model_config, program.model, program.trainable, program.frozen
     train_entries = _variable_specs(trainable)
-    frozen_entries = _variable_specs(frozen)
-    params_total = sum(math.prod(v.shape) for _, v, _ in train_entries + frozen_entries
-                       if jnp.issubdtype(v.dtype, jnp.floating))
+    quantized_paths = {tuple(path) for path, v in nnx.to_flat_state(frozen) if isinstance(v, QuantizedKernel)}
+    quantized_entries = [e for e in _variable_specs(frozen) if e[0] in quantized_paths]
+    frozen_entries = [e for e in _variable_specs(frozen) if e[0] not in quantized_paths]
+    quantized_params = sum(len(unstacked_paths(model.scan_plan, path)) * node.in_features * node.out_features
+                           for path, node in nnx.iter_graph(model) if isinstance(node, QuantizedWeight))
+    params_total = quantized_params + sum(math.prod(v.shape) for _, v, _ in train_entries + frozen_entries
+                                          if jnp.issubdtype(v.dtype, jnp.floating))
     lora_count = sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
     trainable_count = sum(math.prod(v.shape) for _, v, _ in train_entries)
     opt_entries = _leaf_specs(program.state.opt_state)
     param_dtype = cfg.model.param_dtype
     memory = [
         ("frozen weights", _bytes(frozen_entries, mesh_sizes), f"{param_dtype}, sharded by the rules"),
+    ]
+    if quantized_entries:
+        double = " (double-quantized scales)" if cfg.model.double_quant else ""
+        memory.append(("frozen quantized weights", _bytes(quantized_entries, mesh_sizes),
+                       f"{cfg.model.quantize} codes + scales{double}, {_count(quantized_params)} params"))
+    memory += [
         ("trainable weights", _bytes(train_entries, mesh_sizes), f"{param_dtype} master copy"),
         ("gradient accumulator", _bytes(train_entries, mesh_sizes, jnp.float32), "float32, like the params"),
         ("gradient of one micro-batch", _bytes(train_entries, mesh_sizes), param_dtype),
@@ -449,6 +463,7 @@ def plan(config: Config, *, devices: int | None = None, device_kind: str | None 
         no_fsdp = dict(mesh_sizes, fsdp=1)
         layer_entries = [e for e in train_entries + frozen_entries if e[0] and str(e[0][0]) == "layers"]
         one_layer = _bytes(layer_entries, no_fsdp, cfg.model.compute_dtype) // mc.num_layers
+        one_layer += _bytes([e for e in quantized_entries if str(e[0][0]) == "layers"], no_fsdp) // mc.num_layers
         memory.append(("fsdp-gathered weights (2 layers)", 2 * one_layer, "gathered whole before use"))
 
     max_length = _max_length(cfg, seq_len)

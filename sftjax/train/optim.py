@@ -58,8 +58,33 @@ def decay_mask(params, no_decay: list[str]):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(cfg: OptimSection, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optax transformation for the trainable params, and its learning-rate schedule (for logging)."""
+LORAPLUS_PATTERN = re.compile(r"(^|/)lora_b(/|$)")
+
+
+def loraplus_mask(params):
+    """Pytree of bools: True on the leaves LoRA+ speeds up, as peft's ``create_loraplus_optimizer`` groups them:
+    every ``lora_b`` and every 1-D trainable leaf (DoRA magnitudes, trained biases)."""
+    def fast(path, leaf):
+        return bool(LORAPLUS_PATTERN.search(path_string(path))) or getattr(leaf, "ndim", 0) == 1
+
+    return jax.tree_util.tree_map_with_path(fast, params)
+
+
+def make_optimizer(cfg: OptimSection, total_steps: int, *, lr_ratio: float | None = None,
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optax transformation for the trainable params, and its learning-rate schedule (for logging).
+
+    ``lr_ratio`` (``lora.lr_ratio``, LoRA+): the leaves of :func:`loraplus_mask` train with learning rate
+    ``schedule x lr_ratio``. Every optimizer here multiplies its whole update (decoupled weight decay included) by
+    the learning rate, so that is the update scaled by ``lr_ratio`` on those leaves: the same as a torch optimizer
+    with a second parameter group at ``lr x lr_ratio``."""
+    tx, schedule = _base_optimizer(cfg, total_steps)
+    if lr_ratio is not None and lr_ratio != 1.0:
+        tx = optax.chain(tx, optax.masked(optax.scale(lr_ratio), loraplus_mask))
+    return tx, schedule
+
+
+def _base_optimizer(cfg: OptimSection, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = make_schedule(cfg, total_steps)
     if cfg.name == "adamw":
         tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,

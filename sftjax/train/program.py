@@ -11,7 +11,8 @@ makes all of it, in this order and nowhere else:
 1. the model: random init (``model.init``, seeded) or loaded (``model.path``) -- or, **abstract**, the same model
    as shapes only (``nnx.eval_shape``; a ``model.path`` contributes only its config.json or GGUF metadata, never a
    weight), with the compute dtype, remat policy and attention implementation of ``model:``;
-2. LoRA adapters (``peft.lora.apply_lora``), then the layers stacked (``model.scan_layers``), then every variable
+2. LoRA adapters (``peft.lora.apply_lora``), the quantized base (``model.quantize``, QLoRA; see ``adapt`` for the
+   order), then the layers stacked (``model.scan_layers``), then every variable
    placed by the rules (``sharding.shard_model``; abstract: a ``ShapeDtypeStruct`` carrying its ``NamedSharding``);
 3. ``split_model`` -> (graphdef, trainable, frozen); the optax transformation and schedule; the ``TrainState``
    (abstract: ``eval_shape`` of its creation, optimizer leaves laid out like their parameters);
@@ -41,7 +42,8 @@ from sftjax.models.loading import load_model
 from sftjax.models.registry import family_for_hf
 from sftjax.models.scan import stack_layers
 from sftjax.models.zoo import resolve_model_path
-from sftjax.peft.lora import apply_lora, split_model
+from sftjax.peft.lora import apply_lora, linear_modules, split_model
+from sftjax.peft.quant import check_trainable, quantize_model
 from sftjax.sharding import BATCH_AXES, partition_spec, shard_model
 from sftjax.train.optim import make_optimizer, path_string
 from sftjax.train.step import LossOptions, TrainState, make_eval_step, make_train_step
@@ -99,10 +101,22 @@ def build_model(cfg: Config, *, mesh: Mesh | None = None, tokenizer=None) -> tup
 
 
 def adapt(model: Decoder, cfg: Config) -> list[str]:
-    """LoRA adapters attached (seeded), then the layers stacked when ``model.scan_layers``; returns the adapted
-    module paths. Call ``shard_model`` afterwards (the new variables are not on the mesh yet)."""
+    """LoRA adapters attached (seeded, initialized per ``lora.init``), then the base quantized when
+    ``model.quantize`` (after the init: PiSSA/OLoRA residuals are computed on the full-precision weight), then
+    DoRA's magnitude (measured on the quantized weight, as peft does on a bitsandbytes layer), then the layers
+    stacked when ``model.scan_layers`` (quantized arrays stack like any other); returns the adapted module paths.
+    Call ``shard_model`` afterwards (the new variables are not on the mesh yet)."""
     seed = cfg.train.seed
-    targets = apply_lora(model, cfg.lora, rngs=nnx.Rngs(params=seed + 1, dropout=seed + 2))
+    quantize = cfg.model.quantize != "none"
+    targets = apply_lora(model, cfg.lora, rngs=nnx.Rngs(params=seed + 1, dropout=seed + 2),
+                         dora=cfg.lora.use_dora and not quantize)
+    if quantize:
+        quantize_model(model, cfg.model.quantize, double_quant=cfg.model.double_quant)
+        check_trainable(model, lora_enabled=cfg.lora.enabled, modules_to_save=cfg.lora.modules_to_save)
+        if cfg.lora.use_dora:
+            modules = linear_modules(model)
+            for name in targets:
+                modules[name].enable_dora()
     if cfg.model.scan_layers:
         stack_layers(model)
     return targets
@@ -248,7 +262,8 @@ def build_program(cfg: Config, *, mesh: Mesh, total_steps: int, abstract: bool =
         shard_model(model, mesh)
         adapted = model
         graphdef, trainable, frozen = split_model(model, cfg.lora)
-    tx, schedule = make_optimizer(cfg.optim, total_steps)
+    tx, schedule = make_optimizer(cfg.optim, total_steps,
+                                  lr_ratio=cfg.lora.lr_ratio if cfg.lora.enabled else None)
     replicated = NamedSharding(mesh, PartitionSpec())
     if abstract:
         created = jax.eval_shape(lambda p: TrainState.create(p, tx), trainable)

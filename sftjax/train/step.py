@@ -27,6 +27,7 @@ import optax
 from flax import nnx, struct
 
 from pallas_kernels.cross_entropy.api import fused_linear_cross_entropy
+from sftjax.models.quant import QuantizedKernel
 
 
 @struct.dataclass
@@ -56,13 +57,19 @@ class LossOptions:
 
 
 def cast_floating(tree, dtype):
-    """Cast floating-point leaves of ``tree`` to ``dtype`` (integers, keys and counters untouched)."""
+    """Cast floating-point leaves of ``tree`` to ``dtype`` (integers, keys and counters untouched). The stored
+    arrays of a quantized base (``QuantizedKernel``: codes and their float32 scales) keep their dtype: the
+    dequantization needs the scales exactly as quantized, and casts its result to the compute dtype itself."""
     def cast(x):
-        if isinstance(x, jax.Array) or hasattr(x, "dtype"):
-            if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
-                return x.astype(dtype)
+        if isinstance(x, QuantizedKernel):
+            return x
+        if isinstance(x, nnx.Variable):
+            return jax.tree.map(cast, x)
+        if (isinstance(x, jax.Array) or hasattr(x, "dtype")) and jnp.issubdtype(x.dtype, jnp.floating) \
+                and x.dtype != dtype:
+            return x.astype(dtype)
         return x
-    return jax.tree.map(cast, tree)
+    return jax.tree.map(cast, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def forward_loss(graphdef, trainable, frozen, batch: dict, rng, options: LossOptions):

@@ -4,6 +4,8 @@ round trip in dense kernels (logits, LoRA gradients); frozen-ness, sharding and 
 
 from __future__ import annotations
 
+import dataclasses
+
 import bitsandbytes.functional as bnbF
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,7 @@ from sftjax.models.layers import Linear
 from sftjax.models.quant import DYNAMIC_CODE, NF4_LEVELS, QuantizedKernel, QuantizedWeight, quantize_int8, quantize_nf4
 from sftjax.peft.quant import check_trainable, quantize_model, quantized_paths
 from sftjax.peft.lora import apply_lora, linear_modules, split_model
+from tests.conftest import require
 from tests.oracle import assert_close
 from tests.train.test_step import make_examples, pack_rows, tiny_model_config
 
@@ -320,3 +323,72 @@ def test_scanned_qlora_step_holds_no_dense_copy_of_the_base():
     dense, nf4 = memory["none"], memory["nf4"]
     assert nf4.argument_size_in_bytes < 0.2 * dense.argument_size_in_bytes
     assert nf4.temp_size_in_bytes <= 1.05 * dense.temp_size_in_bytes, (nf4.temp_size_in_bytes, dense.temp_size_in_bytes)
+
+
+def test_cast_to_compute_dtype_keeps_quantized_arrays():
+    from sftjax.train.step import cast_floating
+
+    layer = Linear(64, 8, use_bias=True, rngs=nnx.Rngs(0))
+    layer.quantize("nf4", double_quant=True)
+    cast = cast_floating(nnx.state(layer), jnp.bfloat16)
+    assert cast["bias"][...].dtype == jnp.bfloat16
+    dtypes = {name: cast["kernel"][name][...].dtype for name in ("codes", "absmax", "absmax_scale", "absmax_offset")}
+    assert dtypes == {"codes": jnp.uint8, "absmax": jnp.uint8, "absmax_scale": jnp.float32,
+                      "absmax_offset": jnp.float32}
+
+
+def test_qlora_run_through_the_trainer_trains_adapters_only(assets_dir, tmp_path):
+    """model.quantize via the config: loss goes down, the quantized base (bitsandbytes' codes of the seeded init)
+    stays bit-identical, checkpoints hold only the adapters, and the merged final/ is dequantized base + LoRA."""
+    import json
+    import pathlib
+
+    import sftjax
+    from sftjax.train.program import build_model
+
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    overrides = [f"tokenizer.path={assets_dir / 'tokenizers' / 'smollm2'}",
+                 f"data.sources=[{assets_dir / 'datasets' / 'instruction' / 'alpaca_tiny.json'}]",
+                 f"train.output_dir={tmp_path}", "train.progress=false", "train.tensorboard=false", "train.steps=10",
+                 "train.log_every=1", "train.eval_every=0", "checkpoint.save_every_steps=5", "checkpoint.async_save=false",
+                 "lora.enabled=true", "lora.r=4", "lora.alpha=8", "model.quantize=nf4", "model.double_quant=true",
+                 "model.scan_layers=true", "model.compute_dtype=bfloat16", "optim.learning_rate=3e-2"]
+    cfg = sftjax.load_config(repo / "configs" / "tiny_cpu.yaml", overrides)
+    trainer = sftjax.Trainer(cfg)
+    trainer.open_checkpoints()
+    before = {path: np.asarray(v[...]).copy() for path, v in nnx.to_flat_state(trainer.frozen)
+              if isinstance(v, QuantizedKernel)}
+    assert len(before) == 4 * 7  # 7 linears per (stacked) layer, 4 arrays each (double quantization)
+    trainer.fit()
+    after = {path: np.asarray(v[...]) for path, v in nnx.to_flat_state(trainer.frozen) if isinstance(v, QuantizedKernel)}
+    assert before.keys() == after.keys()
+    for path, value in before.items():
+        np.testing.assert_array_equal(value, after[path], err_msg="/".join(map(str, path)))
+    # the stored base is bitsandbytes' NF4 of the seeded random init (computed here from the dense init)
+    dense, _ = build_model(cfg.replace(model=dataclasses.replace(cfg.model, quantize="none", double_quant=False)),
+                           tokenizer=trainer.tokenizer)
+    trained = trainer.updated_model()
+    for layer in (0, 1):
+        theirs = quantize_nf4(np.asarray(dense.layers[layer].mlp.up_proj.kernel[...]).T, double_quant=True)
+        ours = trained.layers[layer].mlp.up_proj.kernel
+        np.testing.assert_array_equal(np.asarray(ours.codes[...]).reshape(-1), theirs["codes"])
+        np.testing.assert_array_equal(np.asarray(ours.absmax[...]).reshape(-1), theirs["absmax"])
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert len(losses) == 10 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1
+    # checkpoints: only LoRA adapters (and their optimizer state), no frozen or quantized array
+    step_dir = tmp_path / "checkpoints" / "10"
+    saved = json.loads((step_dir / "params" / "_METADATA").read_text())["tree_metadata"]
+    names = list(saved)
+    assert names and all("lora_a" in n or "lora_b" in n for n in names), names[:4]
+    assert not any(p.name in ("frozen", "model") for p in step_dir.iterdir())
+    # merged final/: the dequantized base plus the trained adapters, in transformers
+    transformers = require("transformers")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final", dtype=torch.float32)
+    q_proj = trained.layers[0].attn.q_proj
+    base_OI = _bnb_round_trip_IO(dense.layers[0].attn.q_proj.kernel[...], "nf4", True).T
+    delta_OI = q_proj.lora_scale * (np.asarray(q_proj.lora_a[...], np.float64)
+                                     @ np.asarray(q_proj.lora_b[...], np.float64)).T
+    assert np.abs(delta_OI).max() > 1e-3  # the adapter trained
+    assert_close(exported.model.layers[0].self_attn.q_proj.weight.detach().numpy(), base_OI + delta_OI, 1e-6,
+                 what="merged q_proj")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from sftjax.config import OptimSection
 from sftjax.train.optim import decay_mask, make_optimizer, make_schedule
@@ -101,3 +100,85 @@ def test_adafactor_matches_torch_adafactor(weight_decay):
             moved = np.asarray(params["proj"][name]) - start["proj"][name]
             # float32 rounding of the weights themselves is ~3e-6 of these moves
             assert_close(moved, theirs.detach().numpy() - start["proj"][name], 2e-5, what=f"step {step} {name}")
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_loraplus_two_adamw_steps_match_peft_create_loraplus_optimizer(weight_decay):
+    """LoRA+ (``lora.lr_ratio``): B at lr x ratio, A at lr, against peft's optimizer on the same tiny model."""
+    peft = require("peft")
+    torch = require("torch")
+    from flax import nnx
+    from peft.optimizers import create_loraplus_optimizer
+
+    from sftjax.config import LoraSection
+    from sftjax.peft.lora import apply_lora, linear_modules, split_model
+    from sftjax.train.step import LossOptions, TrainState, make_train_step
+    from tests.train.test_step import (
+        make_examples,
+        our_model_from_torch,
+        pack_rows,
+        tiny_model_config,
+        torch_llama,
+        torch_loss,
+    )
+
+    lr, ratio = 1e-3, 16.0
+    config = tiny_model_config()
+    hf = torch_llama(config)
+    lora = LoraSection(enabled=True, r=4, alpha=8.0, target_modules="all-linear", lr_ratio=ratio)
+    model = our_model_from_torch(config, hf)
+    names = apply_lora(model, lora, rngs=nnx.Rngs(1))
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                         target_modules="all-linear"))
+    rng = np.random.default_rng(1)
+
+    def peft_layer(name):
+        _, index, group, proj = name.split(".")
+        layer = peft_model.base_model.model.model.layers[int(index)]
+        return getattr(getattr(layer, "self_attn" if group == "attn" else "mlp"), proj)
+
+    start_b = {}
+    with torch.no_grad():  # B != 0 so that A gets a gradient in the first step
+        for name in names:
+            ours, theirs = linear_modules(model)[name], peft_layer(name)
+            b = rng.normal(0, 0.1, ours.lora_b[...].shape).astype(np.float32)
+            ours.lora_b[...] = jnp.asarray(b)
+            start_b[name] = b
+            theirs.lora_A["default"].weight.copy_(torch.from_numpy(np.asarray(ours.lora_a[...]).T.copy()))
+            theirs.lora_B["default"].weight.copy_(torch.from_numpy(b.T.copy()))
+    # no_decay=[]: every adapter decays, as peft's groups (its decay_parameters leave out only norms and biases)
+    optim = section(learning_rate=lr, schedule="constant", weight_decay=weight_decay, no_decay=[])
+    graphdef, trainable, frozen = split_model(model, lora)
+    tx, schedule = make_optimizer(optim, 10, lr_ratio=ratio)
+    step = make_train_step(graphdef, tx, schedule, LossOptions())
+    state = TrainState.create(trainable, tx)
+    torch_opt = create_loraplus_optimizer(peft_model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio,
+                                          loraplus_weight_decay=weight_decay, weight_decay=weight_decay,
+                                          betas=(0.9, 0.999), eps=1e-8)
+    assert sorted(g["lr"] for g in torch_opt.param_groups if g["params"]) == [lr, lr * ratio]
+    examples = make_examples(0, 8)
+    batch = pack_rows(examples, rows=4, per_row=2)
+    for _ in range(2):
+        state, metrics = step(state, frozen, batch, jax.random.key(0))
+        torch_opt.zero_grad()
+        loss = torch_loss(peft_model, examples)
+        loss.backward()
+        torch_opt.step()
+        assert_close(metrics["loss"], loss.item(), 1e-5, what="loss")
+    updated = nnx.merge(graphdef, state.params, frozen)
+    for name in names:
+        ours, theirs = linear_modules(updated)[name], peft_layer(name)
+        assert_close(ours.lora_a[...], theirs.lora_A["default"].weight.T, 1e-5, what=f"{name} A")
+        assert_close(ours.lora_b[...], theirs.lora_B["default"].weight.T, 1e-5, what=f"{name} B")
+    moved = np.abs(np.asarray(linear_modules(updated)[names[0]].lora_b[...]) - start_b[names[0]])
+    assert moved.max() > 10 * lr  # two Adam steps move at most ~2 lr without the ratio
+
+
+def test_loraplus_mask_selects_lora_b_and_vectors():
+    from sftjax.train.optim import loraplus_mask
+
+    params = {"layers": {"0": {"q_proj": {"lora_a": jnp.zeros((4, 2)), "lora_b": jnp.zeros((2, 4)),
+                                          "lora_magnitude": jnp.zeros((4,))}}}, "lm_head": {"kernel": jnp.zeros((4, 4))}}
+    mask = loraplus_mask(params)
+    assert mask["layers"]["0"]["q_proj"] == {"lora_a": False, "lora_b": True, "lora_magnitude": True}
+    assert mask["lm_head"]["kernel"] is False

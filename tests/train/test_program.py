@@ -43,7 +43,9 @@ def _normalized(layout: dict) -> dict:
 @pytest.mark.parametrize("extra", [
     ["lora.enabled=true", "lora.r=4", "lora.alpha=8"],
     ["lora.enabled=false", "model.scan_layers=true"],
-], ids=["lora", "full-scanned"])
+    ["lora.enabled=true", "lora.r=4", "model.quantize=nf4", "model.double_quant=true", "lora.use_dora=true",
+     "lora.init=pissa", "lora.lr_ratio=4", "model.scan_layers=true"],
+], ids=["lora", "full-scanned", "qlora-dora-pissa-scanned"])
 def test_abstract_program_equals_the_trainers(assets_dir, tmp_path, extra):
     if jax.device_count() < 8:
         pytest.skip("needs the 8 fake CPU devices of the test session")
