@@ -58,14 +58,14 @@ def test_residual_inits_match_peft(kind, shape_OI, rank, rslora):
     b_ref, a_ref = _align(b_ref, a_ref, b_OR)
     # A and B are singular vectors scaled by sqrt(singular values): two float32 SVDs (LAPACK here, torch's in peft)
     # agree on them to ~eps / (relative gap between singular values), measured up to 1.4e-5 of the scale on these
-    # random weights; the residual and the reconstruction below are checked at 1e-5.
+    # random weights; the residual W - scale * B A inherits that difference, the reconstruction does not (1e-5).
     assert_close(b_OR, b_ref, 1e-4, what="B")
     assert_close(a_RI, a_ref, 1e-4, what="A")
     # the residual W - scale * B A carries W's rounding (it is ~0 at full rank): judged on W's scale
     residual_error = np.abs(np.asarray(residual_IO).T - residual_ref).max() / np.abs(w_OI).max()
-    assert residual_error <= 1e-5, f"residual base: max |diff| is {residual_error:.3g} of W's scale"
+    assert residual_error <= 1e-4, f"residual base: max |diff| is {residual_error:.3g} of W's scale"
     if rank < min(shape_OI):
-        assert_close(np.asarray(residual_IO).T, residual_ref, 1e-5, what="residual base")
+        assert_close(np.asarray(residual_IO).T, residual_ref, 1e-4, what="residual base")
     # residual + scale * B A is the weight
     assert_close(np.asarray(residual_IO).T + scale * b_OR @ a_RI, w_OI, 1e-5, what="reconstruction")
 
