@@ -23,8 +23,8 @@ from tests.train.test_step import (
     our_model_from_torch,
     pack_rows,
     tiny_model_config,
+    steps_beside_torch,
     torch_llama,
-    torch_loss,
 )
 
 IN, OUT, RANK, ALPHA = 12, 10, 4, 8.0
@@ -163,13 +163,7 @@ def test_dora_decoder_two_adamw_steps_match_peft():
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     assert len(trainable) == 3 * len(names) == 3 * 14
     torch_opt = torch.optim.AdamW(trainable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    for _ in range(2):
-        state, metrics = step(state, frozen, batch, jax.random.key(0))
-        torch_opt.zero_grad()
-        loss = torch_loss(peft_model, examples)
-        loss.backward()
-        torch_opt.step()
-        assert_close(metrics["loss"], loss.item(), 1e-5, what="loss")
+    state = steps_beside_torch(step, state, frozen, batch, peft_model, torch_opt, examples)
     updated = nnx.merge(graphdef, state.params, frozen)
     for name in names:
         ours, theirs = linear_modules(updated)[name], _peft_layer(peft_model, name)

@@ -15,7 +15,8 @@ from sftjax.errors import ConfigError
 from sftjax.peft.lora import apply_lora, linear_modules, merge_lora, select_targets, split_model
 
 from tests.train.test_step import (adamw, build_step, make_examples, our_model_from_torch, pack_rows,  # noqa: E402
-                       tiny_model_config, torch_llama, torch_loss, assert_close_relative)
+                       tiny_model_config, torch_llama, assert_close_relative,
+                       steps_beside_torch)
 
 from tests.conftest import require  # noqa: E402
 from tests.oracle import assert_close  # noqa: E402
@@ -71,13 +72,7 @@ def test_lora_step_matches_peft(rslora):
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     assert len(trainable) == 2 * len(names)
     torch_opt = torch.optim.AdamW(trainable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    for _ in range(2):
-        state, metrics = step(state, frozen, batch, jax.random.key(0))
-        torch_opt.zero_grad()
-        loss = torch_loss(peft_model, examples)
-        loss.backward()
-        torch_opt.step()
-        np.testing.assert_allclose(float(metrics["loss"]), loss.item(), rtol=1e-5)
+    state = steps_beside_torch(step, state, frozen, batch, peft_model, torch_opt, examples)
     updated = nnx.merge(graphdef, state.params, frozen)
     for name in names:
         ours, theirs = linear_modules(updated)[name], _peft_layer(peft_model, name)

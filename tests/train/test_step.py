@@ -126,6 +126,18 @@ def torch_loss(hf, examples):
     return total / count
 
 
+def steps_beside_torch(step, state, frozen, batch, torch_model, torch_opt, examples, *, steps=2, rtol=1e-5):
+    """``steps`` optimizer steps of ours and of torch on the same batch, the losses compared at each; our state."""
+    for _ in range(steps):
+        state, metrics = step(state, frozen, batch, jax.random.key(0))
+        torch_opt.zero_grad()
+        loss = torch_loss(torch_model, examples)
+        loss.backward()
+        torch_opt.step()
+        assert_close(metrics["loss"], loss.item(), rtol, what="loss")
+    return state
+
+
 def build_step(model, optim: OptimSection, lora: LoraSection = LoraSection(), total_steps=10, max_grad_norm=None,
                donate=True, place=None):
     graphdef, trainable, frozen = split_model(model, lora)
@@ -192,13 +204,7 @@ def test_full_finetune_gradient_and_adamw_match_torch(setup):
     model = our_model_from_torch(config, hf)
     step, state, frozen, _ = build_step(model, adamw())
     torch_opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
-    for _ in range(2):
-        state, metrics = step(state, frozen, batch, jax.random.key(0))
-        torch_opt.zero_grad()
-        loss = torch_loss(hf, examples)
-        loss.backward()
-        torch_opt.step()
-        np.testing.assert_allclose(float(metrics["loss"]), loss.item(), rtol=1e-5)
+    state = steps_beside_torch(step, state, frozen, batch, hf, torch_opt, examples)
     updated = nnx.merge(_graphdef_of(model), state.params, frozen)
     for mine, theirs in linear_pairs(updated, hf):
         assert_close_relative(mine.kernel[...], theirs.weight.detach().numpy().T)
