@@ -47,8 +47,7 @@ def _normalized(layout: dict) -> dict:
      "lora.init=pissa", "lora.lr_ratio=4", "model.scan_layers=true"],
 ], ids=["lora", "full-scanned", "qlora-dora-pissa-scanned"])
 def test_abstract_program_equals_the_trainers(assets_dir, tmp_path, extra):
-    if jax.device_count() < 8:
-        pytest.skip("needs the 8 fake CPU devices of the test session")
+    assert jax.device_count() >= 8, "tests/conftest.py gives the session 8 fake CPU devices"
     overrides = [f"tokenizer.path={assets_dir / 'tokenizers' / 'smollm2'}",
                  f"data.sources=[{assets_dir / 'datasets' / 'instruction' / 'alpaca_tiny.json'}]",
                  f"train.output_dir={tmp_path}", "train.progress=false", "train.tensorboard=false",
