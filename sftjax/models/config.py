@@ -10,9 +10,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from sftjax.models.moe_config import MoEConfig
+
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
 REMAT_POLICIES = ("none", "full", "save_dots", "offload_dots")
+# MoEConfig fields a run sets (model.moe in the run config) and config.json does not hold
+MOE_RUNTIME_FIELDS = ("router_z_loss_coef", "implementation")
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 
@@ -61,6 +65,10 @@ class ModelConfig:
     embedding_scale: float | None = None  # embeddings multiplied by this (Gemma: sqrt(hidden_size))
     tie_word_embeddings: bool = False
     final_logit_softcap: float | None = None
+    # mixture of experts: None = every layer has the dense MLP; else the MoE block of the layers is_moe_layer says
+    moe: MoEConfig | None = None
+    mlp_only_layers: tuple[int, ...] = ()  # layers that keep the dense MLP (Qwen-MoE)
+    decoder_sparse_step: int = 1  # layer i is MoE when (i + 1) % step == 0 (Qwen-MoE; 1 = every layer)
     # tokens
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -73,6 +81,20 @@ class ModelConfig:
     hf_extra: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
+        if isinstance(self.moe, dict):  # model.init gives a mapping; the block's width is the model's
+            object.__setattr__(self, "moe", MoEConfig(**{"hidden_size": self.hidden_size, **self.moe}))
+        object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
+        if self.moe is not None:
+            if not isinstance(self.moe, MoEConfig):
+                raise ValueError(f"moe must be a MoEConfig or a mapping of its fields, got {type(self.moe).__name__}")
+            if self.moe.hidden_size != self.hidden_size:
+                raise ValueError(f"moe.hidden_size {self.moe.hidden_size} differs from hidden_size {self.hidden_size}")
+        if int(self.decoder_sparse_step) < 1:
+            raise ValueError(f"decoder_sparse_step {self.decoder_sparse_step} must be an integer >= 1")
+        bad_layers = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        if bad_layers:
+            raise ValueError(f"mlp_only_layers {list(self.mlp_only_layers)} has layer {bad_layers[0]} outside "
+                             f"0..{self.num_layers - 1}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation {self.activation!r} not in {ACTIVATIONS}")
         if self.rope_type not in ROPE_TYPES:
@@ -91,6 +113,15 @@ class ModelConfig:
         if self.layer_types is None or self.layer_types[layer_index] == SLIDING_ATTENTION:
             return self.sliding_window
         return None
+
+    def is_moe_layer(self, layer_index: int) -> bool:
+        """Whether layer ``layer_index`` has the MoE block (else the dense MLP of ``intermediate_size``)."""
+        return (self.moe is not None and layer_index not in self.mlp_only_layers
+                and (layer_index + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
 
     @property
     def attention_scale(self) -> float:
@@ -117,8 +148,15 @@ class ModelConfig:
         hf = family.config_to_hf(self)
         back = family.config_from_hf(hf, source=f"{self.architecture} config")
         runtime_only = {"hf_extra", "dtype", "param_dtype", "remat"}
+
+        def saved(config, name):
+            value = getattr(config, name)
+            if name == "moe" and value is not None:  # the run-time switches of the block are not in config.json
+                value = value.replace(**{key: getattr(MoEConfig, key) for key in MOE_RUNTIME_FIELDS})
+            return value
+
         lost = [f"{field.name}={getattr(self, field.name)!r}" for field in dataclasses.fields(self)
-                if field.name not in runtime_only and getattr(back, field.name) != getattr(self, field.name)]
+                if field.name not in runtime_only and saved(back, field.name) != saved(self, field.name)]
         if lost:
             raise CheckpointError(f"model config: {self.architecture} checkpoints cannot express "
                                   f"{', '.join(lost)}; choose an architecture that has these switches")

@@ -25,6 +25,7 @@ from pallas_kernels.attention.cached import attention_over_cache, write_cache
 from pallas_kernels.cross_entropy.api import project_logits
 from sftjax.models.config import ModelConfig
 from sftjax.models.layers import Embed, Linear, RMSNorm
+from sftjax.models.moe import MoE, MoEAux
 from sftjax.models.rope import apply_rope, rope_cos_sin
 from sftjax.models.scan import run_scanned
 from sftjax.errors import ConfigError
@@ -145,32 +146,49 @@ class DecoderLayer(nnx.Module):
         self.attn = Attention(c, layer_index, rngs=rngs, implementation=attention_implementation)
         self.attn_out_norm = norm() if c.sandwich_norms else None
         self.mlp_norm = norm()
-        self.mlp = MLP(c, rngs=rngs)
+        # the MoE block where the config says so (mlp_only_layers, decoder_sparse_step), else the dense MLP
+        self.mlp = MoE(c.moe, param_dtype=pd, rngs=rngs) if c.is_moe_layer(layer_index) else MLP(c, rngs=rngs)
         self.mlp_out_norm = norm() if c.sandwich_norms else None
+        self.num_experts = c.moe.num_experts if c.moe is not None else 0  # of the model (0: a dense model)
 
-    def _block(self, x_BLD, attend, deterministic):
-        """The residual block around ``attend`` (normed input -> (output, extra)); returns (x, extra)."""
+    def _feed_forward(self, x_BLD, segment_ids_BL, deterministic):
+        """(output, MoEAux): the router statistics of an MoE layer, zeros for a dense layer of an MoE model, None
+        in a dense model."""
+        if isinstance(self.mlp, MoE):
+            return self.mlp(x_BLD, segment_ids_BL, deterministic=deterministic)
+        aux = MoEAux.zeros(self.num_experts) if self.num_experts else None
+        return self.mlp(x_BLD, deterministic=deterministic), aux
+
+    def _block(self, x_BLD, attend, deterministic, segment_ids_BL=None):
+        """The residual block around ``attend`` (normed input -> (output, extra)); returns (x, extra, MoEAux)."""
         h, extra = attend(self.attn_norm(x_BLD))
         if self.attn_out_norm is not None:
             h = self.attn_out_norm(h)
         x_BLD = x_BLD + h
-        h = self.mlp(self.mlp_norm(x_BLD), deterministic=deterministic)
+        h, aux = self._feed_forward(self.mlp_norm(x_BLD), segment_ids_BL, deterministic)
         if self.mlp_out_norm is not None:
             h = self.mlp_out_norm(h)
-        return x_BLD + h, extra
+        return x_BLD + h, extra, aux
 
     def __call__(self, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, deterministic: bool = True):
+        """(x, MoEAux of this layer or None in a dense model)."""
         def attend(h):
             return self.attn(h, cos_BLR, sin_BLR, segment_ids_BL, deterministic=deterministic), None
 
-        return self._block(x_BLD, attend, deterministic)[0]
+        x_BLD, _, aux = self._block(x_BLD, attend, deterministic, segment_ids_BL)
+        return x_BLD, aux
 
     def decode(self, x_BTD, cos_BTR, sin_BTR, positions_BT, cache):
-        return self._block(x_BTD, lambda h: self.attn.decode(h, cos_BTR, sin_BTR, positions_BT, cache), True)
+        x, cache, _ = self._block(x_BTD, lambda h: self.attn.decode(h, cos_BTR, sin_BTR, positions_BT, cache), True)
+        return x, cache
 
 
 def _run_layer(layer: DecoderLayer, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, deterministic):
     return layer(x_BLD, cos_BLR, sin_BLR, segment_ids_BL, deterministic)
+
+
+def _add_aux(total, aux):
+    return aux if total is None else (total if aux is None else total + aux)
 
 
 class Decoder(nnx.Module):
@@ -221,8 +239,10 @@ class Decoder(nnx.Module):
             return gather_for_compute(self.embed_tokens.embedding[...], ("vocab", "embed")).T
         return self.lm_head.compute_kernel()
 
-    def hidden_states(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None, deterministic: bool = True):
-        """Final-norm hidden states [B, L, D]; positions default to 0..L-1 and segments to one per row."""
+    def hidden_states(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None, deterministic: bool = True,
+                      return_aux: bool = False):
+        """Final-norm hidden states [B, L, D]; positions default to 0..L-1 and segments to one per row. With
+        ``return_aux``: (hidden, MoEAux summed over the layers), the aux None for a dense model."""
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1], dtype=jnp.int32), tokens_BL.shape)
         if segment_ids_BL is None:
@@ -232,20 +252,24 @@ class Decoder(nnx.Module):
         cos, sin = rope_cos_sin(self.config, positions_BL, segment_ids_BL)  # per-segment lengths
         policy = remat_policy(self.remat) if self.remat != "none" else None
         if self.scan_plan is not None:
-            x = run_scanned(self, x, cos, sin, segment_ids_BL, deterministic, policy=policy, remat=self.remat != "none")
-            return self.norm(x)
-        run = _run_layer
-        if self.remat != "none":
-            run = nnx.remat(_run_layer, policy=policy, static_argnums=(5,))
-        for layer in self.layers:
-            x = run(layer, x, cos, sin, segment_ids_BL, deterministic)
-        return self.norm(x)
+            x, aux = run_scanned(self, x, cos, sin, segment_ids_BL, deterministic, policy=policy,
+                                 remat=self.remat != "none")
+        else:
+            run = _run_layer
+            if self.remat != "none":
+                run = nnx.remat(_run_layer, policy=policy, static_argnums=(5,))
+            aux = None
+            for layer in self.layers:
+                x, layer_aux = run(layer, x, cos, sin, segment_ids_BL, deterministic)
+                aux = _add_aux(aux, layer_aux)
+        return (self.norm(x), aux) if return_aux else self.norm(x)
 
-    def __call__(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None, deterministic: bool = True):
-        """float32 logits [B, L, V]."""
-        hidden = self.hidden_states(tokens_BL, positions_BL=positions_BL, segment_ids_BL=segment_ids_BL,
-                                    deterministic=deterministic)
-        return self.logits(hidden)
+    def __call__(self, tokens_BL, *, positions_BL=None, segment_ids_BL=None, deterministic: bool = True,
+                 return_aux: bool = False):
+        """float32 logits [B, L, V]; with ``return_aux``: (logits, MoEAux summed over the layers, or None)."""
+        hidden, aux = self.hidden_states(tokens_BL, positions_BL=positions_BL, segment_ids_BL=segment_ids_BL,
+                                         deterministic=deterministic, return_aux=True)
+        return (self.logits(hidden), aux) if return_aux else self.logits(hidden)
 
     def logits(self, hidden_BLD):
         """float32 logits [..., V] of final hidden states [..., D] (soft-capped like training)."""

@@ -4,7 +4,6 @@ expert-parallel dispatch over a mesh is in :mod:`sftjax.models.moe_sharding`; bo
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -12,14 +11,13 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from sftjax.errors import ConfigError
-
-ROUTER_ORDERS = ("softmax_topk", "topk_softmax")
-EXPERT_ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu", "clamped_swiglu")
-IMPLEMENTATIONS = ("auto", "ragged_dot", "dense", "megablox", "megablox_interpret")
-# megablox's gmm compiles for TPU inside shard_map, forward and backward (scripts/check_moe_tpu_lowering.py,
-# run against libtpu's compiler on a v5p topology); "auto" uses it there and ragged_dot everywhere else.
-MEGABLOX_ON_TPU = True
+from sftjax.models.moe_config import (  # noqa: F401  (re-exported)
+    EXPERT_ACTIVATIONS,
+    IMPLEMENTATIONS,
+    MEGABLOX_ON_TPU,
+    ROUTER_ORDERS,
+    MoEConfig,
+)
 
 _GLU_ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -27,59 +25,6 @@ _GLU_ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "relu": jax.nn.relu,
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class MoEConfig:
-    """The closed set of switches of one MoE block (hashable: it lives on the model as static data)."""
-
-    hidden_size: int
-    expert_intermediate_size: int  # HF: moe_intermediate_size (Qwen), intermediate_size (Mixtral, gpt-oss)
-    num_experts: int  # HF: num_local_experts / num_experts
-    num_experts_per_tok: int  # k
-    router_order: str = "softmax_topk"  # or "topk_softmax" (gpt-oss)
-    norm_topk_prob: bool = True  # softmax_topk only: renormalize the k chosen probabilities to sum to 1
-    router_bias: bool = False  # gpt-oss
-    activation: str = "silu"  # GLU act(gate) * up; "clamped_swiglu" is gpt-oss's (alpha, limit, (up + 1))
-    expert_bias: bool = False  # biases on the expert projections (gpt-oss)
-    swiglu_alpha: float = 1.702
-    swiglu_limit: float = 7.0
-    shared_expert_intermediate_size: int = 0  # 0 = no shared expert
-    shared_expert_gate: bool = False  # sigmoid(x @ w_gate) scales the shared expert (Qwen2-MoE)
-    router_aux_loss_coef: float = 0.0  # coefficient of the load-balancing loss in the training objective
-    router_z_loss_coef: float = 0.0  # coefficient of the router z-loss
-    implementation: str = "auto"  # ragged_dot | dense (oracle) | megablox (TPU) | megablox_interpret (CPU) | auto
-
-    def __post_init__(self):
-        def bad(key, value, allowed):
-            raise ConfigError(f"model.moe.{key}={value!r} is not supported (allowed: {allowed})")
-
-        if self.router_order not in ROUTER_ORDERS:
-            bad("router_order", self.router_order, ", ".join(ROUTER_ORDERS))
-        if self.activation not in EXPERT_ACTIVATIONS:
-            bad("activation", self.activation, ", ".join(EXPERT_ACTIVATIONS))
-        if self.implementation not in IMPLEMENTATIONS:
-            bad("implementation", self.implementation, ", ".join(IMPLEMENTATIONS))
-        for key in ("hidden_size", "expert_intermediate_size", "num_experts", "num_experts_per_tok"):
-            if int(getattr(self, key)) < 1:
-                bad(key, getattr(self, key), "a positive integer")
-        if self.num_experts_per_tok > self.num_experts:
-            raise ConfigError(f"model.moe.num_experts_per_tok={self.num_experts_per_tok} is larger than "
-                              f"model.moe.num_experts={self.num_experts}")
-        if self.shared_expert_intermediate_size < 0:
-            bad("shared_expert_intermediate_size", self.shared_expert_intermediate_size, "0 (none) or positive")
-        if self.shared_expert_gate and not self.shared_expert_intermediate_size:
-            raise ConfigError("model.moe.shared_expert_gate=True needs a shared expert "
-                              "(model.moe.shared_expert_intermediate_size > 0)")
-        if self.shared_expert_intermediate_size and self.activation == "clamped_swiglu":
-            raise ConfigError("model.moe.activation=clamped_swiglu with a shared expert is not supported "
-                              "(no family combines them)")
-        if self.router_order == "topk_softmax" and self.norm_topk_prob:
-            raise ConfigError("model.moe.norm_topk_prob=True has no meaning with router_order=topk_softmax "
-                              "(the softmax over the chosen experts already sums to 1); set it to False")
-
-    def replace(self, **changes) -> MoEConfig:
-        return dataclasses.replace(self, **changes)
 
 
 def resolve_implementation(name: str, backend: str | None = None) -> str:

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from sftjax.models.moe import MoEAux
+
 LAYERS_AXIS = "layers"
 MAX_PERIOD = 8
 
@@ -163,17 +165,23 @@ def unstacked_paths(plan: tuple[ScanBlock, ...] | None, path: tuple) -> list[tup
 
 
 def run_scanned(model, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, deterministic: bool, policy=None, remat=False):
-    """Apply the scanned layers of ``model`` to ``x_BLD``: one ``lax.scan`` per block, body = one period."""
+    """Apply the scanned layers of ``model`` to ``x_BLD``: one ``lax.scan`` per block, body = one period.
+    Returns (x, the layers' MoEAux summed, carried through the scans; None for a dense model). Dense and MoE
+    layers have different graphs, so a mixed model scans them as separate blocks or as a period of both."""
+    experts = model.config.moe.num_experts if model.config.moe is not None else 0
+    aux = MoEAux.zeros(experts) if experts else None
     for block_modules in model.layers:
         graphdef, state = nnx.split(block_modules)
 
-        def body(x, period_state, graphdef=graphdef):
+        def body(carry, period_state, graphdef=graphdef):
+            x, total = carry
             group = nnx.merge(graphdef, period_state)
             for layer in group:
-                x = layer(x, cos_BLR, sin_BLR, segment_ids_BL, deterministic)
-            return x, None
+                x, layer_aux = layer(x, cos_BLR, sin_BLR, segment_ids_BL, deterministic)
+                total = total if layer_aux is None else total + layer_aux
+            return (x, total), None
 
         if remat:
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        x_BLD, _ = jax.lax.scan(body, x_BLD, state)
-    return x_BLD
+        (x_BLD, aux), _ = jax.lax.scan(body, (x_BLD, aux), state)
+    return x_BLD, aux

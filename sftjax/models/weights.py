@@ -23,6 +23,7 @@ from sftjax.errors import CheckpointError
 from sftjax.models.config import ModelConfig
 from sftjax.models.decoder import Decoder
 from sftjax.models.layers import Linear
+from sftjax.models.moe import ExpertLinear
 from sftjax.models.registry import family_for_config, family_for_hf
 from sftjax.models.scan import unstacked
 from sftjax.sharding import to_host, variable_sharding
@@ -38,6 +39,8 @@ def _variables_by_path(model: nnx.Module) -> dict[str, nnx.Variable]:
 
 def _expected_hf_shape(spec, variables) -> tuple[int, ...]:
     shapes = [variables[path].get_value().shape for path, _, _ in spec.targets]
+    if spec.expert is not None:  # one slot of a stacked [expert, ...] parameter
+        shapes = [shape[1:] for shape in shapes]
     if spec.transpose:
         return (sum(shape[1] for shape in shapes), shapes[0][0])
     return shapes[0]
@@ -54,6 +57,17 @@ def model_from_hf_tensors(hf_config: dict, tensors: Iterable[tuple[str, np.ndarr
     specs = {spec.hf_name: spec for spec in family.weight_specs(config)}
     target_dtype = np.dtype(jnp.dtype(dtype))
     seen: set[str] = set()
+    # stacked expert parameters fill on the host slot by slot (one parameter at a time), then go to the device
+    stacked: dict[str, tuple[np.ndarray, set[int]]] = {}
+
+    def place(path, value):
+        variable = variables[path]
+        if mesh is None:
+            variable.set_value(jnp.asarray(value))
+        else:  # each device (of this host) receives only its slice; works across hosts too
+            variable.set_value(jax.make_array_from_callback(
+                value.shape, variable_sharding(variable, mesh), lambda index, value=value: value[index]))
+
     for name, array in tensors:
         spec = specs.get(name)
         if spec is None:
@@ -73,12 +87,16 @@ def model_from_hf_tensors(hf_config: dict, tensors: Iterable[tuple[str, np.ndarr
             if spec.transpose:
                 part = part.T
             part = np.ascontiguousarray(part.astype(target_dtype, copy=False))
-            variable = variables[path]
-            if mesh is None:
-                variable.set_value(jnp.asarray(part))
-            else:  # each device (of this host) receives only its slice; works across hosts too
-                variable.set_value(jax.make_array_from_callback(
-                    part.shape, variable_sharding(variable, mesh), lambda index, part=part: part[index]))
+            if spec.expert is None:
+                place(path, part)
+                continue
+            shape = variables[path].get_value().shape
+            buffer, filled = stacked.setdefault(path, (np.zeros(shape, target_dtype), set()))
+            buffer[spec.expert] = part
+            filled.add(spec.expert)
+            if len(filled) == shape[0]:
+                place(path, buffer)
+                del stacked[path]
         del array
     missing = [name for name in specs if name not in seen]
     if missing:
@@ -98,22 +116,39 @@ def _parameter_value(model: nnx.Module, path: str):
     """The array to export for a parameter path; Linear kernels include their merged LoRA adapter."""
     module_path, _, attribute = path.rpartition(".")
     module = _module_at(model, module_path)
-    if isinstance(module, Linear) and attribute == "kernel":
+    if isinstance(module, (Linear, ExpertLinear)) and attribute == "kernel":
         return module.merged_kernel()
     return getattr(module, attribute).get_value()
+
+
+def _parameter_shape(model: nnx.Module, path: str) -> tuple[int, ...]:
+    module_path, _, attribute = path.rpartition(".")
+    return tuple(getattr(_module_at(model, module_path), attribute).get_value().shape)
 
 
 def hf_tensor_entries(model: Decoder, config: ModelConfig, target: np.dtype):
     """(HF name, nbytes, produce) per checkpoint tensor; ``produce`` gathers one tensor to host when called."""
     model = unstacked(model)  # a scanned model is exported/run one module per layer
     entries = []
+    last: dict = {}  # the parameter value of the previous per-expert tensor (its experts come in a row)
+
+    def value_of(path, expert):
+        if expert is None:
+            return _parameter_value(model, path)
+        if last.get("path") != path:
+            last.update(path=path, value=_parameter_value(model, path))
+        return last["value"][expert]
+
     for spec in family_for_config(config).weight_specs(config):
         paths = [path for path, _, _ in spec.targets]
-        shapes = [_parameter_value(model, p).shape for p in paths]
+        if spec.expert is None:
+            shapes = [_parameter_value(model, p).shape for p in paths]
+        else:  # no merge per expert tensor just for its shape
+            shapes = [_parameter_shape(model, p)[1:] for p in paths]
         shape = (sum(s[1] for s in shapes), shapes[0][0]) if spec.transpose else shapes[0]
 
-        def produce(paths=paths, transpose=spec.transpose):
-            parts = [to_host(_parameter_value(model, p).astype(target)) for p in paths]
+        def produce(paths=paths, transpose=spec.transpose, expert=spec.expert):
+            parts = [to_host(value_of(p, expert).astype(target)) for p in paths]
             if transpose:
                 parts = [part.T for part in parts]
             return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)

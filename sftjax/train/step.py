@@ -11,6 +11,17 @@ One optimizer step takes a batch shaped [accum, micro_rows, L] (a [rows, L] batc
 3. clips the global gradient norm, applies the optax update, and keeps params/optimizer state unchanged when
    the gradient is not finite or the step trained no token (the non-finite ones are counted in the state).
 
+Mixture-of-experts models add their router losses (``sftjax.models.moe``'s normalization rules): each micro-batch's
+``MoEAux`` gives additive (sum, count) pairs of the load-balancing loss and the router z-loss; the step's objective
+is ``CE_sum / T_step + lb_coef * lb_sum / N_step + z_coef * z_sum / N_step``, with T_step the trained tokens and
+N_step the non-padding tokens of the whole step (both counted from the batch before the first micro-batch, over
+all devices), so the aux losses too are divided once per step. Differentiated per micro-batch as
+``CE_sum + (T_step / N_step) * (lb_coef * lb_sum + z_coef * z_sum)``, the one division by T_step at the end gives
+exactly that objective's gradient. With one micro-batch, ``lb_sum / N_step`` is transformers'
+``load_balancing_loss_func`` of the forward; with several it is their token-weighted mean. Both losses (unscaled)
+and the tokens each expert received (``expert_tokens_<e>``: (token, slot) assignments summed over the MoE layers
+and micro-batches) are step metrics; ``loss`` stays the cross-entropy.
+
 The model is rebuilt inside the jit from (graphdef, trainable, frozen) with ``nnx.merge``, so the function is
 pure over arrays and compiles once. Mixed precision: params (the float32 master copy) are cast to
 ``compute_dtype`` for the forward/backward; gradients are accumulated in float32.
@@ -54,6 +65,8 @@ class LossOptions:
     compute_dtype: Any = jnp.float32
     cross_entropy_implementation: str | None = None
     dropout: bool = False  # run the model with deterministic=False and a fresh dropout key
+    router_aux_loss_coef: float = 0.0  # MoE: coefficient of the load-balancing loss (per non-padding token)
+    router_z_loss_coef: float = 0.0  # MoE: coefficient of the router z-loss (per non-padding token)
 
 
 def cast_floating(tree, dtype):
@@ -72,8 +85,9 @@ def cast_floating(tree, dtype):
     return jax.tree.map(cast, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def forward_loss(graphdef, trainable, frozen, batch: dict, rng, options: LossOptions):
-    """Summed masked CE of one [rows, L] batch -> CrossEntropyResult (float32 sums)."""
+def forward_loss(graphdef, trainable, frozen, batch: dict, rng, options: LossOptions, *, return_aux: bool = False):
+    """Summed masked CE of one [rows, L] batch -> CrossEntropyResult (float32 sums); with ``return_aux``:
+    (result, the forward's MoEAux summed over layers, None for a dense model)."""
     trainable = cast_floating(trainable, options.compute_dtype)
     frozen = cast_floating(frozen, options.compute_dtype)
     model = nnx.merge(graphdef, trainable, frozen)
@@ -81,11 +95,22 @@ def forward_loss(graphdef, trainable, frozen, batch: dict, rng, options: LossOpt
         # dropout layers draw from a 'dropout' stream, or 'default' when built from nnx.Rngs(seed)
         # match_shape: stacked (scanned) layers hold one key per layer, split from this step's key
         nnx.reseed(model, dropout=rng, default=jax.random.fold_in(rng, 1), policy="match_shape")
-    hidden_BLD = model.hidden_states(batch["tokens"], positions_BL=batch["positions"],
-                                     segment_ids_BL=batch["segment_ids"], deterministic=not options.dropout)
-    return fused_linear_cross_entropy(hidden_BLD, model.head_weight(), batch["targets"], batch["loss_mask"],
-                                      logit_softcap=options.logit_softcap, z_loss=options.z_loss,
-                                      implementation=options.cross_entropy_implementation)
+    hidden_BLD, aux = model.hidden_states(batch["tokens"], positions_BL=batch["positions"],
+                                          segment_ids_BL=batch["segment_ids"], deterministic=not options.dropout,
+                                          return_aux=True)
+    result = fused_linear_cross_entropy(hidden_BLD, model.head_weight(), batch["targets"], batch["loss_mask"],
+                                        logit_softcap=options.logit_softcap, z_loss=options.z_loss,
+                                        implementation=options.cross_entropy_implementation)
+    return (result, aux) if return_aux else result
+
+
+def _router_sums(aux):
+    """(load-balancing sum, z-loss sum, per-expert assignments [E]) of a forward's MoEAux; None without MoE."""
+    if aux is None:
+        return None
+    lb_sum, _ = aux.load_balancing()
+    z_sum, _ = aux.z_loss()
+    return lb_sum, z_sum, aux.expert_counts
 
 
 def _as_micro_batches(batch: dict) -> dict:
@@ -110,25 +135,39 @@ def train_step_fn(graphdef, tx: optax.GradientTransformation, schedule: Callable
     def step(state: TrainState, frozen, batch: dict, rng):
         micro = _as_micro_batches(batch)
         accum = next(iter(micro.values())).shape[0]
+        # the step's trained and non-padding tokens, known before the first micro-batch (MoE aux normalization)
+        trained_step = jnp.maximum(jnp.sum(micro["loss_mask"].astype(jnp.float32)), 1.0)
+        real_step = jnp.maximum(jnp.sum(micro["segment_ids"] != 0, dtype=jnp.float32), 1.0)
 
         def summed_loss(params, one_batch, key):
-            result = forward_loss(graphdef, params, frozen, one_batch, key, options)
-            return result.loss_sum, result
+            result, aux = forward_loss(graphdef, params, frozen, one_batch, key, options, return_aux=True)
+            objective = result.loss_sum
+            router = _router_sums(aux)
+            if router is not None:
+                lb_sum, z_sum, _ = router
+                weighted = options.router_aux_loss_coef * lb_sum + options.router_z_loss_coef * z_sum
+                objective = objective + (trained_step / real_step) * weighted
+            return objective, (result, router)
 
         grad_fn = jax.grad(summed_loss, has_aux=True)
         zeros = constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
 
         def body(carry, xs):
-            grads_sum, loss_sum, tokens, correct, real = carry
+            grads_sum, loss_sum, tokens, correct, real, router_sum = carry
             one_batch, index = xs
-            grads, result = grad_fn(state.params, one_batch, jax.random.fold_in(rng, index))
+            grads, (result, router) = grad_fn(state.params, one_batch, jax.random.fold_in(rng, index))
             grads_sum = constrain(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, constrain(grads)))
             real = real + jnp.sum(one_batch["segment_ids"] != 0, dtype=jnp.float32)
+            router_sum = None if router is None else jax.tree.map(jnp.add, router_sum, router)
             return (grads_sum, loss_sum + result.loss_sum, tokens + result.token_count,
-                    correct + result.correct_count, real), None
+                    correct + result.correct_count, real, router_sum), None
 
-        init = (zeros, *(jnp.zeros((), jnp.float32) for _ in range(4)))
-        (grads_sum, loss_sum, tokens, correct, real), _ = jax.lax.scan(body, init, (micro, jnp.arange(accum)))
+        router_init = jax.eval_shape(lambda: summed_loss(state.params, jax.tree.map(lambda v: v[0], micro),
+                                                         rng)[1][1])
+        router_init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), router_init)
+        init = (zeros, *(jnp.zeros((), jnp.float32) for _ in range(4)), router_init)
+        (grads_sum, loss_sum, tokens, correct, real, router_sum), _ = jax.lax.scan(
+            body, init, (micro, jnp.arange(accum)))
 
         denominator = jnp.maximum(tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grads_sum)
@@ -157,6 +196,12 @@ def train_step_fn(graphdef, tx: optax.GradientTransformation, schedule: Callable
             "skipped": (~apply).astype(jnp.int32),
             "nonfinite": (~finite).astype(jnp.int32),
         }
+        if router_sum is not None:
+            lb_sum, z_sum, expert_tokens = router_sum
+            metrics["router_aux_loss"] = lb_sum / real_step  # the load-balancing loss, before its coefficient
+            metrics["router_z_loss"] = z_sum / real_step
+            for expert in range(expert_tokens.shape[0]):
+                metrics[f"expert_tokens_{expert}"] = expert_tokens[expert]
         return new_state, metrics
 
     return step

@@ -26,6 +26,7 @@ class TensorSpec:
     hf_name: str
     targets: tuple[tuple[str, int | None, int | None], ...]  # (param path, first row, end row) of the HF tensor
     transpose: bool
+    expert: int | None = None  # a per-expert tensor fills this slot of a stacked [expert, ...] parameter
 
 
 def hf_config_object(hf: dict, model_type: str, source: str):
@@ -125,7 +126,8 @@ HANDLED_KEYS = {
     "hidden_activation", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "attention_bias",
     "mlp_bias", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "attn_logit_softcapping",
     "final_logit_softcapping", "query_pre_attn_scalar", "original_max_position_embeddings", "torch_dtype", "dtype",
-    "use_cache",
+    "use_cache", "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+    "mlp_only_layers", "decoder_sparse_step", "router_aux_loss_coef", "router_jitter_noise",
 }
 
 
@@ -184,8 +186,9 @@ def layer_types_to_hf(config: ModelConfig) -> list[str] | None:
     return list(config.layer_types)
 
 
-def llama_like_specs(config: ModelConfig, *, sandwich_norm_names: bool = False) -> list[TensorSpec]:
-    """The weight table of Llama-style checkpoints (``model.layers.N.self_attn.q_proj.weight`` ...)."""
+def llama_like_specs(config: ModelConfig, *, sandwich_norm_names: bool = False, moe_specs=None) -> list[TensorSpec]:
+    """The weight table of Llama-style checkpoints (``model.layers.N.self_attn.q_proj.weight`` ...); the MoE layers'
+    feed-forward tensors come from ``moe_specs(layer_index)`` (see ``families/moe_common.py``)."""
     specs = [TensorSpec("model.embed_tokens.weight", (("embed_tokens.embedding", None, None),), False),
              TensorSpec("model.norm.weight", (("norm.weight", None, None),), False)]
     if not config.tie_word_embeddings:
@@ -203,7 +206,11 @@ def llama_like_specs(config: ModelConfig, *, sandwich_norm_names: bool = False) 
             for norm in ("q_norm", "k_norm"):
                 specs.append(TensorSpec(f"{hf}.self_attn.{norm}.weight", ((f"{ours}.attn.{norm}.weight", None, None),),
                                         False))
-        for proj in ("gate_proj", "up_proj", "down_proj"):
+        if config.is_moe_layer(i):
+            if moe_specs is None:
+                raise CheckpointError(f"model config: {config.architecture} has no MoE weight layout")
+            specs += moe_specs(i)
+        for proj in ("gate_proj", "up_proj", "down_proj") if not config.is_moe_layer(i) else ():
             specs.append(TensorSpec(f"{hf}.mlp.{proj}.weight", ((f"{ours}.mlp.{proj}.kernel", None, None),), True))
             if config.mlp_bias:
                 specs.append(TensorSpec(f"{hf}.mlp.{proj}.bias", ((f"{ours}.mlp.{proj}.bias", None, None),), False))
