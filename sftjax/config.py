@@ -27,6 +27,7 @@ from typing import ClassVar, Literal
 from pallas_kernels import choices as kernel_choices
 from sftjax.errors import ConfigError
 from sftjax.models.config import REMAT_POLICIES
+from sftjax.models.moe_config import IMPLEMENTATIONS as MOE_IMPLEMENTATIONS
 from sftjax.schema import Section, _build, _plain, _positive, apply_overrides, read_yaml
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -41,6 +42,7 @@ ON_BAD_ROW = ("error", "skip")
 QUANTIZE = ("none", "nf4", "int8")  # sftjax.models.quant
 LORA_INITS = ("default", "gaussian", "pissa", "olora")  # sftjax.peft.init
 ANSWERS = ("exact", "number", "gsm8k", "regex:PATTERN")  # how generation eval compares answers (sftjax.infer.evaluate)
+MOE_OVERRIDES = ("router_aux_loss_coef", "router_z_loss_coef", "implementation")  # model.moe keys
 # Canonical column names a source may rename (value = the column in the file).
 COLUMN_KEYS = ("messages", "conversations", "tools", "system", "instruction", "input", "output", "history",
                "prompt", "completion", "text")
@@ -79,10 +81,23 @@ class ModelSection(Section):
     # frozen base of attention/MLP linears in bitsandbytes' format (QLoRA; needs lora.enabled): none, nf4, int8
     quantize: Literal[QUANTIZE] = "none"
     double_quant: bool = False  # nf4 only: quantize the per-block absmax values too (bitsandbytes' compress_statistics)
+    # MoE models: run-time switches of every MoE block over the checkpoint's (router_aux_loss_coef,
+    # router_z_loss_coef, implementation: auto | ragged_dot | dense | megablox | megablox_interpret)
+    moe: dict = dataclasses.field(default_factory=dict)
 
     def check(self) -> None:
         if self.double_quant and self.quantize != "nf4":
             raise ConfigError(f"model.double_quant=true needs model.quantize=nf4 (got {self.quantize!r})")
+        for key, value in self.moe.items():
+            if key not in MOE_OVERRIDES:
+                close = difflib.get_close_matches(str(key), MOE_OVERRIDES, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(MOE_OVERRIDES)}"
+                raise ConfigError(f"model.moe has unknown key {key!r}; {hint}")
+            if key == "implementation":
+                if value not in MOE_IMPLEMENTATIONS:
+                    raise ConfigError(f"model.moe.implementation={value!r} is not one of {', '.join(MOE_IMPLEMENTATIONS)}")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(f"model.moe.{key}={value!r} must be a number >= 0")
 
     @property
     def attention(self) -> str | None:

@@ -36,6 +36,8 @@ LOGICAL_RULES: dict[str, str | None] = {
     "head_dim": None,
     "norm": None,
     "layers": None,  # the stacked-layers axis of scanned models (sftjax.models.scan): never split
+    # MoE experts: split over fsdp, each rank keeping its experts whole (sftjax.models.moe_sharding explains why)
+    "expert": "fsdp",
 }
 
 

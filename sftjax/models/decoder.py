@@ -40,6 +40,16 @@ _ACTIVATIONS = {
 }
 
 
+def with_moe_overrides(config: ModelConfig, overrides: dict) -> ModelConfig:
+    """``config`` with run-time MoE switches (``model.moe`` of a run config) applied; a one-line error when the
+    model has no MoE block."""
+    if not overrides:
+        return config
+    if config.moe is None:
+        raise ConfigError(f"model.moe={dict(overrides)!r} is set but {config.architecture} has no MoE layers")
+    return config.replace(moe=config.moe.replace(**overrides))
+
+
 def remat_policy(name: str):
     """The jax.checkpoint policy of a remat setting: 'full' saves nothing (recompute the layer), 'save_dots' keeps
     the matmul outputs, 'offload_dots' keeps them in pinned host memory (needs a backend with that memory kind)."""
@@ -216,10 +226,16 @@ class Decoder(nnx.Module):
                                   rngs=rngs)
 
     def configure(self, *, remat: str | None = None, attention_implementation: str | None = None,
-                  dtype: str | None = None) -> "Decoder":
+                  dtype: str | None = None, moe: dict | None = None) -> "Decoder":
         """Set the run-time options of a built (e.g. loaded) model in place: remat policy, attention
-        implementation (None = automatic) and compute dtype. They are static graph data, so a jitted function
-        traced afterwards sees them; returns the model."""
+        implementation (None = automatic), compute dtype and MoE switches (``moe``: MoEConfig fields such as
+        ``router_z_loss_coef``, ``implementation``). They are static graph data, so a jitted function traced
+        afterwards sees them; returns the model."""
+        if moe:
+            self.config = with_moe_overrides(self.config, moe)
+            for _, node in nnx.iter_graph(self):
+                if isinstance(node, MoE):
+                    node.config = self.config.moe
         if remat is not None:
             if remat not in REMAT_POLICIES:
                 raise ConfigError(f"remat={remat!r} is not one of {', '.join(REMAT_POLICIES)}")

@@ -7,7 +7,7 @@ every other FSDP weight) and trade tokens with its ``fsdp`` peers instead. This 
 over the data-parallel ranks" layout (DeepSpeed-MoE, GShard; MaxText names a separate ``expert`` mesh axis but
 also shards the batch over it, which is the same thing under another name). A separate mesh axis would change
 ``MESH_AXES``, ``make_mesh``, ``batch_sharding`` and every config; reusing ``fsdp`` is one entry of the rules
-table, ``"expert": "fsdp"`` (:data:`EXPERT_RULES` is ``LOGICAL_RULES`` plus that entry). The expert weights'
+table, ``"expert": "fsdp"`` (in ``sftjax.sharding.LOGICAL_RULES``; :data:`EXPERT_RULES` stays as its name here). The expert weights'
 logical axes put ``expert`` first, so ``fsdp`` goes to it and their ``embed`` dimension stays whole; ``mlp`` is
 split over ``tensor`` as in the dense MLP, and the down projection's partial sums are ``psum``'d over it.
 
@@ -58,7 +58,7 @@ from sftjax.sharding import LOGICAL_RULES
 
 EXPERT_MESH_AXIS = "fsdp"
 TENSOR_AXIS = "tensor"
-EXPERT_RULES: dict[str, str | None] = {**LOGICAL_RULES, "expert": EXPERT_MESH_AXIS}
+EXPERT_RULES: dict[str, str | None] = {**LOGICAL_RULES, "expert": EXPERT_MESH_AXIS}  # = LOGICAL_RULES now
 
 
 def expert_parallel_size(mesh, num_experts: int) -> int:
@@ -67,7 +67,7 @@ def expert_parallel_size(mesh, num_experts: int) -> int:
     ep = int(mesh.shape.get(EXPERT_MESH_AXIS, 1)) if mesh is not None else 1
     if ep > 1 and num_experts % ep:
         raise ConfigError(f"model.moe.num_experts={num_experts} is not divisible by the expert-parallel mesh axis "
-                          f"{EXPERT_MESH_AXIS}={ep}; choose mesh.{EXPERT_MESH_AXIS} dividing {num_experts}")
+                          f"{EXPERT_MESH_AXIS}={ep}; choose train.mesh.{EXPERT_MESH_AXIS} dividing {num_experts}")
     return ep
 
 

@@ -37,8 +37,9 @@ from sftjax.config import Config
 from sftjax.errors import ConfigError
 from sftjax.models import gguf_read, hf_io
 from sftjax.models.config import ModelConfig
-from sftjax.models.decoder import Decoder, remat_policy
+from sftjax.models.decoder import Decoder, remat_policy, with_moe_overrides
 from sftjax.models.loading import load_model
+from sftjax.models.moe_sharding import expert_parallel_size
 from sftjax.models.registry import family_for_hf
 from sftjax.models.scan import stack_layers
 from sftjax.models.zoo import resolve_model_path
@@ -52,6 +53,12 @@ BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
 # --------------------------------------------------------------------------------------------------- model
+
+def check_expert_mesh(model_config: ModelConfig, mesh: Mesh) -> None:
+    """A one-line ConfigError, before any compile, when the mesh's expert axis does not divide the expert count."""
+    if model_config.moe is not None:
+        expert_parallel_size(mesh, model_config.moe.num_experts)
+
 
 def _runtime(cfg: Config) -> dict:
     section = cfg.model
@@ -73,7 +80,7 @@ def model_config_for(cfg: Config, *, tokenizer=None, vocab_size: int | None = No
             spec["vocab_size"] = vocab_size if vocab_size is not None else len(tokenizer)
         spec.update(_runtime(cfg))
         try:
-            return ModelConfig(**spec)
+            return with_moe_overrides(ModelConfig(**spec), cfg.model.moe)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"model.init: {str(err).splitlines()[0]}") from None
     path = resolve_model_path(section.path)
@@ -84,7 +91,8 @@ def model_config_for(cfg: Config, *, tokenizer=None, vocab_size: int | None = No
     else:
         hf_config = hf_io.read_config_json(path)
         source = str(path / "config.json")
-    return family_for_hf(hf_config, source=source).config_from_hf(hf_config, source=source).replace(**_runtime(cfg))
+    config = family_for_hf(hf_config, source=source).config_from_hf(hf_config, source=source).replace(**_runtime(cfg))
+    return with_moe_overrides(config, cfg.model.moe)
 
 
 def build_model(cfg: Config, *, mesh: Mesh | None = None, tokenizer=None) -> tuple[Decoder, ModelConfig]:
@@ -95,8 +103,11 @@ def build_model(cfg: Config, *, mesh: Mesh | None = None, tokenizer=None) -> tup
         if mesh is not None:
             shard_model(model, mesh)
         return model, model_config
+    if mesh is not None:  # before any weight is read
+        check_expert_mesh(model_config_for(cfg, tokenizer=tokenizer), mesh)
     model, model_config = load_model(cfg.model.path, dtype=jnp.dtype(cfg.model.param_dtype), mesh=mesh)
-    model.configure(remat=cfg.model.remat, attention_implementation=cfg.model.attention, dtype=cfg.model.compute_dtype)
+    model.configure(remat=cfg.model.remat, attention_implementation=cfg.model.attention, dtype=cfg.model.compute_dtype,
+                    moe=cfg.model.moe)
     return model, model.config
 
 
@@ -256,12 +267,13 @@ def build_program(cfg: Config, *, mesh: Mesh, total_steps: int, abstract: bool =
             model, model_config = build_model(cfg, mesh=mesh, tokenizer=tokenizer)
         else:  # a model built elsewhere runs with this config's run-time options too
             model.configure(remat=cfg.model.remat, attention_implementation=cfg.model.attention,
-                            dtype=cfg.model.compute_dtype)
+                            dtype=cfg.model.compute_dtype, moe=cfg.model.moe)
             model_config = model.config
         targets = adapt(model, cfg)
         shard_model(model, mesh)
         adapted = model
         graphdef, trainable, frozen = split_model(model, cfg.lora)
+    check_expert_mesh(model_config, mesh)
     tx, schedule = make_optimizer(cfg.optim, total_steps,
                                   lr_ratio=cfg.lora.lr_ratio if cfg.lora.enabled else None)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -279,7 +291,9 @@ def build_program(cfg: Config, *, mesh: Mesh, total_steps: int, abstract: bool =
     loss = LossOptions(logit_softcap=model_config.final_logit_softcap, z_loss=cfg.optim.z_loss,
                        compute_dtype=jnp.dtype(cfg.model.compute_dtype),
                        cross_entropy_implementation=cfg.model.cross_entropy,
-                       dropout=cfg.lora.enabled and cfg.lora.dropout > 0)
+                       dropout=cfg.lora.enabled and cfg.lora.dropout > 0,
+                       router_aux_loss_coef=model_config.moe.router_aux_loss_coef if model_config.moe else 0.0,
+                       router_z_loss_coef=model_config.moe.router_z_loss_coef if model_config.moe else 0.0)
     shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
     train_step = make_train_step(graphdef, tx, schedule, loss, max_grad_norm=cfg.optim.max_grad_norm,
                                  param_shardings=shardings(trainable), state_shardings=shardings(state))

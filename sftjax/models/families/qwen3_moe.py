@@ -6,7 +6,6 @@ from __future__ import annotations
 from sftjax.models.config import ModelConfig
 from sftjax.models.families.common import base_config, base_config_to_hf, hf_config_object, llama_like_specs
 from sftjax.models.families.moe_common import moe_fields, moe_layer_specs, moe_to_hf
-from sftjax.models.families.qwen2 import sliding_fields
 
 MODEL_TYPE = "qwen3_moe"
 ARCHITECTURES = ("Qwen3MoeForCausalLM",)
