@@ -51,6 +51,7 @@ class ModelConfig:
     # attention switches
     attention_bias: bool = False  # bias on q, k, v projections
     attention_out_bias: bool = False  # bias on o_proj
+    attention_sinks: bool = False  # one learned sink logit per query head in every softmax (gpt-oss)
     qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None  # per layer FULL_ATTENTION / SLIDING_ATTENTION; None = all sliding
