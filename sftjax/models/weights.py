@@ -59,6 +59,8 @@ def model_from_hf_tensors(hf_config: dict, tensors: Iterable[tuple[str, np.ndarr
     seen: set[str] = set()
     # stacked expert parameters fill on the host slot by slot (one parameter at a time), then go to the device
     stacked: dict[str, tuple[np.ndarray, set[int]]] = {}
+    if hasattr(family, "tensors_from_hf"):  # a family whose files need a conversion first (gpt-oss: MXFP4, fused)
+        tensors = family.tensors_from_hf(tensors, config, source=source)
 
     def place(path, value):
         variable = variables[path]
@@ -154,7 +156,8 @@ def hf_tensor_entries(model: Decoder, config: ModelConfig, target: np.dtype):
             return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
         entries.append((spec.hf_name, int(np.prod(shape)) * target.itemsize, produce))
-    return entries
+    family = family_for_config(config)
+    return family.entries_to_hf(entries, config) if hasattr(family, "entries_to_hf") else entries
 
 
 def iter_hf_tensors(model: Decoder, config: ModelConfig, *, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
