@@ -29,8 +29,8 @@ def hf_module_parts(model_config) -> dict[str, tuple[str, int | None, int | None
 
     parts = {}
     for spec in family_for_config(model_config).weight_specs(model_config):
-        if not (spec.transpose and spec.hf_name.endswith(".weight")):
-            continue
+        if not (spec.transpose and spec.hf_name.endswith(".weight")) or getattr(spec, "expert", None) is not None:
+            continue  # a per-expert tensor is one slot of a stacked parameter, not a module of its own
         hf_module = spec.hf_name[: -len(".weight")]
         total = max(stop for _, _, stop in spec.targets) if spec.targets[0][1] is not None else None
         for path, start, stop in spec.targets:
@@ -42,6 +42,15 @@ def hf_module_parts(model_config) -> dict[str, tuple[str, int | None, int | None
 def hf_module_names(model_config) -> dict[str, str]:
     """Our Linear module path -> the Hugging Face module holding its weight."""
     return {path: hf for path, (hf, _, _, _) in hf_module_parts(model_config).items()}
+
+
+def expert_adapter_paths(model) -> list[str]:
+    """The stacked MoE expert projections of ``model`` that carry LoRA adapters."""
+    from sftjax.models.moe import ExpertLinear
+    from sftjax.peft.lora import linear_modules
+
+    return [path for path, module in linear_modules(model).items()
+            if isinstance(module, ExpertLinear) and module.lora_a is not None]
 
 
 def lora_adapters(model, model_config) -> dict[str, tuple[Any, Any, float]]:
@@ -60,6 +69,10 @@ def lora_adapters(model, model_config) -> dict[str, tuple[Any, Any, float]]:
 
     locations = hf_module_parts(model_config)
     grouped: dict[str, list] = {}
+    experts = expert_adapter_paths(model)
+    if experts:
+        raise CheckpointError(f"per-expert LoRA adapters ({experts[0]} and {len(experts) - 1} more) have no PEFT "
+                              f"adapter form for {model_config.architecture} here; export --format hf (merged)")
     for path, module in linear_modules(model).items():
         if getattr(module, "lora_a", None) is None:
             continue
