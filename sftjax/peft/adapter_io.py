@@ -5,7 +5,8 @@ weight table, and stores ``lora_A`` as [r, in] and ``lora_B`` as [out, r] (the t
 [r, out]). A fused Hugging Face module (Phi-3 ``qkv_proj``) gets one adapter whose rank is the sum of its parts'
 (A stacked, B block-diagonal), so that ``A @ B`` is exactly the parts' updates side by side; a DoRA magnitude is
 written as peft's ``lora_magnitude_vector``. Modules trained
-whole (``lora.modules_to_save``) are stored under their Hugging Face tensor names, as PEFT does.
+whole (``lora.modules_to_save``) are stored under their Hugging Face tensor names, as PEFT does. Per-expert
+adapters of the stacked MoE experts become peft ``target_parameters`` (see :mod:`sftjax.peft.expert_adapters`).
 """
 
 from __future__ import annotations
@@ -69,13 +70,16 @@ def lora_adapters(model, model_config) -> dict[str, tuple[Any, Any, float]]:
 
     locations = hf_module_parts(model_config)
     grouped: dict[str, list] = {}
+    from sftjax.models.moe import ExpertLinear
+    from sftjax.peft.expert_adapters import has_peft_form
+
     experts = expert_adapter_paths(model)
-    if experts:
+    if experts and not has_peft_form(model_config):
         raise CheckpointError(f"per-expert LoRA adapters ({experts[0]} and {len(experts) - 1} more) have no PEFT "
                               f"adapter form for {model_config.architecture} here; export --format hf (merged)")
     for path, module in linear_modules(model).items():
-        if getattr(module, "lora_a", None) is None:
-            continue
+        if getattr(module, "lora_a", None) is None or isinstance(module, ExpertLinear):
+            continue  # expert adapters: sftjax.peft.expert_adapters
         if path not in locations:
             raise CheckpointError(f"LoRA adapter on {path} has no Hugging Face module in "
                                   f"{model_config.architecture} checkpoints; export --format hf instead")
@@ -151,15 +155,28 @@ def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_mode
     import numpy as np
     from safetensors.numpy import save_file
 
+    from sftjax.models.scan import unstacked
+    from sftjax.peft.expert_adapters import expert_peft_tensors
+
     adapters = lora_adapters(model, model_config)
-    if not adapters:
+    has_experts = bool(expert_adapter_paths(unstacked(model)))
+    if not adapters and not has_experts:
         raise CheckpointError("the checkpoint has no LoRA adapters (full fine-tuning?); use --format hf")
     rank = int(lora["r"])
     rslora = bool(lora.get("rslora", False))
     scales = {round(scale, 6) for _, _, scale in adapters.values()}
+    if not adapters:  # only expert adapters: their own scale
+        from sftjax.models.moe import ExpertLinear
+        from sftjax.peft.lora import linear_modules
+
+        scales = {round(float(m.lora_scale), 6) for m in linear_modules(unstacked(model)).values()
+                  if isinstance(m, ExpertLinear) and m.lora_a is not None}
+        adapters_scale = next(iter(scales))
+    else:
+        adapters_scale = next(iter(adapters.values()))[2]
     if len(scales) != 1:
         raise CheckpointError(f"LoRA adapters have different scales {sorted(scales)}; PEFT needs one lora_alpha")
-    scale = next(iter(adapters.values()))[2]
+    scale = adapters_scale
 
     def alpha_for(r: int) -> float:  # PEFT's scale is alpha / r (alpha / sqrt(r) with rsLoRA)
         return scale * (r ** 0.5 if rslora else r)
@@ -183,6 +200,18 @@ def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_mode
         target = np.dtype(jnp.dtype(dtype)) if dtype else np.dtype(magnitude.dtype)
         tensors[f"base_model.model.{name}.lora_magnitude_vector"] = np.ascontiguousarray(
             to_host(magnitude.astype(target)))
+    target_parameters = []
+    if has_experts:
+        target = np.dtype(jnp.dtype(dtype)) if dtype else np.dtype(jnp.dtype(model_config.param_dtype))
+        target_parameters, expert_tensors = expert_peft_tensors(
+            unstacked(model), model_config, lambda r: alpha_for(rank) / (r ** 0.5 if rslora else r), target)
+        tensors.update(expert_tensors)
+        for name in target_parameters:  # the fused gate_up adapter has twice the rank
+            a_rows = next(v.shape[0] for k, v in expert_tensors.items()
+                          if k.endswith("lora_A.weight") and _nesting(k, name, target_parameters))
+            experts_rank = a_rows // model_config.moe.num_experts
+            if experts_rank != rank:
+                rank_pattern[name.replace(".", r"\.")] = experts_rank
     saved_modules, saved_tensors = modules_to_save_tensors(model, model_config, lora.get("modules_to_save") or [],
                                                            set(adapters), dtype)
     tensors.update({f"base_model.model.{name}": value for name, value in saved_tensors.items()})
@@ -200,8 +229,10 @@ def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_mode
         "lora_alpha": alpha_for(rank),
         "use_rslora": rslora,
         "use_dora": bool(magnitudes),
-        "lora_dropout": float(lora.get("dropout", 0.0)),
-        "target_modules": _target_modules(list(adapters), all_linear),
+        # peft refuses dropout on wrapped expert parameters; an exported adapter is for inference anyway
+        "lora_dropout": 0.0 if target_parameters else float(lora.get("dropout", 0.0)),
+        "target_modules": _target_modules(list(adapters), all_linear) if adapters else [],
+        **({"target_parameters": target_parameters} if target_parameters else {}),
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -212,6 +243,13 @@ def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_mode
     }
     (out_dir / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
+
+
+def _nesting(tensor_name: str, parameter: str, parameters: list[str]) -> bool:
+    """Whether ``tensor_name`` belongs to ``parameter``: peft nests the first of ``parameters`` innermost."""
+    depth = len(parameters) - 1 - parameters.index(parameter)
+    head = tensor_name.rsplit(".lora_", 1)[0]
+    return head.endswith("mlp.experts" + ".base_layer" * depth)
 
 
 def modules_to_save_tensors(model, model_config, patterns: list[str], adapted: set[str], dtype: str | None = None):
