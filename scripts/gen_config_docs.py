@@ -93,6 +93,8 @@ def _type_text(tp) -> str:
     if tp is dict or origin is dict:
         return "mapping"
     if dataclasses.is_dataclass(tp):
+        if not hasattr(tp, "SECTION"):  # a nested dataclass given as a mapping of its fields (ModelConfig.moe)
+            return f"mapping of `{tp.__name__}` fields"
         return f"section `{tp.SECTION}`"
     return {int: "integer", float: "number", str: "string", bool: "boolean"}.get(tp, getattr(tp, "__name__", str(tp)))
 

@@ -257,3 +257,31 @@ def test_nf4_base_bytes_are_half_a_byte_per_param_plus_absmax(assets_dir, double
     # the dense frozen weights lose exactly the quantized kernels (float32: 4 bytes per param)
     assert _item(dense, "frozen weights") - _item(result, "frozen weights") == 4 * params
     assert result.params_total == dense.params_total and result.params_trainable == dense.params_trainable
+
+
+QWEN3_MOE_TINY = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 96, "hidden_size": 32,
+    "intermediate_size": 40, "moe_intermediate_size": 16, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 8, "num_experts": 8, "num_experts_per_tok": 2, "mlp_only_layers": [0],
+    "decoder_sparse_step": 1, "norm_topk_prob": True, "tie_word_embeddings": False, "max_position_embeddings": 64,
+}
+
+
+def test_moe_total_active_parameters_and_expert_memory_per_device(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_MOE_TINY))
+    cfg = load_config(TINY, ["model.init=null", f"model.path={tmp_path}", "train.mesh.data=2", "train.mesh.fsdp=4",
+                             "train.mesh.tensor=1"])
+    result = plan(cfg, devices=8, device_kind="cpu")
+    d, v, f, f_expert, experts, k = 32, 96, 40, 16, 8, 2
+    attention = d * 32 + 2 * d * 16 + 32 * d + 2 * 8 + 2 * d  # q, k, v, o, q/k norms, the two layer norms
+    expert = 3 * d * f_expert
+    dense_layer = attention + 3 * d * f
+    moe_layer = attention + d * experts + experts * expert  # router + stacked experts
+    total = 2 * v * d + d + dense_layer + 3 * moe_layer  # layer 0 dense (mlp_only_layers), layers 1-3 MoE
+    assert result.params_base == result.params_total == total == 60256
+    assert result.params_active == total - 3 * (experts - k) * expert == 32608
+    assert result.experts_per_device == experts // 4
+    assert result.expert_bytes == 3 * (experts // 4) * expert * 4  # float32, two whole experts per layer and device
+    text = result.format()
+    assert "32.61K (32,608) active per token; 2 experts per device" in text
+    assert json.loads(json.dumps(result.to_dict()))["params"]["active"] == 32608

@@ -70,7 +70,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     final_logit_softcap: float | None = None
     # mixture of experts: None = every layer has the dense MLP; else the MoE block of the layers is_moe_layer says
-    moe: MoEConfig | None = None
+    moe: MoEConfig | None = None  # num_experts, num_experts_per_tok, expert_intermediate_size, router_order, ...
     mlp_only_layers: tuple[int, ...] = ()  # layers that keep the dense MLP (Qwen-MoE)
     decoder_sparse_step: int = 1  # layer i is MoE when (i + 1) % step == 0 (Qwen-MoE; 1 = every layer)
     # tokens

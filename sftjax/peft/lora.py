@@ -55,8 +55,10 @@ def select_targets(names: list[str], target_modules: list[str] | str) -> list[st
         hits = [n for n in names if _matches(n, pattern)]
         if not hits:
             leaves = sorted({n.split(".")[-1] for n in names})
+            experts = [n for n in names if ".experts." in n]
+            hint = f"; MoE expert projections are stacked, e.g. {experts[0]}" if experts else ""
             raise ConfigError(f"lora.target_modules entry {pattern!r} matches no module; linear modules are named "
-                              f"{', '.join(leaves)} (e.g. {names[0] if names else '-'})")
+                              f"{', '.join(leaves)} (e.g. {names[0] if names else '-'}){hint}")
         chosen.extend(h for h in hits if h not in chosen)
     return chosen
 

@@ -39,6 +39,11 @@ numbers for the current backend next to it.
 
 Throughput: tokens per step = global_batch_size x max_length, model FLOPs per token from
 ``sftjax.train.flops.model_flops_per_token``, step time = tokens x FLOPs / (devices x peak x MFU).
+
+Mixture-of-experts models: ``active`` parameters are those one token uses (the base parameters minus, per MoE
+layer, the E - k experts it does not visit); the FLOPs use them. The expert weights per device are the stacked
+``experts`` arrays (with their adapters) as the rules shard them: E / fsdp experts per device, kept whole. The
+MLP activations of an MoE layer are those of k experts of its expert width (plus a shared expert).
 """
 
 from __future__ import annotations
@@ -99,6 +104,9 @@ class Plan:
     params_total: int  # plus LoRA adapters
     params_trainable: int
     memory: list  # (item, bytes, note) on the device
+    params_active: int  # base parameters one token uses (= params_base for a dense model)
+    expert_bytes: int  # MoE: the stacked expert weights (and their adapters) per device; 0 for a dense model
+    experts_per_device: int  # MoE: experts each device holds; 0 for a dense model
     host_bytes: int  # offloaded activations (remat offload_dots)
     tokens_per_device_micro: int
     tokens_per_step: int
@@ -126,7 +134,9 @@ class Plan:
             "estimate": True,
             "device": dataclasses.asdict(self.device) | {"budget_bytes": self.device.budget_bytes},
             "devices": self.devices, "mesh": self.mesh, "architecture": self.architecture,
-            "params": {"base": self.params_base, "total": self.params_total, "trainable": self.params_trainable},
+            "params": {"base": self.params_base, "total": self.params_total, "trainable": self.params_trainable,
+                       "active": self.params_active},
+            "experts": {"weights_bytes_per_device": self.expert_bytes, "per_device": self.experts_per_device},
             "memory_per_device": {name: nbytes for name, nbytes, _ in self.memory},
             "memory_notes": {name: note for name, _, note in self.memory if note},
             "total_bytes_per_device": self.total_bytes, "host_bytes_per_device": self.host_bytes,
@@ -148,7 +158,11 @@ class Plan:
         lines = [(f"sftjax plan (an ESTIMATE, not a measurement): {self.architecture} on {self.devices} x "
                   f"{d.name} (mesh {mesh})"),
                  (f"parameters: {_count(self.params_base)} base, {_count(self.params_total)} with adapters, "
-                  f"{_count(self.params_trainable)} trainable ({share:.2f}%)"), "", "memory per device"]
+                  f"{_count(self.params_trainable)} trainable ({share:.2f}%)")]
+        if self.experts_per_device:
+            lines.append(f"mixture of experts: {_count(self.params_active)} active per token; {self.experts_per_device} "
+                         f"experts per device, their weights {_size(self.expert_bytes)} per device")
+        lines += ["", "memory per device"]
         for name, nbytes, note in self.memory:
             lines.append(f"  {name:<40}{_size(nbytes):>12}  {note}")
         lines.append(f"  {'total':<40}{_size(self.total_bytes):>12}")
@@ -299,10 +313,19 @@ def activation_items(cfg: Config, mc, mesh_sizes: dict, tokens: int, lora_linear
     d = mc.hidden_size
     q = mc.num_heads * mc.head_dim // heads_split
     k = mc.num_kv_heads * mc.head_dim // heads_split
-    f = _split(mc.intermediate_size, tensor)
     heads = mc.num_heads // heads_split
     n = mc.num_layers
     remat = cfg.model.remat
+    # the MLP width whose activations a layer keeps: k experts of the expert width (+ shared) in an MoE layer
+    moe_layers = len(mc.moe_layers)
+    f_dense = _split(mc.intermediate_size, tensor)
+    if moe_layers:
+        moe = mc.moe
+        f_moe = moe.num_experts_per_tok * _split(moe.expert_intermediate_size, tensor)
+        f_moe += _split(moe.shared_expert_intermediate_size, tensor)
+        f = (f_dense * (n - moe_layers) + f_moe * moe_layers) // n  # the layers' mean width
+    else:
+        f = f_dense
 
     lora_none = lora_dots = 0  # bytes per token, all layers
     for in_features, out_features, layers in lora_linears:
@@ -478,8 +501,20 @@ def plan(config: Config, *, devices: int | None = None, device_kind: str | None 
     memory.append(("batch", batch, "5 int32 [rows, L] arrays"))
 
     tokens_per_step = cfg.train.global_batch_size * max_length
-    flops_per_token = model_flops_per_token(mc, num_params=params_total, num_trainable_params=trainable_count,
-                                            seq_len=max_length)
+    params_base = params_total - lora_count
+    params_active, expert_bytes, experts_per_device = params_base, 0, 0
+    if mc.moe is not None:
+        moe = mc.moe
+        per_expert = 3 * moe.hidden_size * moe.expert_intermediate_size
+        if moe.expert_bias:
+            per_expert += 2 * moe.expert_intermediate_size + moe.hidden_size
+        params_active -= len(mc.moe_layers) * (moe.num_experts - moe.num_experts_per_tok) * per_expert
+        expert_bytes = _bytes([e for e in train_entries + frozen_entries + quantized_entries
+                               if "experts" in map(str, e[0])], mesh_sizes)
+        fsdp = mesh_sizes["fsdp"]
+        experts_per_device = moe.num_experts // fsdp if moe.num_experts % fsdp == 0 else moe.num_experts
+    flops_per_token = model_flops_per_token(mc, num_params=params_total - (params_base - params_active),
+                                            num_trainable_params=trainable_count, seq_len=max_length)
     step_time = None
     if device.peak_flops:
         step_time = tokens_per_step * flops_per_token / (devices * device.peak_flops * mfu)
@@ -492,7 +527,8 @@ def plan(config: Config, *, devices: int | None = None, device_kind: str | None 
         notes.append(f"train.steps is not set: the number of steps depends on the dataset size "
                      f"(train.epochs={cfg.train.epochs}); the run time is not estimated")
     return Plan(device=device, devices=devices, mesh=mesh_sizes, architecture=mc.architecture,
-                params_base=params_total - lora_count, params_total=params_total, params_trainable=trainable_count,
-                memory=memory, host_bytes=host_bytes, tokens_per_device_micro=tokens_device,
+                params_base=params_base, params_total=params_total, params_trainable=trainable_count,
+                memory=memory, params_active=params_active, expert_bytes=expert_bytes,
+                experts_per_device=experts_per_device, host_bytes=host_bytes, tokens_per_device_micro=tokens_device,
                 tokens_per_step=tokens_per_step, flops_per_token=flops_per_token, mfu=mfu, step_time_s=step_time,
                 steps=steps, run_time_s=run_time, notes=notes)
