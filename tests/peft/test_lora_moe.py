@@ -1,6 +1,6 @@
 """LoRA on the experts of a tiny Qwen3-MoE through the ordinary LoRA filter: per-expert adapters train (nonzero
 gradients on every expert that received tokens), the frozen expert weights stay bit-identical, the merged export
-loads in transformers and in sftjax with the LoRA model's logits; PEFT cannot hold them (one line); bad targets
+loads in transformers and in sftjax with the LoRA model's logits, and so does the PEFT adapter in peft; bad targets
 and adapter dropout on experts are one-line errors."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sftjax.config import LoraSection, OptimSection  # noqa: E402
-from sftjax.errors import CheckpointError, ConfigError  # noqa: E402
+from sftjax.errors import ConfigError  # noqa: E402
 from sftjax.models.loading import load_model, save_model  # noqa: E402
 from sftjax.peft.adapter_io import lora_adapters  # noqa: E402
 from sftjax.peft.lora import apply_lora, split_model  # noqa: E402
@@ -117,9 +117,18 @@ def test_expert_adapters_train_and_the_frozen_experts_stay_bit_identical(checkpo
         logits = hf(torch.tensor(np.asarray(tokens), dtype=torch.long), use_cache=False).logits
     assert_close(logits, want, 1e-5, what="transformers logits of the merged export")
 
-    with pytest.raises(CheckpointError, match="per-expert LoRA adapters .* have no PEFT adapter form") as error:
-        lora_adapters(model, config)
-    assert "\n" not in str(error.value)
+    # PEFT adapter (expert adapters as target_parameters): peft loads it onto the original base with our logits
+    import peft
+
+    from sftjax.peft.adapter_io import write_peft_adapter
+
+    out = write_peft_adapter(model, config, tmp_path / "adapter", lora=vars(LORA),
+                             base_model_name_or_path=str(checkpoint))
+    base = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager")
+    with torch.no_grad():
+        logits = peft.PeftModel.from_pretrained(base, out).eval()(
+            torch.tensor(np.asarray(tokens), dtype=torch.long), use_cache=False).logits
+    assert_close(logits, want, 1e-5, what="peft logits of the PEFT adapter export")
 
 
 def test_attention_only_adapters_still_export_to_peft(checkpoint):
