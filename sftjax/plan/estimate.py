@@ -413,14 +413,25 @@ def _lora_linears(model, mesh_sizes) -> list[tuple[int, int, int]]:
     for module in linear_modules(model).values():
         if getattr(module, "lora_a", None) is None:
             continue
-        # [in, out], or [layers, in, out] when stacked for scanning (from the adapter: the kernel may be quantized)
+        # [in, out], or [layers, in, out] when stacked for scanning (from the adapter: the kernel may be quantized);
+        # an expert projection has an [expert] axis in front of (in, out): a token runs k of its experts
         a_shape, b_shape = module.lora_a.get_value().shape, module.lora_b.get_value().shape
         shape = (*a_shape[:-1], b_shape[-1])
-        in_axis, out_axis = module.logical_axes
+        axes = tuple(module.logical_axes)
+        per_token = 1
+        if axes[0] == "expert":
+            axes, shape = axes[1:], shape[:-3] + shape[-2:]
+            per_token = model_top_k(model)
+        in_axis, out_axis = axes
         in_f = _split(shape[-2], tensor) if in_axis in ("heads", "mlp") else shape[-2]
         out_f = _split(shape[-1], tensor) if out_axis in ("heads", "kv_heads", "mlp") else shape[-1]
-        out.append((in_f, out_f, shape[0] if len(shape) == 3 else 1))
+        out.append((in_f, out_f, (shape[0] if len(shape) == 3 else 1) * per_token))
     return out
+
+
+def model_top_k(model) -> int:
+    """The experts a token runs in ``model``'s MoE layers (its config's ``num_experts_per_tok``)."""
+    return int(model.config.moe.num_experts_per_tok)
 
 
 # ------------------------------------------------------------------------------------------------ the plan
