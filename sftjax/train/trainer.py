@@ -381,6 +381,12 @@ class Trainer:
             "skipped_steps": float(sum(int(m["skipped"]) for m in fetched)),
             "nonfinite_steps": float(jax.device_get(self.state.nonfinite_steps)),
         }
+        if "router_aux_loss" in last:  # MoE: the router losses of the window's steps (mean, before their
+            # coefficients) and the (token, slot) pairs each expert received over the window
+            for key in ("router_aux_loss", "router_z_loss"):
+                out[key] = sum(float(m[key]) for m in fetched) / len(fetched)
+            for key in sorted(k for k in last if k.startswith("expert_tokens_")):
+                out[key] = sum(float(m[key]) for m in fetched)
         if seq_len and peak:
             per_token = flops_lib.model_flops_per_token(self.model_config, num_params=self.num_params,
                                                         num_trainable_params=self.num_trainable, seq_len=seq_len)
