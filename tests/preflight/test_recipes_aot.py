@@ -16,6 +16,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 QWEN_7B_FULL = REPO / "configs" / "qwen25_7b_full_tpu_v5p8.yaml"
 LLAMA_8B_LORA = REPO / "configs" / "llama31_8b_lora_1gpu.yaml"
 SMOLLM2 = REPO / "configs" / "smollm2_135m_cpu.yaml"
+QWEN3_MOE_LORA = REPO / "configs" / "qwen3_30b_a3b_lora_tpu_v5p8.yaml"
 
 
 def compiled(config, target, overrides=()):
@@ -44,6 +45,16 @@ def test_recipe_compiles_for_its_tpu_with_the_right_verdict(libtpu, config, targ
         assert verdict == "DOES NOT FIT" and memory["temp_bytes"] > result["hbm_bytes"], result
         return
     assert memory["generated_code_bytes"] > 0 and result["roofline_step_s"] > 0
+
+
+def test_qwen3_30b_a3b_lora_recipe_compiles_for_v5p8_with_experts_split(libtpu):
+    """128 experts split 4 ways over fsdp (tokens exchanged by all-to-all, megablox grouped matmuls), LoRA on
+    attention and on every expert: XLA's TPU compiler accepts it and it fits a v5p chip."""
+    result = compiled(QWEN3_MOE_LORA, "v5p-8")
+    assert result["verdict"] == "FITS", result
+    assert result["mesh"]["fsdp"] == 4 and result["kernels"]["attention"] == "splash_tpu"
+    memory = result["memory"]
+    assert memory["generated_code_bytes"] > 0 and 0 < memory["peak_estimate_bytes"] < result["hbm_bytes"]
 
 
 def test_8b_lora_recipe_lowers_for_h100_with_the_triton_kernels(triton_package):
