@@ -37,6 +37,11 @@ CASES = {
                     ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
     "qwen3_moe_down_only": ("Qwen3MoeConfig", dict(COMMON, intermediate_size=40, moe_intermediate_size=16,
                                                    num_experts=4), ["down_proj"]),
+    "qwen3_moe_all_linear": ("Qwen3MoeConfig", dict(COMMON, intermediate_size=40, moe_intermediate_size=16,
+                                                    num_experts=4), "all-linear"),
+    # the router trained in full beside the adapters (lora.modules_to_save), exported whole as peft does
+    "qwen3_moe_router_saved": ("Qwen3MoeConfig", dict(COMMON, intermediate_size=40, moe_intermediate_size=16,
+                                                      num_experts=4), "all-linear"),
     "qwen3_moe_gate_only": ("Qwen3MoeConfig", dict(COMMON, intermediate_size=40, moe_intermediate_size=16,
                                                    num_experts=4), ["v_proj", "gate_proj"]),
 }
@@ -55,8 +60,13 @@ def test_expert_adapters_load_in_peft_with_our_logits(case, rslora, tmp_path):
                            * torch.randn_like(parameter))
     hf.save_pretrained(tmp_path / "base")
     model, config = load_model(tmp_path / "base", dtype=jnp.float32)
-    lora = LoraSection(enabled=True, r=2, alpha=6.0, rslora=rslora, target_modules=targets)
+    saved = ["router"] if case.endswith("router_saved") else []
+    lora = LoraSection(enabled=True, r=2, alpha=6.0, rslora=rslora, target_modules=targets, modules_to_save=saved)
     apply_lora(model, lora, rngs=nnx.Rngs(1))
+    if saved:  # as if trained: the routers move off the checkpoint's values
+        for layer in model.layers:
+            kernel = layer.mlp.router.kernel
+            kernel[...] = kernel[...] + 0.5 * jax.random.normal(jax.random.key(7), kernel[...].shape)
     key = jax.random.key(3)
     for module in linear_modules(model).values():  # trained-looking adapters (a fresh B is zero)
         if getattr(module, "lora_b", None) is not None:
