@@ -9,6 +9,11 @@ to the weights are undone here:
   (each head's first half / second half are the pairs) to GGML's interleaved layout (pairs are adjacent rows);
 * for Gemma models it stores RMSNorm weights as ``1 + w`` (GGML multiplies by the weight; Gemma by ``1 + w``).
 
+Mixture-of-experts files (Mixtral, written as ``llama`` with an ``expert_count``; Qwen3-MoE as ``qwen3moe``)
+hold each projection of all experts stacked in one tensor (``blk.N.ffn_gate_exps`` [experts, out, in]); they are
+split into the per-expert tensors of the Hugging Face files (``...experts.{e}.gate_proj.weight``). llama.cpp's
+Qwen3-MoE always renormalizes the top-k routing weights, so ``norm_topk_prob`` is true.
+
 Writing is the inverse and lives in :mod:`sftjax.models.gguf_write`. This module imports no jax.
 
 Every problem with a file is a one-line :class:`~sftjax.errors.CheckpointError` naming the file (and tensor).
@@ -41,6 +46,15 @@ _ARCHITECTURES = {
     "gemma": ("gemma", "GemmaForCausalLM"),
     "gemma2": ("gemma2", "Gemma2ForCausalLM"),
     "phi3": ("phi3", "Phi3ForCausalLM"),
+    "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+}
+# MoE block tensors: GGUF suffix -> HF name inside ``model.layers.{i}.``, per architecture; ``{e}`` marks a
+# stacked tensor split into one HF tensor per expert.
+_MOE_BLOCK_NAMES = {
+    "qwen3moe": {"ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.{e}.gate_proj",
+                 "ffn_up_exps": "mlp.experts.{e}.up_proj", "ffn_down_exps": "mlp.experts.{e}.down_proj"},
+    "mixtral": {"ffn_gate_inp": "block_sparse_moe.gate", "ffn_gate_exps": "block_sparse_moe.experts.{e}.w1",
+                "ffn_up_exps": "block_sparse_moe.experts.{e}.w3", "ffn_down_exps": "block_sparse_moe.experts.{e}.w2"},
 }
 # Architectures whose q/k rows llama.cpp permutes into its interleaved RoPE layout.
 _PERMUTED_QK_ARCHITECTURES = {"llama", "mistral"}
@@ -188,11 +202,42 @@ def _hf_config(reader, path: pathlib.Path, tensor_names: set[str]) -> dict[str, 
             config["model_type"], config["architectures"] = "mistral", ["MistralForCausalLM"]
     if arch in ("qwen2",):
         config["use_sliding_window"] = False
+    experts = _field(reader, f"{arch}.expert_count")
+    if experts:
+        _add_moe(reader, arch, config, path, int(experts))
     if arch == "phi3":
         rotary = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
         config["partial_rotary_factor"] = rotary / head_dim
         config["rope_parameters"]["partial_rotary_factor"] = rotary / head_dim
     return config
+
+
+def _add_moe(reader, arch: str, config: dict, path: pathlib.Path, experts: int) -> None:
+    used = _field(reader, f"{arch}.expert_used_count")
+    if used is None:
+        raise CheckpointError(f"{path}: GGUF metadata key '{arch}.expert_used_count' is missing")
+    shared = int(_field(reader, f"{arch}.expert_shared_count", 0) or 0)
+    if shared:
+        raise CheckpointError(f"{path}: '{arch}.expert_shared_count'={shared}: shared experts are not supported in "
+                              "GGUF files")
+    if arch == "llama":  # Mixtral
+        config.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=experts,
+                      num_experts_per_tok=int(used))
+    elif arch == "qwen3moe":
+        width = _field(reader, f"{arch}.expert_feed_forward_length")
+        if width is None:
+            raise CheckpointError(f"{path}: GGUF metadata key '{arch}.expert_feed_forward_length' is missing")
+        config.update(num_experts=experts, num_experts_per_tok=int(used), moe_intermediate_size=int(width),
+                      norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    else:
+        raise CheckpointError(f"{path}: GGUF architecture '{arch}' with experts is not supported "
+                              "(supported: llama (Mixtral), qwen3moe)")
+
+
+def _moe_table(arch: str, config: dict) -> dict | None:
+    if config.get("model_type") == "mixtral":
+        return _MOE_BLOCK_NAMES["mixtral"]
+    return _MOE_BLOCK_NAMES.get(arch)
 
 
 def _add_rope_scaling(reader, arch: str, config: dict, path: pathlib.Path) -> None:
@@ -228,12 +273,15 @@ def _llama3_rope_parameters(freq_factors: np.ndarray, config: dict) -> dict | No
     return None
 
 
-def _hf_name(gguf_name: str, arch: str) -> str | None:
-    """HF parameter name for a GGUF tensor name, or None when it has no HF counterpart."""
+def _hf_name(gguf_name: str, arch: str, moe_table: dict | None = None) -> str | None:
+    """HF parameter name for a GGUF tensor name, or None when it has no HF counterpart (``{e}`` in it: one HF
+    tensor per expert)."""
     match = _BLOCK_RE.match(gguf_name)
     if match:
         layer, part, kind = match.groups()
         table = {"gemma2": _GEMMA2_BLOCK_NAMES, "phi3": _PHI3_BLOCK_NAMES}.get(arch, _BLOCK_NAMES)
+        if moe_table:
+            table = {**table, **moe_table}
         hf_part = table.get(part)
         return None if hf_part is None else f"model.layers.{layer}.{hf_part}.{kind}"
     match = _GLOBAL_RE.match(gguf_name)
@@ -291,13 +339,14 @@ def read_gguf_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], Itera
     tensor_names = {t.name for t in reader.tensors}
     config = _hf_config(reader, path, tensor_names)
     arch = _field(reader, "general.architecture")
+    moe_table = _moe_table(arch, config)
     expected_bytes = 0
     for tensor in reader.tensors:
         if tensor.tensor_type not in supported:
             raise CheckpointError(
                 f"{path}: tensor '{tensor.name}' has quantization type {tensor.tensor_type.name}, which sftjax "
                 f"does not read (supported: {', '.join(_SUPPORTED_TYPE_NAMES)})")
-        if tensor.name not in _ROPE_TENSORS and _hf_name(tensor.name, arch) is None:
+        if tensor.name not in _ROPE_TENSORS and _hf_name(tensor.name, arch, moe_table) is None:
             raise CheckpointError(f"{path}: tensor '{tensor.name}' has no Hugging Face counterpart for '{arch}'")
         expected_bytes = max(expected_bytes, int(tensor.data_offset) + int(tensor.n_bytes))
     if expected_bytes > path.stat().st_size:
@@ -324,8 +373,12 @@ def read_gguf_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], Itera
         for tensor in reader.tensors:
             if tensor.name in _ROPE_TENSORS:
                 continue
-            name = _hf_name(tensor.name, arch)
+            name = _hf_name(tensor.name, arch, moe_table)
             array = _dequantize(tensor, path)
+            if "{e}" in name:  # a stacked [experts, out, in] tensor: one HF tensor per expert
+                for expert in range(array.shape[0]):
+                    yield name.format(e=expert), np.ascontiguousarray(array[expert])
+                continue
             if arch in _PERMUTED_QK_ARCHITECTURES and name.endswith(("q_proj.weight", "q_proj.bias")):
                 array = _rope_rows_from_ggml(array, config["num_attention_heads"])
             elif arch in _PERMUTED_QK_ARCHITECTURES and name.endswith(("k_proj.weight", "k_proj.bias")):
