@@ -381,6 +381,9 @@ class Trainer:
             "skipped_steps": float(sum(int(m["skipped"]) for m in fetched)),
             "nonfinite_steps": float(jax.device_get(self.state.nonfinite_steps)),
         }
+        if "router_aux_loss" in last:  # MoE: the last step's router losses, the window's tokens per expert
+            out.update(router_aux_loss=float(last["router_aux_loss"]), router_z_loss=float(last["router_z_loss"]))
+            out.update({key: sum(float(m[key]) for m in fetched) for key in last if key.startswith("expert_tokens_")})
         if seq_len and peak:
             per_token = flops_lib.model_flops_per_token(self.model_config, num_params=self.num_params,
                                                         num_trainable_params=self.num_trainable, seq_len=seq_len)
