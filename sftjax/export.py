@@ -11,8 +11,9 @@ per the ``lora`` section -- restores the checkpoint's ``params`` item into it an
 * ``peft``: ``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained`` loads
   onto the base model. PEFT names a module by its Hugging Face path (``model.layers.0.self_attn.q_proj``), found
   through the family's weight table, and stores ``lora_A`` as [r, in] and ``lora_B`` as [out, r] (the transposes
-  of our [in, r] / [r, out]). Per-expert LoRA on the stacked MoE experts has no PEFT form here: the export
-  says so in one log line and writes the merged model (``hf``) instead;
+  of our [in, r] / [r, out]). Per-expert LoRA on the stacked MoE experts becomes peft's ``target_parameters``
+  on transformers' fused expert tensors (:mod:`sftjax.peft.expert_adapters`); for a family without that layout
+  the export says so in one log line and writes the merged model (``hf``) instead;
 * ``gguf``: one ``.gguf`` file through :func:`sftjax.models.gguf_write.write_gguf` (f16 / bf16 / q8_0).
 
 Every export is written into a temporary sibling and renamed into place at the end, so a failed export never
@@ -44,6 +45,7 @@ from sftjax.train import checkpoint as ckpt
 from sftjax.train import run_meta
 from sftjax.train import program
 from sftjax.peft.adapter_io import expert_adapter_paths, write_peft_adapter
+from sftjax.peft.expert_adapters import FUSED_FAMILIES
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +170,8 @@ def export(source, out, *, format: str, dtype: str | None = None, overwrite: boo
         if format == "hf":
             save_model(model, model_config, staged, dtype=HF_DTYPES[dtype] if dtype else None,
                        tokenizer=_tokenizer_for(run_config))
-        elif format == "peft" and expert_adapter_paths(unstacked(model)):
+        elif (format == "peft" and model_config.family not in FUSED_FAMILIES
+              and expert_adapter_paths(unstacked(model))):
             log.warning("%s: per-expert LoRA adapters have no PEFT adapter form here; writing the merged model "
                         "(Hugging Face safetensors) instead", out)
             save_model(model, model_config, staged, dtype=HF_DTYPES[dtype] if dtype else None,

@@ -53,8 +53,9 @@ def expert_adapter_paths(model) -> list[str]:
             if isinstance(module, ExpertLinear) and module.lora_a is not None]
 
 
-def lora_adapters(model, model_config) -> dict[str, tuple[Any, Any, float]]:
-    """HF module name -> (A [in, R], B [R, out], scale) of every adapter in ``model``.
+def lora_adapters(model, model_config, *, skip_experts: bool = False) -> dict[str, tuple[Any, Any, float]]:
+    """HF module name -> (A [in, R], B [R, out], scale) of every adapter in ``model`` (``skip_experts``: leave the
+    per-expert adapters out, else they are a one-line CheckpointError; see :mod:`sftjax.peft.expert_adapters`).
 
     A fused HF module (Phi-3 ``qkv_proj``) gets one adapter of rank R = the sum of its parts' ranks: A stacks the
     parts' A's, B is block-diagonal with each part's B in its rows, so ``A @ B`` is exactly the parts' updates side
@@ -70,11 +71,11 @@ def lora_adapters(model, model_config) -> dict[str, tuple[Any, Any, float]]:
     locations = hf_module_parts(model_config)
     grouped: dict[str, list] = {}
     experts = expert_adapter_paths(model)
-    if experts:
+    if experts and not skip_experts:
         raise CheckpointError(f"per-expert LoRA adapters ({experts[0]} and {len(experts) - 1} more) have no PEFT "
                               f"adapter form for {model_config.architecture} here; export --format hf (merged)")
     for path, module in linear_modules(model).items():
-        if getattr(module, "lora_a", None) is None:
+        if getattr(module, "lora_a", None) is None or path in experts:
             continue
         if path not in locations:
             raise CheckpointError(f"LoRA adapter on {path} has no Hugging Face module in "
@@ -151,15 +152,21 @@ def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_mode
     import numpy as np
     from safetensors.numpy import save_file
 
-    adapters = lora_adapters(model, model_config)
-    if not adapters:
+    from sftjax.peft.expert_adapters import expert_peft_tensors
+
+    adapters = lora_adapters(model, model_config, skip_experts=True)
+    experts = expert_peft_tensors(model, model_config)  # None: no adapter on any expert
+    if not adapters and experts is None:
         raise CheckpointError("the checkpoint has no LoRA adapters (full fine-tuning?); use --format hf")
-    rank = int(lora["r"])
+    # peft's rank_pattern does not reach target_parameters: expert adapters set the global rank, and the other
+    # modules get theirs through rank_pattern
+    rank = experts.rank if experts is not None else int(lora["r"])
     rslora = bool(lora.get("rslora", False))
-    scales = {round(scale, 6) for _, _, scale in adapters.values()}
+    scales = {round(scale, 6) for _, _, scale in adapters.values()} | (
+        {round(experts.scale, 6)} if experts is not None else set())
     if len(scales) != 1:
         raise CheckpointError(f"LoRA adapters have different scales {sorted(scales)}; PEFT needs one lora_alpha")
-    scale = next(iter(adapters.values()))[2]
+    scale = next(iter(adapters.values()))[2] if adapters else experts.scale
 
     def alpha_for(r: int) -> float:  # PEFT's scale is alpha / r (alpha / sqrt(r) with rsLoRA)
         return scale * (r ** 0.5 if rslora else r)
@@ -174,6 +181,10 @@ def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_mode
         target = np.dtype(jnp.dtype(dtype)) if dtype else np.dtype(a_IR.dtype)
         tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(to_host(a_IR.astype(target)).T)
         tensors[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(to_host(b_RO.astype(target)).T)
+    if experts is not None:  # PEFT's target_parameters on transformers' fused expert tensors
+        for name, value in experts.tensors.items():
+            target = np.dtype(jnp.dtype(dtype)) if dtype else np.dtype(value.dtype)
+            tensors[f"base_model.model.{name}"] = np.ascontiguousarray(value.astype(target))
     magnitudes = dora_magnitudes(model, model_config)
     if magnitudes and set(magnitudes) != set(adapters):
         missing = sorted(set(adapters) - set(magnitudes))[0]
@@ -201,7 +212,8 @@ def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_mode
         "use_rslora": rslora,
         "use_dora": bool(magnitudes),
         "lora_dropout": float(lora.get("dropout", 0.0)),
-        "target_modules": _target_modules(list(adapters), all_linear),
+        "target_modules": _target_modules(list(adapters), all_linear) if adapters else [],
+        "target_parameters": experts.target_parameters if experts is not None else None,
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,

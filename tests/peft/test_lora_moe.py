@@ -1,9 +1,11 @@
 """LoRA on the experts of a tiny Qwen3-MoE through the ordinary LoRA filter: per-expert adapters train (nonzero
 gradients on every expert that received tokens), the frozen expert weights stay bit-identical, the merged export
-loads in transformers and in sftjax with the LoRA model's logits; PEFT cannot hold them (one line); bad targets
+loads in transformers and in sftjax with the LoRA model's logits, and so does the PEFT adapter in peft; bad targets
 and adapter dropout on experts are one-line errors."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ from flax import nnx  # noqa: E402
 from sftjax.config import LoraSection, OptimSection  # noqa: E402
 from sftjax.errors import CheckpointError, ConfigError  # noqa: E402
 from sftjax.models.loading import load_model, save_model  # noqa: E402
-from sftjax.peft.adapter_io import lora_adapters  # noqa: E402
+from sftjax.peft.adapter_io import lora_adapters, write_peft_adapter  # noqa: E402
 from sftjax.peft.lora import apply_lora, split_model  # noqa: E402
 from sftjax.train.optim import make_optimizer  # noqa: E402
 from sftjax.train.step import LossOptions, TrainState, make_train_step  # noqa: E402
@@ -117,8 +119,23 @@ def test_expert_adapters_train_and_the_frozen_experts_stay_bit_identical(checkpo
         logits = hf(torch.tensor(np.asarray(tokens), dtype=torch.long), use_cache=False).logits
     assert_close(logits, want, 1e-5, what="transformers logits of the merged export")
 
+    # the PEFT adapter (target_parameters on the fused expert tensors) gives the same logits in peft
+    peft = require("peft")
+    write_peft_adapter(model, config, tmp_path / "adapter", lora={"r": LORA.r, "alpha": LORA.alpha, "rslora": False},
+                       base_model_name_or_path=str(checkpoint))
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
+    peft_model = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        peft_logits = peft_model(torch.tensor(np.asarray(tokens), dtype=torch.long), use_cache=False).logits
+    assert_close(peft_logits, want, 1e-5, what="peft logits of the exported adapter")
+    with torch.no_grad():
+        merged = peft_model.merge_and_unload()(torch.tensor(np.asarray(tokens), dtype=torch.long),
+                                               use_cache=False).logits
+    assert_close(merged, want, 1e-5, what="peft merge_and_unload logits")
     with pytest.raises(CheckpointError, match="per-expert LoRA adapters .* have no PEFT adapter form") as error:
-        lora_adapters(model, config)
+        lora_adapters(model, config)  # the per-module table alone cannot hold them
     assert "\n" not in str(error.value)
 
 
