@@ -1,6 +1,7 @@
 """A small MoE model's full train step: sftjax (jitted step, ragged_dot experts) against transformers' Mixtral and
 Qwen3-MoE in a plain PyTorch loop (forward with labels and output_router_logits=True so the aux loss is in the loss,
-backward, AdamW step), on the same weights and the same batches, CPU, float32.
+backward, AdamW step), on the same weights and the same batches, CPU, float32; sftjax once per MoE implementation (``ragged_dot``, the
+grouped path, and ``dense``, every token through every expert), transformers with its default experts kernel.
 
 Per family: median step time of each side (steps interleaved between the two, after warm-up steps), tokens per
 second, and the first step's loss of both (they must agree: same weights, same batch, same objective with
@@ -72,7 +73,7 @@ def _batches(count, rows, length, vocab, seed=0):
     return out
 
 
-def bench_family(name, args):
+def bench_family(name, args, implementation):
     import torch
     import transformers
 
@@ -82,6 +83,7 @@ def bench_family(name, args):
     with tempfile.TemporaryDirectory() as directory:
         hf.save_pretrained(directory)
         model, config = load_model(directory, dtype=jnp.float32)
+    model.configure(moe={"implementation": implementation})
     lr = 1e-4
     graphdef, trainable, frozen = split_model(model, LoraSection())
     tx, schedule = make_optimizer(OptimSection(name="adamw", learning_rate=lr, schedule="constant",
@@ -119,7 +121,7 @@ def bench_family(name, args):
             if index >= args.warmup:
                 times[side].append(elapsed)
     tokens = args.rows * args.length
-    row = {"family": name, "rows": args.rows, "length": args.length, "config": kwargs,
+    row = {"family": name, "implementation": implementation, "rows": args.rows, "length": args.length, "config": kwargs,
            "transformers_experts_implementation": getattr(hf.config, "_experts_implementation", None),
            "transformers_attn_implementation": hf.config._attn_implementation,
            "first_step_loss": first, "step_times_s": times}
@@ -128,7 +130,7 @@ def bench_family(name, args):
         row[f"{side}_median_step_s"] = median
         row[f"{side}_tokens_per_s"] = tokens / median
     row["speedup_sftjax_over_transformers"] = row["transformers_median_step_s"] / row["sftjax_median_step_s"]
-    print(f"{name}: sftjax {row['sftjax_median_step_s'] * 1e3:.0f} ms/step, transformers "
+    print(f"{name} ({implementation}): sftjax {row['sftjax_median_step_s'] * 1e3:.0f} ms/step, transformers "
           f"{row['transformers_median_step_s'] * 1e3:.0f} ms/step (x{row['speedup_sftjax_over_transformers']:.2f}); "
           f"first loss {first['sftjax']:.5f} vs {first['transformers']:.5f}", flush=True)
     return row
@@ -141,13 +143,15 @@ def main():
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--implementations", default="ragged_dot,dense", help="sftjax MoE implementations to time")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "moe_step_cpu.json"))
     args = parser.parse_args()
     import torch
 
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
-    results = [bench_family(name, args) for name in args.families.split(",")]
+    results = [bench_family(name, args, implementation) for name in args.families.split(",")
+               for implementation in args.implementations.split(",")]
     record = {"backend": jax.default_backend(), "cpu_model": cpu_model(), "cores": os.cpu_count(),
               "torch_threads": torch.get_num_threads(), "jax_version": jax.__version__,
               "torch_version": torch.__version__, "commit": _git_commit(), "dtype": "float32",
