@@ -30,6 +30,13 @@ def _llama3_rope():
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
 
 
+def _gemma4_rope(full_type):
+    full = {"rope_type": full_type, "rope_theta": 5000.0}
+    if full_type == "proportional":
+        full["partial_rotary_factor"] = 0.25
+    return {"sliding_attention": {"rope_type": "default", "rope_theta": 100.0}, "full_attention": full}
+
+
 CASES = {
     "llama3_untied": ("LlamaConfig", dict(COMMON, tie_word_embeddings=False, rope_parameters=_llama3_rope())),
     # dynamic NTK: max_position_embeddings 16 < LENGTH, so frequencies are rescaled for the longer sequence
@@ -48,6 +55,22 @@ CASES = {
     "gemma": ("GemmaConfig", dict(COMMON, tie_word_embeddings=True)),
     "gemma2": ("Gemma2Config", dict(COMMON, tie_word_embeddings=True, sliding_window=8, query_pre_attn_scalar=24,
                                     attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    # local/global pattern (every 2nd layer full), q/k norm, sliding RoPE base 100, full RoPE 5000 linearly scaled
+    "gemma3": ("Gemma3TextConfig", dict(COMMON, num_hidden_layers=4, tie_word_embeddings=True, sliding_window=8,
+                                        sliding_window_pattern=2, query_pre_attn_scalar=24, rope_theta=5000.0,
+                                        rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    # full layers: head_dim 32 with one kv head, values = keys, proportional RoPE (4 of 16 pairs rotate)
+    "gemma4": ("Gemma4TextConfig", dict(COMMON, num_hidden_layers=4, tie_word_embeddings=True, sliding_window=8,
+                                        layer_types=["sliding_attention", "full_attention"] * 2, global_head_dim=32,
+                                        num_global_key_value_heads=1, attention_k_eq_v=True,
+                                        hidden_size_per_layer_input=0, final_logit_softcapping=5.0,
+                                        rope_parameters=_gemma4_rope("proportional"))),
+    # full layers with their own v_proj and head_dim, biases everywhere, untied head, default RoPE on full layers
+    "gemma4_bias_untied": ("Gemma4TextConfig", dict(COMMON, num_hidden_layers=4, tie_word_embeddings=False,
+                                                    sliding_window=8, attention_bias=True,
+                                                    layer_types=["sliding_attention"] * 2 + ["full_attention"] * 2,
+                                                    global_head_dim=24, hidden_size_per_layer_input=0,
+                                                    rope_parameters=_gemma4_rope("default"))),
     # partial rotary (8 of 16 dims), a window on every layer, longrope with LENGTH beyond the original 16
     "phi3": ("Phi3Config", dict(COMMON, tie_word_embeddings=False, sliding_window=8, partial_rotary_factor=0.5,
                                 original_max_position_embeddings=16,
@@ -70,8 +93,15 @@ def _grad_pairs(case: str):
     pairs += [("model.embed_tokens.weight", "embed_tokens.embedding", None), ("model.norm.weight", "norm.weight", None)]
     if case == "qwen3_qknorm":
         pairs.append(("model.layers.0.self_attn.k_norm.weight", "layers.0.attn.k_norm.weight", None))
-    if case == "gemma2":
+    if case.startswith(("gemma2", "gemma3", "gemma4")):
         pairs.append(("model.layers.0.post_feedforward_layernorm.weight", "layers.0.mlp_out_norm.weight", None))
+    if case.startswith(("gemma3", "gemma4")):  # a full layer's attention (its own head shape in Gemma 4)
+        pairs += [(f"model.layers.3.self_attn.{name}.weight", f"layers.3.attn.{name}.{kind}", None)
+                  for name, kind in (("q_norm", "weight"), ("k_norm", "weight"), ("k_proj", "kernel"),
+                                     ("o_proj", "kernel"))]
+    if case == "gemma4_bias_untied":
+        pairs += [("model.layers.3.self_attn.v_proj.bias", "layers.3.attn.v_proj.bias", None),
+                  ("lm_head.weight", "lm_head.kernel", None)]
     if case == "qwen2_bias_window":
         pairs.append(("model.layers.1.self_attn.k_proj.bias", "layers.1.attn.k_proj.bias", None))
     return pairs
@@ -86,6 +116,9 @@ def _make_hf_model(case: str):
     with torch.no_grad():  # move every weight (norms, biases too) off its default so each one matters
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
+        for name, buffer in model.named_buffers():  # Gemma 4's stored per-layer output scalars
+            if name.endswith("layer_scalar"):
+                buffer.fill_(0.5 + torch.rand(()).item())
     return model
 
 

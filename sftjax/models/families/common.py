@@ -51,9 +51,11 @@ def _token_id(value):
     return value
 
 
-def base_config(hf: dict, cfg, *, architecture: str, family: str, source: str, **overrides) -> ModelConfig:
-    """ModelConfig fields every family shares, read from the transformers config object ``cfg``."""
-    rope = dict(cfg.rope_parameters or {})
+def base_config(hf: dict, cfg, *, architecture: str, family: str, source: str, rope: dict | None = None,
+                **overrides) -> ModelConfig:
+    """ModelConfig fields every family shares, read from the transformers config object ``cfg``; ``rope`` replaces
+    ``cfg.rope_parameters`` (a family with one RoPE per layer type passes its full-attention layers' one)."""
+    rope = dict(cfg.rope_parameters or {}) if rope is None else dict(rope)
     if rope and all(isinstance(v, dict) for v in rope.values()):
         raise CheckpointError(f"{source}: per-layer-type rope_parameters are not supported")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
