@@ -4,8 +4,8 @@ Block layout (pre-norm residual):  h += [attn_out_norm](attn(attn_norm(h)));  h 
 where the bracketed "sandwich" norms exist only for Gemma2-style configs (Gemma 4 then multiplies the layer's
 output by a stored scalar). Gemma 3/4 give full and sliding layers their own RoPE (and Gemma 4 its own head shape,
 values from k_proj and value norms): each layer takes its kind's cos/sin from per-type tables. Attention is causal
-and block-diagonal over ``segment_ids`` (packed examples never see each other), through ``pallas_kernels.attention`` with the
-implementation the Decoder holds (``attention_implementation``: a static field, so a change retraces; None picks
+and block-diagonal over ``segment_ids`` (packed examples never see each other), through
+``pallas_kernels.attention`` with the implementation the Decoder holds (``attention_implementation``: a static field, so a change retraces; None picks
 the best for the backend); the logits go through ``pallas_kernels.cross_entropy.project_logits`` so training can
 fuse the head with the loss instead. There is no dropout in the base model (SFT does not use it); LoRA adapters
 bring their own.
