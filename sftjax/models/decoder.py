@@ -5,9 +5,9 @@ where the bracketed "sandwich" norms exist only for Gemma2-style configs (Gemma 
 output by a stored scalar). Gemma 3/4 give full and sliding layers their own RoPE (and Gemma 4 its own head shape,
 values from k_proj and value norms): each layer takes its kind's cos/sin from per-type tables. Attention is causal
 and block-diagonal over ``segment_ids`` (packed examples never see each other), through
-``pallas_kernels.attention`` with the implementation the Decoder holds (``attention_implementation``: a static field, so a change retraces; None picks
-the best for the backend); the logits go through ``pallas_kernels.cross_entropy.project_logits`` so training can
-fuse the head with the loss instead. There is no dropout in the base model (SFT does not use it); LoRA adapters
+``pallas_kernels.attention`` with the implementation the Decoder holds (``attention_implementation``: a static
+field, so a change retraces; None picks the best for the backend); the logits go through
+``pallas_kernels.cross_entropy.project_logits`` so training can fuse the head with the loss instead. There is no dropout in the base model (SFT does not use it); LoRA adapters
 bring their own.
 
 Generation uses the same layers in decode mode: ``Decoder.decode(tokens_BT, positions_BT, cache)`` runs the
@@ -26,7 +26,7 @@ from pallas_kernels.attention.api import attention
 from pallas_kernels.attention.cached import attention_over_cache, write_cache
 from pallas_kernels.cross_entropy.api import project_logits
 from sftjax.models.config import ModelConfig
-from sftjax.models.layers import Constant, Embed, Linear, RMSNorm, rms_normalize
+from sftjax.models.layers import Constant, Embed, Linear, RMSNorm, param, rms_normalize
 from sftjax.models.rope import apply_rope, rope_cos_sin
 from sftjax.models.scan import run_scanned
 from sftjax.errors import ConfigError
@@ -79,6 +79,8 @@ class Attention(nnx.Module):
                                                  logical_axes=("embed", "kv_heads"), param_dtype=pd, rngs=rngs)
         self.o_proj = Linear(q_dim, c.hidden_size, use_bias=c.attention_out_bias, logical_axes=("heads", "embed"),
                              param_dtype=pd, rngs=rngs)
+        # sink logits [num_heads]: join each softmax with no value, so a head may attend to nothing (gpt-oss)
+        self.sinks = param(jnp.zeros((c.num_heads,), pd), ("heads",)) if c.attention_sinks else None
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, plus_one=c.norm_plus_one, logical_axis="head_dim",
                                   param_dtype=pd)
@@ -102,6 +104,9 @@ class Attention(nnx.Module):
             v = rms_normalize(v, self.v_norm_eps)
         return apply_rope(q, cos_BLR, sin_BLR), apply_rope(k, cos_BLR, sin_BLR), v
 
+    def _sinks(self):
+        return None if self.sinks is None else gather_for_compute(self.sinks[...], ("heads",))
+
     def _out(self, out_BLHD, deterministic):
         batch, length = out_BLHD.shape[:2]
         return self.o_proj(out_BLHD.reshape(batch, length, -1), deterministic=deterministic)
@@ -109,7 +114,8 @@ class Attention(nnx.Module):
     def __call__(self, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, *, deterministic: bool = True):
         q, k, v = self._qkv(x_BLD, cos_BLR, sin_BLR, deterministic)
         out = attention(q, k, v, segment_ids_BL, causal=True, sliding_window=self.sliding_window,
-                        logit_softcap=self.softcap, scale=self.scale, implementation=self.implementation)
+                        logit_softcap=self.softcap, scale=self.scale, sinks=self._sinks(),
+                        implementation=self.implementation)
         return self._out(out, deterministic)
 
     def decode(self, x_BTD, cos_BTR, sin_BTR, positions_BT, cache):
@@ -119,7 +125,7 @@ class Attention(nnx.Module):
         start_B = positions_BT[:, 0]
         k_cache, v_cache = write_cache(k_cache, k, start_B), write_cache(v_cache, v, start_B)
         out = attention_over_cache(q, k_cache, v_cache, positions_BT, sliding_window=self.sliding_window,
-                                   logit_softcap=self.softcap, scale=self.scale)
+                                   logit_softcap=self.softcap, scale=self.scale, sinks=self._sinks())
         return self._out(out, True), (k_cache, v_cache)
 
 

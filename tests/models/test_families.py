@@ -274,3 +274,30 @@ def test_round_trip_through_transformers(family_case, tmp_path):
     tokens, _, _ = _batch(seed=3)
     assert_close(_hf_logits(reloaded, tokens), _hf_logits(hf_model, tokens), 1e-6, what="reloaded logits")
     assert (out / "generation_config.json").is_file()
+
+
+
+@pytest.mark.parametrize("case", ["gemma4", "gemma4_bias_untied"])
+def test_gemma4_layer_scalar_is_frozen_and_lora_finds_the_full_layers_projections(case, tmp_path):
+    """The stored per-layer scalar (a buffer in transformers) loads from the checkpoint and never trains, under
+    full fine-tuning or LoRA; full layers whose values come from k_proj have no v_proj to adapt."""
+    from sftjax.config import LoraSection
+    from sftjax.peft.lora import apply_lora, split_model
+
+    hf_model = _make_hf_model(case)
+    hf_model.save_pretrained(tmp_path)
+    model, config = load_model(tmp_path)
+    for layer, hf_layer in zip(model.layers, hf_model.model.layers):
+        assert_close(np.asarray(layer.layer_scalar[...]), hf_layer.layer_scalar.detach().numpy(), 0.0,
+                     what="layer scalar")
+    paths = lambda state: {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(state)}  # noqa: E731
+    _, trainable, frozen = split_model(model, LoraSection())
+    assert not any("layer_scalar" in p for p in paths(trainable))
+    assert {f"layers/{i}/layer_scalar" for i in range(config.num_layers)} <= paths(frozen)
+    targets = apply_lora(model, LoraSection(enabled=True, r=2, alpha=4, target_modules="all-linear"),
+                         rngs=nnx.Rngs(0))
+    full = {i for i in range(config.num_layers) if config.layer_type(i) == "full_attention"}
+    assert {t for t in targets if t.endswith("v_proj")} == {
+        f"layers.{i}.attn.v_proj" for i in range(config.num_layers) if not (config.attention_k_eq_v and i in full)}
+    _, trainable, _ = split_model(model, LoraSection(enabled=True))
+    assert not any("layer_scalar" in p for p in paths(trainable)) and paths(trainable)
