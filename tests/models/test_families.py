@@ -301,3 +301,46 @@ def test_gemma4_layer_scalar_is_frozen_and_lora_finds_the_full_layers_projection
         f"layers.{i}.attn.v_proj" for i in range(config.num_layers) if not (config.attention_k_eq_v and i in full)}
     _, trainable, _ = split_model(model, LoraSection(enabled=True))
     assert not any("layer_scalar" in p for p in paths(trainable)) and paths(trainable)
+
+
+
+def _multimodal_hf_model(case: str):
+    """A tiny ...ForConditionalGeneration around the text decoder of ``case`` (a Gemma 3 one with a vision tower)."""
+    config_class, kwargs = CASES[case]
+    text = getattr(transformers, config_class)(**kwargs)
+    if case == "gemma3":
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14)
+        config = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4,
+                                           image_token_index=VOCAB - 3, boi_token_index=VOCAB - 2,
+                                           eoi_token_index=VOCAB - 1)
+        model_class = transformers.Gemma3ForConditionalGeneration
+    else:
+        config = transformers.Gemma4Config(text_config=text.to_dict(), vision_config=None, audio_config=None)
+        model_class = transformers.Gemma4ForConditionalGeneration
+    torch.manual_seed(0)
+    model = model_class(config).float().eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+        for name, buffer in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                buffer.fill_(0.5 + torch.rand(()).item())
+    return model
+
+
+@pytest.mark.parametrize("case", ["gemma3", "gemma4"])
+def test_multimodal_checkpoint_loads_as_its_text_decoder(case, tmp_path):
+    """A ...ForConditionalGeneration checkpoint: the text decoder's logits on text equal transformers' (vision tower
+    skipped); it saves as the ...ForCausalLM that transformers reloads with the same logits."""
+    hf_model = _multimodal_hf_model(case)
+    hf_model.save_pretrained(tmp_path / "mm")
+    model, config = load_model(tmp_path / "mm")
+    assert config.architecture == CASES[case][0].replace("TextConfig", "ForCausalLM")
+    tokens, _, _ = _batch(seed=4)
+    reference = _hf_logits(hf_model, tokens)
+    assert_close(_ours_logits(model, tokens), reference, 1e-5, what="logits")
+    out = save_model(model, config, tmp_path / "text")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
+    assert type(reloaded).__name__ == config.architecture
+    assert_close(_hf_logits(reloaded, tokens), reference, 1e-5, what="reloaded logits")

@@ -19,7 +19,8 @@ SMALL = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_la
 def test_supported_architectures():
     assert set(supported_architectures()) == {
         "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
-        "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma4ForCausalLM", "Phi3ForCausalLM"}
+        "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "Gemma4ForCausalLM",
+        "Gemma4ForConditionalGeneration", "Phi3ForCausalLM"}
 
 
 def test_both_rope_styles_give_the_same_config():

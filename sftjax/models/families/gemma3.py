@@ -2,6 +2,10 @@
 plus q/k RMSNorm, a local/global layer pattern (``layer_types``, or the older ``sliding_window_pattern``: every
 n-th layer full) and two RoPEs: sliding layers rotate with the default RoPE at ``rope_local_base_freq``, full layers
 with ``rope_theta`` and the rope scaling. No soft-capping unless the config sets it.
+
+A ``Gemma3ForConditionalGeneration`` checkpoint (4B and larger, with a vision tower) is read as its text decoder:
+the ``text_config`` and the ``language_model`` tensors, the vision tower and projector skipped; it is saved back as
+the ``Gemma3ForCausalLM`` it then is.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ from sftjax.models.families.common import (
     base_config,
     base_config_to_hf,
     hf_config_object,
+    text_decoder_config,
+    text_decoder_tensor_name,
     llama_like_specs,
     rope_parameters_to_hf,
 )
 
 MODEL_TYPE = "gemma3_text"
-ARCHITECTURES = ("Gemma3ForCausalLM",)
+ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")  # the second read as its text decoder
 # config.json keys read here (beyond common.HANDLED_KEYS): not carried as extras
 FAMILY_KEYS = ("rope_local_base_freq", "sliding_window_pattern", "use_bidirectional_attention")
 
@@ -37,6 +43,7 @@ def full_rope(cfg) -> dict:
 
 
 def config_from_hf(hf: dict, *, source: str = "config.json") -> ModelConfig:
+    hf = text_decoder_config(hf, ARCHITECTURES[0])
     cfg = hf_config_object(hf, MODEL_TYPE, source)
     if cfg.use_bidirectional_attention:
         raise CheckpointError(f"{source}: use_bidirectional_attention=true is not supported (causal LM only)")
@@ -58,6 +65,9 @@ def per_layer_type_rope_to_hf(config: ModelConfig) -> dict:
 
 def layer_types_list(config: ModelConfig) -> list[str]:
     return [config.layer_type(i) for i in range(config.num_layers)]
+
+
+checkpoint_tensor_name = text_decoder_tensor_name  # a multimodal checkpoint's text decoder tensors, else None
 
 
 def config_to_hf(config: ModelConfig) -> dict:

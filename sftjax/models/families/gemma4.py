@@ -8,7 +8,8 @@ layers (``attention_k_eq_v``), a frozen per-layer output scalar and final logit 
 The options the text decoder cannot run are refused with a one-line error naming the key: per-layer input
 embeddings (``hidden_size_per_layer_input`` > 0), key/value sharing across layers (``num_kv_shared_layers`` > 0),
 the mixture-of-experts block (``enable_moe_block``) and bidirectional attention (``use_bidirectional_attention:
-all``).
+all``). A ``Gemma4ForConditionalGeneration`` checkpoint is read as its text decoder (the ``text_config`` and
+the ``language_model`` tensors; vision and audio towers skipped) and saved back as ``Gemma4ForCausalLM``.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from sftjax.models.families.common import (
     base_config,
     base_config_to_hf,
     hf_config_object,
+    text_decoder_config,
+    text_decoder_tensor_name,
     llama_like_specs,
 )
 from sftjax.models.families.gemma3 import full_rope, layer_types_list, per_layer_type_rope_to_hf, sliding_rope_theta
 
 MODEL_TYPE = "gemma4_text"
-ARCHITECTURES = ("Gemma4ForCausalLM",)
+ARCHITECTURES = ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration")  # the second read as its text decoder
 FAMILY_KEYS = ("global_head_dim", "num_global_key_value_heads", "per_layer_config", "attention_k_eq_v",
                "hidden_size_per_layer_input", "num_kv_shared_layers", "enable_moe_block", "use_bidirectional_attention")
 
@@ -55,6 +58,7 @@ def _layer_shape(cfg, layer_types, kind: str, source: str) -> tuple[int, int]:
 
 
 def config_from_hf(hf: dict, *, source: str = "config.json") -> ModelConfig:
+    hf = text_decoder_config(hf, ARCHITECTURES[0])
     cfg = hf_config_object(hf, MODEL_TYPE, source)
     cfg.allow_global_per_layer_attribute_access = True  # the global head shape is the sliding layers' one
     _refuse_unsupported(cfg, source)
@@ -78,6 +82,9 @@ def config_from_hf(hf: dict, *, source: str = "config.json") -> ModelConfig:
         sliding_rope_theta=sliding_rope_theta(cfg, source), query_pre_attn_scalar=1.0,
         global_head_dim=global_head_dim, global_num_kv_heads=global_kv_heads,
         attention_k_eq_v=bool(cfg.attention_k_eq_v), final_logit_softcap=cfg.final_logit_softcapping, **overrides)
+
+
+checkpoint_tensor_name = text_decoder_tensor_name  # a multimodal checkpoint's text decoder tensors, else None
 
 
 def config_to_hf(config: ModelConfig) -> dict:
