@@ -58,7 +58,17 @@ def _layer_shape(cfg, layer_types, kind: str, source: str) -> tuple[int, int]:
 
 
 def config_from_hf(hf: dict, *, source: str = "config.json") -> ModelConfig:
-    hf = text_decoder_config(hf, ARCHITECTURES[0])
+    import transformers.utils.logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers warns on each read of a per-layer attribute's global value
+    try:
+        return _config_from_hf(text_decoder_config(hf, ARCHITECTURES[0]), source)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _config_from_hf(hf: dict, source: str) -> ModelConfig:
     cfg = hf_config_object(hf, MODEL_TYPE, source)
     cfg.allow_global_per_layer_attribute_access = True  # the global head shape is the sliding layers' one
     _refuse_unsupported(cfg, source)
