@@ -93,6 +93,11 @@ class ModelConfig:
             raise ValueError(f"num_kv_heads {self.num_kv_heads} does not divide num_heads {self.num_heads}")
         if self.layer_types is not None and len(self.layer_types) != self.num_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        per_type = {"sliding_rope_theta": self.sliding_rope_theta, "global_head_dim": self.global_head_dim,
+                    "global_num_kv_heads": self.global_num_kv_heads, "attention_k_eq_v": self.attention_k_eq_v or None}
+        if self.sliding_window is None and any(v is not None for v in per_type.values()):
+            name = next(k for k, v in per_type.items() if v is not None)
+            raise ValueError(f"{name} sets full and sliding layers apart, so it needs sliding_window (and layer_types)")
         if self.global_num_kv_heads is not None and self.num_heads % self.global_num_kv_heads:
             raise ValueError(f"global_num_kv_heads {self.global_num_kv_heads} does not divide num_heads "
                              f"{self.num_heads}")

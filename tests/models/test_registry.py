@@ -98,6 +98,8 @@ def test_model_config_validates_switches():
         ModelConfig(num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="remat"):
         ModelConfig(remat="sometimes")
+    with pytest.raises(ValueError, match="^global_head_dim sets full and sliding layers apart, so it needs"):
+        ModelConfig(global_head_dim=256)
 
 
 def test_to_hf_dict_refuses_switches_the_architecture_cannot_express():

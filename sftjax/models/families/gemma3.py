@@ -53,14 +53,15 @@ def config_from_hf(hf: dict, *, source: str = "config.json") -> ModelConfig:
         extras, cfg, architecture=ARCHITECTURES[0], family=MODEL_TYPE, source=source, rope=full_rope(cfg),
         norm_plus_one=True, embedding_scale=cfg.hidden_size ** 0.5, sandwich_norms=True, qk_norm=True,
         attention_bias=bias, attention_out_bias=bias, sliding_window=cfg.sliding_window,
-        layer_types=tuple(cfg.layer_types), sliding_rope_theta=sliding_rope_theta(cfg, source),
+        layer_types=tuple(cfg.layer_types) if cfg.sliding_window is not None else None,
+        sliding_rope_theta=sliding_rope_theta(cfg, source) if cfg.sliding_window is not None else None,
         attn_logit_softcap=cfg.attn_logit_softcapping, final_logit_softcap=cfg.final_logit_softcapping,
         query_pre_attn_scalar=float(cfg.query_pre_attn_scalar))
 
 
 def per_layer_type_rope_to_hf(config: ModelConfig) -> dict:
     return {FULL_ATTENTION: rope_parameters_to_hf(config),
-            SLIDING_ATTENTION: {"rope_type": "default", "rope_theta": config.sliding_rope_theta}}
+            SLIDING_ATTENTION: {"rope_type": "default", "rope_theta": config.sliding_rope_theta or config.rope_theta}}
 
 
 def layer_types_list(config: ModelConfig) -> list[str]:
