@@ -7,8 +7,8 @@ values from k_proj and value norms): each layer takes its kind's cos/sin from pe
 and block-diagonal over ``segment_ids`` (packed examples never see each other), through
 ``pallas_kernels.attention`` with the implementation the Decoder holds (``attention_implementation``: a static
 field, so a change retraces; None picks the best for the backend); the logits go through
-``pallas_kernels.cross_entropy.project_logits`` so training can fuse the head with the loss instead. There is no dropout in the base model (SFT does not use it); LoRA adapters
-bring their own.
+``pallas_kernels.cross_entropy.project_logits`` so training can fuse the head with the loss instead. There is no
+dropout in the base model (SFT does not use it); LoRA adapters bring their own.
 
 Generation uses the same layers in decode mode: ``Decoder.decode(tokens_BT, positions_BT, cache)`` runs the
 tokens at the given positions, writes their keys/values into the cache (``init_cache``: per layer [B, S, Hkv, D])

@@ -58,7 +58,8 @@ CASES = {
     # local/global pattern (every 2nd layer full), q/k norm, sliding RoPE base 100, full RoPE 5000 linearly scaled
     "gemma3": ("Gemma3TextConfig", dict(COMMON, num_hidden_layers=4, tie_word_embeddings=True, sliding_window=8,
                                         sliding_window_pattern=2, query_pre_attn_scalar=24, rope_theta=5000.0,
-                                        rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+                                        rope_local_base_freq=100.0,
+                                        rope_scaling={"rope_type": "linear", "factor": 2.0})),
     # full layers: head_dim 32 with one kv head, values = keys, proportional RoPE (4 of 16 pairs rotate)
     "gemma4": ("Gemma4TextConfig", dict(COMMON, num_hidden_layers=4, tie_word_embeddings=True, sliding_window=8,
                                         layer_types=["sliding_attention", "full_attention"] * 2, global_head_dim=32,
