@@ -62,6 +62,18 @@ def quantized_paths(model) -> list[str]:
     return ["/".join(str(p) for p in path) for path, _ in nnx.to_flat_state(nnx.state(model, QuantizedKernel))]
 
 
+def quantized_param_count(model) -> int:
+    """Weights the quantized kernels of ``model`` stand for (``in x out`` each, times the layers a stacked kernel
+    holds): what its ``nnx.Param`` count leaves out."""
+    total = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, QuantizedWeight):
+            per_layer = node.in_features * node.out_features
+            codes_per_layer = per_layer if node.fmt == "int8" else -(-per_layer // 2)
+            total += per_layer * (int(node.codes[...].size) // codes_per_layer)
+    return total
+
+
 def check_trainable(model, *, lora_enabled: bool, modules_to_save: list[str] = ()) -> None:
     """Refuse to train a quantized base: full fine-tuning, or ``modules_to_save`` naming a quantized layer."""
     paths = quantized_paths(model)

@@ -38,6 +38,7 @@ from sftjax.models.tokenizer import load_tokenizer
 from sftjax.models.scan import unstacked
 from sftjax.models.zoo import resolve_model_path
 from sftjax.peft.adapter_io import write_peft_adapter
+from sftjax.peft.quant import quantized_param_count
 from sftjax.sharding import make_mesh
 from sftjax.train import checkpoint as ckpt
 from sftjax.train import run_meta
@@ -122,7 +123,8 @@ class Trainer:
         self.hooks: list[Callable] = []
         self.rng = jax.random.key(train.seed)
         self.start_step = 0
-        self.num_params = int(sum(x.size for x in jax.tree.leaves(nnx.state(self.model, nnx.Param))))
+        self.num_params = int(sum(x.size for x in jax.tree.leaves(nnx.state(self.model, nnx.Param)))
+                              + quantized_param_count(self.model))  # a QLoRA base computes with every weight
         self.num_trainable = program.num_trainable
         self.evaluated_from = None  # what for_evaluation() loaded
 

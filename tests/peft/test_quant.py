@@ -325,6 +325,21 @@ def test_scanned_qlora_step_holds_no_dense_copy_of_the_base():
     assert nf4.temp_size_in_bytes <= 1.05 * dense.temp_size_in_bytes, (nf4.temp_size_in_bytes, dense.temp_size_in_bytes)
 
 
+@pytest.mark.parametrize("fmt,scan", [("nf4", False), ("nf4", True), ("int8", True)])
+def test_quantized_param_count_is_the_dense_count_of_the_quantized_kernels(fmt, scan):
+    from sftjax.models.scan import stack_layers
+    from sftjax.peft.quant import quantized_param_count
+
+    model = Decoder(_config(), rngs=nnx.Rngs(0))
+    dense = sum(int(np.prod(m.kernel[...].shape)) for n, m in linear_modules(model).items() if n != "lm_head")
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    quantize_model(model, fmt)
+    if scan:
+        stack_layers(model)
+    assert quantized_param_count(model) == dense
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) + dense == total
+
+
 def test_cast_to_compute_dtype_keeps_quantized_arrays():
     from sftjax.train.step import cast_floating
 
