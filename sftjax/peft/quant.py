@@ -34,8 +34,8 @@ def quantize_model(model, fmt: str, *, double_quant: bool = False) -> dict[str, 
     if getattr(model, "scan_plan", None) is not None:
         raise ConfigError("quantize_model: the model's layers are already stacked for scanning; quantize before "
                           "sftjax.models.scan.stack_layers")
-    done: dict[str, int] = {}
-    for path, node in nnx.iter_graph(model):
+    chosen: list[tuple[str, Linear]] = []
+    for path, node in nnx.iter_graph(model):  # every check before the first layer changes
         if not isinstance(node, nnx.Module) or not path:
             continue
         name = ".".join(str(p) for p in path)
@@ -49,11 +49,14 @@ def quantize_model(model, fmt: str, *, double_quant: bool = False) -> dict[str, 
             if node.lora_magnitude is not None:
                 raise ConfigError(f"quantize_model: {name} already has a DoRA adapter; quantize the base first, then "
                                   "enable DoRA (its magnitude is measured on the quantized weight)")
-            node.quantize(fmt, double_quant=double_quant)
-            done[name] = node.kernel.nbytes()
+            chosen.append((name, node))
         elif _owns_params(node):
             raise ConfigError(f"model.quantize={fmt}: {name} is a {type(node).__name__}, which quantization does not "
                               "support (only Linear layers of attention and MLP)")
+    done: dict[str, int] = {}
+    for name, node in chosen:
+        node.quantize(fmt, double_quant=double_quant)
+        done[name] = node.kernel.nbytes()
     return done
 
 

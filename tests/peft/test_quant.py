@@ -278,6 +278,16 @@ def test_quantize_errors_and_refusals():
     model.layers[1].mlp.experts = Experts()
     with pytest.raises(ConfigError, match=r"layers\.1\.mlp\.experts is a Experts, which quantization does not support"):
         quantize_model(model, "nf4")
+    from sftjax.models.moe import ExpertLinear
+
+    model = Decoder(config, rngs=nnx.Rngs(0))  # the stacked experts of an MoE block: not supported (yet)
+    model.layers[0].mlp.up_proj = ExpertLinear(4, 64, 96, use_bias=False, logical_axes=("expert", "embed", "mlp"),
+                                               param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError) as info:
+        quantize_model(model, "int8")
+    assert str(info.value) == ("model.quantize=int8: layers.0.mlp.up_proj is a ExpertLinear, which quantization "
+                               "does not support (only Linear layers of attention and MLP)")
+    assert not quantized_paths(model)  # refused before any layer changed
     model = Decoder(config, rngs=nnx.Rngs(0))
     quantize_model(model, "int8")
     assert quantized_paths(model) and all("lm_head" not in p for p in quantized_paths(model))
