@@ -467,3 +467,52 @@ def test_qlora_checkpoint_to_hf_and_peft(hf_base_64, tmp_path, double_quant):
     # order; see tests/peft/test_quant.py), which moves a few dequantized weights by an ulp of their absmax
     assert_close(torch_logits(peft.PeftModel.from_pretrained(on_bnb, adapter)), ours,
                  1e-5 if not double_quant else 1e-4, what="adapter on bitsandbytes' NF4 base")
+
+
+@pytest.mark.parametrize("init, rslora", [("pissa", False), ("olora", True)])
+def test_residual_init_checkpoint_to_peft_of_the_original_base(hf_base, tmp_path, init, rslora):
+    """lora.init=pissa|olora trains on the residual base ``W - scale * A0 @ B0``: the PEFT adapter is peft's
+    conversion to a plain LoRA of the original base (rank 2r: [A, A0], [B, -B0]), which peft loads onto the
+    unchanged base with our logits; the merged HF export is the residual plus the trained adapters."""
+    from sftjax.peft.lora import apply_lora, linear_modules
+
+    lora = LoraSection(enabled=True, r=4, alpha=8.0, rslora=rslora, target_modules=["q_proj", "v_proj", "up_proj"],
+                       init=init)
+    model, _ = load_ours(hf_base)
+    apply_lora(model, lora, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(0)
+    for module in linear_modules(model).values():  # "trained": both factors moved off their init
+        if module.lora_a is not None:
+            for factor in (module.lora_a, module.lora_b):
+                factor[...] = factor[...] + jnp.asarray(0.05 * rng.normal(size=factor[...].shape), jnp.float32)
+    ours = our_logits(model)
+    _save_checkpoint(tmp_path / "run", _run_config(hf_base, lora), model, lora)
+    adapter = ex.export(tmp_path / "run", tmp_path / "adapter", format="peft")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
+    plain = torch_logits(base)
+    via_peft = torch_logits(peft.PeftModel.from_pretrained(base, adapter))
+    assert relative_error(via_peft, plain) > 1e-2
+    assert_close(via_peft, ours, 1e-5, what=f"{init} adapter on the original base")
+    merged = ex.export(tmp_path / "run", tmp_path / "merged", format="hf", dtype="float32")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    assert_close(torch_logits(exported), ours, 1e-5, what=f"{init} merged")
+
+
+def test_residual_init_peft_export_refusals(hf_base, tmp_path):
+    from sftjax.peft.lora import apply_lora
+
+    lora = LoraSection(enabled=True, r=2, alpha=4.0, target_modules=["q_proj"], init="pissa")
+    model, model_config = load_ours(hf_base)
+    apply_lora(model, lora, rngs=nnx.Rngs(1))
+    with pytest.raises(CheckpointError, match="lora.init=pissa: the adapter of a run that rewrote the base"):
+        adapter_io.write_peft_adapter(model, model_config, tmp_path / "a", lora=vars(lora),
+                                      base_model_name_or_path=str(hf_base))
+    dora = LoraSection(enabled=True, r=2, alpha=4.0, target_modules=["q_proj"], init="pissa", use_dora=True)
+    model, model_config = load_ours(hf_base)
+    apply_lora(model, dora, rngs=nnx.Rngs(1))
+    initial = adapter_io.lora_adapters(model, model_config)
+    with pytest.raises(CheckpointError, match="lora.init=pissa with DoRA cannot be written as a PEFT adapter"):
+        adapter_io.write_peft_adapter(model, model_config, tmp_path / "b", lora=vars(dora),
+                                      base_model_name_or_path=str(hf_base), initial_adapters=initial)

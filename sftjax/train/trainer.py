@@ -37,7 +37,8 @@ from sftjax.models.loading import save_model
 from sftjax.models.tokenizer import load_tokenizer
 from sftjax.models.scan import unstacked
 from sftjax.models.zoo import resolve_model_path
-from sftjax.peft.adapter_io import write_peft_adapter
+from sftjax.peft.adapter_io import lora_adapters, write_peft_adapter
+from sftjax.peft.init import RESIDUAL_INITS
 from sftjax.peft.quant import quantized_param_count
 from sftjax.sharding import make_mesh
 from sftjax.train import checkpoint as ckpt
@@ -127,6 +128,10 @@ class Trainer:
                               + quantized_param_count(self.model))  # a QLoRA base computes with every weight
         self.num_trainable = program.num_trainable
         self.evaluated_from = None  # what for_evaluation() loaded
+        # PiSSA/OLoRA rewrite the base: a PEFT adapter of the original base needs the adapters as initialized
+        self.initial_adapters = (lora_adapters(self.updated_model(), self.model_config)
+                                 if self.lora_targets and cfg.lora.init in RESIDUAL_INITS and train.save == "adapter"
+                                 else None)
 
     @classmethod
     def for_evaluation(cls, config: Config, *, source) -> "Trainer":
@@ -432,6 +437,7 @@ class Trainer:
         if self.config.train.save == "adapter" and self.lora_targets:
             lora = dataclasses.asdict(self.config.lora)
             return write_peft_adapter(model, self.model_config, out_dir, lora=lora,
-                                      base_model_name_or_path=str(self.config.model.path or ""))
+                                      base_model_name_or_path=str(self.config.model.path or ""),
+                                      initial_adapters=self.initial_adapters)
         return save_model(model, self.model_config, out_dir, dtype=self.config.model.param_dtype,
                           tokenizer=self.tokenizer)
