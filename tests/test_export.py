@@ -436,6 +436,8 @@ def test_qlora_checkpoint_to_hf_and_peft(hf_base_64, tmp_path, double_quant):
     assert len(adapters) == 3 * 2
     assert_close(torch_logits(exported), torch_logits(reference), 1e-5, what="merged QLoRA vs reference")
     assert_close(torch_logits(exported), ours, 1e-5, what="merged QLoRA vs ours")
+    gguf_file = ex.export(tmp_path / "run", tmp_path / "model.gguf", format="gguf", dtype="f32")  # merged too
+    assert_close(our_logits(load_ours(gguf_file)[0]), torch_logits(reference), 1e-5, what="merged QLoRA gguf")
 
     # PEFT adapter: onto the original float base, and onto bitsandbytes' NF4 of it
     adapter = ex.export(tmp_path / "run", tmp_path / "adapter", format="peft")
