@@ -8,6 +8,9 @@ Pallas kernels run by the interpreter (CPU; tests). ``implementation=None`` (or 
 
 On a mesh, the Pallas kernels run per device inside ``shard_map`` (``pallas_kernels/sharding.py``): rows split
 over (``data``, ``fsdp``), heads over ``tensor`` when it divides both the query and the kv heads.
+
+Attention sinks (``sinks=``, one logit per query head, gpt-oss) are computed by ``reference`` and ``xla_chunked``
+(the automatic choice takes ``xla_chunked`` for them on accelerators); the other implementations refuse them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pallas_kernels import sharding as kernel_sharding
 from pallas_kernels.attention.reference import attention_reference
 
 IMPLEMENTATIONS = choices.ATTENTION
+SINK_IMPLEMENTATIONS = ("reference", "xla_chunked")
 # On the CPU the blockwise loop (128-blocks, skipping masked ones) beat the dense reference from L = 256 on
 # packed rows (benchmarks/bench_kernels.py); below, one block is the whole row and the reference is simpler.
 CPU_CHUNKED_MIN_LENGTH = 256
@@ -59,26 +63,41 @@ def automatic_implementation(backend: str, length: int) -> tuple[str, str]:
     return "reference", f"{backend} backend, length < {CPU_CHUNKED_MIN_LENGTH}"
 
 
+def automatic_sink_implementation(backend: str, length: int) -> tuple[str, str]:
+    """The automatic choice when the attention has sinks: the CPU's choice, ``xla_chunked`` elsewhere."""
+    if backend in ("gpu", "tpu"):
+        return "xla_chunked", f"{backend} backend, attention sinks"
+    return automatic_implementation(backend, length)
+
+
 def attention(q, k, v, segment_ids, *, causal=True, sliding_window=None, logit_softcap=None, scale=None,
-              implementation=None):
+              sinks=None, implementation=None):
     """Causal, segment-block-diagonal attention with GQA.
 
     q: [B, L, Hq, D]; k, v: [B, L, Hkv, D] (Hkv divides Hq); segment_ids: [B, L] int (0 = padding).
     Token i attends to token j only if they share a segment id, j <= i (causal) and i - j < sliding_window.
+    sinks: optional [Hq] sink logits (see :func:`pallas_kernels.attention.reference.attention_reference`).
     Returns [B, L, Hq, D] in q's dtype.
     """
     _validate(q, k, v, segment_ids)
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"attention: sliding_window must be >= 1, got {sliding_window}")
+    if sinks is not None and sinks.shape != (q.shape[2],):
+        raise ValueError(f"attention: sinks must have one logit per query head, shape ({q.shape[2]},); "
+                         f"got {sinks.shape}")
+    automatic = automatic_implementation if sinks is None else automatic_sink_implementation
     name = dispatch.resolve("attention", implementation, IMPLEMENTATIONS,
-                            lambda: automatic_implementation(dispatch.backend(), q.shape[1]))
+                            lambda: automatic(dispatch.backend(), q.shape[1]))
     options = dict(causal=causal, sliding_window=sliding_window, logit_softcap=logit_softcap, scale=scale)
+    if sinks is not None and name not in SINK_IMPLEMENTATIONS:
+        raise ValueError(f"attention: implementation {name!r} does not support attention sinks; use one of "
+                         f"{', '.join(SINK_IMPLEMENTATIONS)} (model.attention_implementation)")
     if name == "reference":
-        return attention_reference(q, k, v, segment_ids, **options)
+        return attention_reference(q, k, v, segment_ids, sinks=sinks, **options)
     if name == "xla_chunked":
         from pallas_kernels.attention.xla_chunked import attention_xla_chunked
 
-        return attention_xla_chunked(q, k, v, segment_ids, **options)
+        return attention_xla_chunked(q, k, v, segment_ids, sinks=sinks, **options)
     if name.startswith(("pallas_gpu", "splash_tpu")):
         return _pallas_per_device(_pallas_kernel(name, options), q, k, v, segment_ids)
     from pallas_kernels.attention.cudnn import attention_cudnn

@@ -12,10 +12,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.attention.reference import softmax_with_sinks
+
 
 def attention_over_cache(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, *, sliding_window=None, logit_softcap=None,
-                         scale=None):
-    """q [B, T, Hq, D] at positions q_positions [B, T]; cache k/v [B, S, Hkv, D]; returns [B, T, Hq, D]."""
+                         scale=None, sinks=None):
+    """q [B, T, Hq, D] at positions q_positions [B, T]; cache k/v [B, S, Hkv, D]; returns [B, T, Hq, D].
+
+    ``sinks`` [Hq]: optional per-head sink logits, as in :func:`attention_reference`."""
     batch, queries, num_q_heads, head_dim = q_BTHD.shape
     cache_length, num_kv_heads = k_BSKD.shape[1], k_BSKD.shape[2]
     if num_q_heads % num_kv_heads:
@@ -31,7 +35,9 @@ def attention_over_cache(q_BTHD, k_BSKD, v_BSKD, q_positions_BT, *, sliding_wind
     if sliding_window is not None:
         visible &= (query_positions - key_positions) < sliding_window
     scores = jnp.where(visible[:, :, None, None, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
+    group = num_q_heads // num_kv_heads
+    sinks_KG = None if sinks is None else sinks.astype(jnp.float32).reshape(num_kv_heads, group)
+    probs = softmax_with_sinks(scores, sinks_KG)
     out = jnp.einsum("btkgs,bskd->btkgd", probs, v_BSKD.astype(jnp.float32))
     return out.reshape(batch, queries, num_q_heads, head_dim).astype(q_BTHD.dtype)
 

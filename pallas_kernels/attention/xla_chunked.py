@@ -18,6 +18,11 @@ The backward pass (``jax.custom_vjp``) visits the same tiles key block by key bl
 probabilities from the stored log-sum-exp and adds the tile's share into dq, dk and dv (all O(L) buffers updated
 in place). Masked scores are replaced by a finite large negative and probabilities are multiplied by the mask,
 so a row with no visible key gives zeros, never NaN.
+
+Attention sinks (gpt-oss: one learned logit per query head that joins every row's softmax without a value) enter
+as the online softmax's starting state: the running max starts at the sink and the running sum at exp(0) = 1, so
+the stored log-sum-exp already counts the sink and the backward's tile probabilities are the right ones. The sink's
+own gradient is ``-sum over rows of p_sink * delta`` (``p_sink = exp(sink - lse)``, ``delta = dO . O``).
 """
 
 from __future__ import annotations
@@ -89,8 +94,9 @@ def _tile_inputs(tile, num_k_blocks, seg, q, k, v, block_q, block_k, causal, sli
     return q_start, k_start, mask, q_blk, k_blk, v_blk
 
 
-def _forward(q, k, v, seg, causal, sliding_window, logit_softcap, scale, block_q, block_k):
-    """q [B, K, G, Lp, D], k/v [B, K, Lp, D], seg [B, Lp] -> (out like q in q's dtype, lse [B, K, G, Lp])."""
+def _forward(q, k, v, sinks, seg, causal, sliding_window, logit_softcap, scale, block_q, block_k):
+    """q [B, K, G, Lp, D], k/v [B, K, Lp, D], sinks [K, G] or None, seg [B, Lp] -> (out like q in q's dtype,
+    lse [B, K, G, Lp])."""
     batch, num_kv, group, length, _ = q.shape
     num_k_blocks = length // block_k
     tiles, _, count = _visible_tiles(seg, causal, sliding_window, block_q, block_k)
@@ -113,9 +119,13 @@ def _forward(q, k, v, seg, causal, sliding_window, logit_softcap, scale, block_q
                 lax.dynamic_update_slice_in_dim(l_all, l, q_start, axis=3),
                 lax.dynamic_update_slice_in_dim(acc_all, acc, q_start, axis=3))
 
-    init = (jnp.full((batch, num_kv, group, length), _NEG, jnp.float32),
-            jnp.zeros((batch, num_kv, group, length), jnp.float32),
-            jnp.zeros(q.shape, jnp.float32))
+    if sinks is None:
+        m0 = jnp.full((batch, num_kv, group, length), _NEG, jnp.float32)
+        l0 = jnp.zeros((batch, num_kv, group, length), jnp.float32)
+    else:  # the sink is a key with logit `sink` and no value: max starts there, the sum at exp(0)
+        m0 = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, :, None], (batch, num_kv, group, length))
+        l0 = jnp.ones((batch, num_kv, group, length), jnp.float32)
+    init = (m0, l0, jnp.zeros(q.shape, jnp.float32))
     m, l, acc = lax.fori_loop(0, count, visit, init)
     visible = l > 0
     out = acc / jnp.where(visible, l, 1.0)[..., None]
@@ -123,7 +133,7 @@ def _forward(q, k, v, seg, causal, sliding_window, logit_softcap, scale, block_q
     return out.astype(q.dtype), lse
 
 
-def _backward(q, k, v, seg, out, lse, d_out, causal, sliding_window, logit_softcap, scale, block_q, block_k):
+def _backward(q, k, v, sinks, seg, out, lse, d_out, causal, sliding_window, logit_softcap, scale, block_q, block_k):
     num_k_blocks = q.shape[3] // block_k
     low_precision = q.dtype != jnp.float32
     delta = jnp.einsum("bkgqd,bkgqd->bkgq", d_out.astype(jnp.float32), out.astype(jnp.float32))
@@ -157,31 +167,35 @@ def _backward(q, k, v, seg, out, lse, d_out, causal, sliding_window, logit_softc
 
     init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dq, dk, dv = lax.fori_loop(0, count, visit, init)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    d_sinks = None
+    if sinks is not None:
+        p_sink = jnp.exp(sinks.astype(jnp.float32)[None, :, :, None] - lse)
+        d_sinks = (-(p_sink * delta).sum(axis=(0, 3))).astype(sinks.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_sinks
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
-def _chunked(q, k, v, seg, causal, sliding_window, logit_softcap, scale, block_q, block_k):
-    return _forward(q, k, v, seg, causal, sliding_window, logit_softcap, scale, block_q, block_k)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _chunked(q, k, v, sinks, seg, causal, sliding_window, logit_softcap, scale, block_q, block_k):
+    return _forward(q, k, v, sinks, seg, causal, sliding_window, logit_softcap, scale, block_q, block_k)[0]
 
 
-def _chunked_fwd(q, k, v, seg, causal, sliding_window, logit_softcap, scale, block_q, block_k):
-    out, lse = _forward(q, k, v, seg, causal, sliding_window, logit_softcap, scale, block_q, block_k)
-    return out, (q, k, v, seg, out, lse)
+def _chunked_fwd(q, k, v, sinks, seg, causal, sliding_window, logit_softcap, scale, block_q, block_k):
+    out, lse = _forward(q, k, v, sinks, seg, causal, sliding_window, logit_softcap, scale, block_q, block_k)
+    return out, (q, k, v, sinks, seg, out, lse)
 
 
 def _chunked_bwd(causal, sliding_window, logit_softcap, scale, block_q, block_k, residuals, d_out):
-    q, k, v, seg, out, lse = residuals
-    dq, dk, dv = _backward(q, k, v, seg, out, lse, d_out, causal, sliding_window, logit_softcap, scale,
-                           block_q, block_k)
-    return dq, dk, dv, None
+    q, k, v, sinks, seg, out, lse = residuals
+    dq, dk, dv, d_sinks = _backward(q, k, v, sinks, seg, out, lse, d_out, causal, sliding_window, logit_softcap,
+                                    scale, block_q, block_k)
+    return dq, dk, dv, d_sinks, None
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def attention_xla_chunked(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, *, causal=True, sliding_window=None,
-                          logit_softcap=None, scale=None, block_q=None, block_k=None):
+                          logit_softcap=None, scale=None, sinks=None, block_q=None, block_k=None):
     """Same contract and result as reference.attention_reference, in O(L) memory.
 
     Default blocks: 128 on the CPU (finer blocks skip more of a packed row's masked area; measured 2-5x faster
@@ -203,7 +217,9 @@ def attention_xla_chunked(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, *, causal=True
     q_BKGLD = pad_length(q_BLHD, padded).reshape(batch, padded, num_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
     k_BKLD = pad_length(k_BLKD, padded).transpose(0, 2, 1, 3)
     v_BKLD = pad_length(v_BLKD, padded).transpose(0, 2, 1, 3)
-    out = _chunked(q_BKGLD, k_BKLD, v_BKLD, seg, causal, sliding_window, logit_softcap, scale, block_q, block_k)
+    sinks_KG = None if sinks is None else sinks.reshape(num_kv_heads, group)
+    out = _chunked(q_BKGLD, k_BKLD, v_BKLD, sinks_KG, seg, causal, sliding_window, logit_softcap, scale,
+                   block_q, block_k)
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, padded, num_q_heads, head_dim)[:, :length]
 
 

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope", "yarn")
 REMAT_POLICIES = ("none", "full", "save_dots", "offload_dots")
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
@@ -40,14 +40,18 @@ class ModelConfig:
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0  # llama3
     rope_high_freq_factor: float = 4.0  # llama3
-    rope_original_max_position_embeddings: int | None = None  # llama3 / longrope
+    rope_original_max_position_embeddings: int | None = None  # llama3 / longrope / yarn
     rope_short_factor: tuple[float, ...] | None = None  # longrope
     rope_long_factor: tuple[float, ...] | None = None  # longrope
-    rope_attention_factor: float | None = None  # longrope (None = derived like transformers)
+    rope_attention_factor: float | None = None  # longrope / yarn (None = derived like transformers)
+    rope_beta_fast: float = 32.0  # yarn: rotations below which a frequency is interpolated fully
+    rope_beta_slow: float = 1.0  # yarn: rotations above which a frequency is kept (extrapolated)
+    rope_truncate: bool = True  # yarn: round the correction range to whole dimensions
     partial_rotary_factor: float = 1.0
     # attention switches
     attention_bias: bool = False  # bias on q, k, v projections
     attention_out_bias: bool = False  # bias on o_proj
+    attention_sinks: bool = False  # one learned sink logit per query head in every softmax (gpt-oss)
     qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None  # per layer FULL_ATTENTION / SLIDING_ATTENTION; None = all sliding

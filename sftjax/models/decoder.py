@@ -24,7 +24,7 @@ from pallas_kernels.attention.api import attention
 from pallas_kernels.attention.cached import attention_over_cache, write_cache
 from pallas_kernels.cross_entropy.api import project_logits
 from sftjax.models.config import ModelConfig
-from sftjax.models.layers import Embed, Linear, RMSNorm
+from sftjax.models.layers import Embed, Linear, RMSNorm, param
 from sftjax.models.rope import apply_rope, rope_cos_sin
 from sftjax.models.scan import run_scanned
 from sftjax.errors import ConfigError
@@ -74,6 +74,8 @@ class Attention(nnx.Module):
                              param_dtype=pd, rngs=rngs)
         self.o_proj = Linear(q_dim, c.hidden_size, use_bias=c.attention_out_bias, logical_axes=("heads", "embed"),
                              param_dtype=pd, rngs=rngs)
+        # sink logits [num_heads]: join each softmax with no value, so a head may attend to nothing (gpt-oss)
+        self.sinks = param(jnp.zeros((c.num_heads,), pd), ("heads",)) if c.attention_sinks else None
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, plus_one=c.norm_plus_one, logical_axis="head_dim",
                                   param_dtype=pd)
@@ -92,6 +94,9 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos_BLR, sin_BLR), apply_rope(k, cos_BLR, sin_BLR), v
 
+    def _sinks(self):
+        return None if self.sinks is None else gather_for_compute(self.sinks[...], ("heads",))
+
     def _out(self, out_BLHD, deterministic):
         batch, length = out_BLHD.shape[:2]
         return self.o_proj(out_BLHD.reshape(batch, length, -1), deterministic=deterministic)
@@ -99,7 +104,8 @@ class Attention(nnx.Module):
     def __call__(self, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, *, deterministic: bool = True):
         q, k, v = self._qkv(x_BLD, cos_BLR, sin_BLR, deterministic)
         out = attention(q, k, v, segment_ids_BL, causal=True, sliding_window=self.sliding_window,
-                        logit_softcap=self.softcap, scale=self.scale, implementation=self.implementation)
+                        logit_softcap=self.softcap, scale=self.scale, sinks=self._sinks(),
+                        implementation=self.implementation)
         return self._out(out, deterministic)
 
     def decode(self, x_BTD, cos_BTR, sin_BTR, positions_BT, cache):
@@ -109,7 +115,7 @@ class Attention(nnx.Module):
         start_B = positions_BT[:, 0]
         k_cache, v_cache = write_cache(k_cache, k, start_B), write_cache(v_cache, v, start_B)
         out = attention_over_cache(q, k_cache, v_cache, positions_BT, sliding_window=self.sliding_window,
-                                   logit_softcap=self.softcap, scale=self.scale)
+                                   logit_softcap=self.softcap, scale=self.scale, sinks=self._sinks())
         return self._out(out, True), (k_cache, v_cache)
 
 

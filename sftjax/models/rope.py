@@ -1,6 +1,6 @@
 """Rotary position embeddings with the scaling variants of transformers' ``modeling_rope_utils``.
 
-Frequencies follow transformers 5 exactly (default, linear, dynamic NTK, llama3, longrope); the rotation uses
+Frequencies follow transformers 5 exactly (default, linear, dynamic NTK, llama3, longrope, YaRN); the rotation uses
 the "rotate half" layout of HF checkpoints, on the first ``rotary_dim`` features of each head.
 
 Two types have frequencies that depend on the length of the sequence being run:
@@ -54,7 +54,37 @@ def static_inverse_frequencies(config: ModelConfig) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return np.where(is_medium, smoothed, scaled).astype(np.float32)
+    if config.rope_type == "yarn":
+        return yarn_inverse_frequencies(config, inv_freq)
     raise ValueError(f"rope_type {config.rope_type!r} has length-dependent frequencies")
+
+
+def yarn_inverse_frequencies(config: ModelConfig, inv_freq: np.ndarray) -> np.ndarray:
+    """YaRN: frequencies that turn fewer than ``beta_slow`` times over the original context are divided by
+    ``factor`` (interpolated), those that turn more than ``beta_fast`` times are kept (extrapolated), with a
+    linear ramp over the dimensions in between."""
+    dim, base, factor = config.rotary_dim, config.rope_theta, config.rope_factor
+    original = config.rope_original_max_position_embeddings or config.max_position_embeddings
+
+    def correction_dim(rotations):
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(config.rope_beta_fast), correction_dim(config.rope_beta_slow)
+    if config.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    keep = 1 - ramp  # the share of the original (extrapolated) frequency
+    return ((inv_freq / factor) * (1 - keep) + inv_freq * keep).astype(np.float32)
+
+
+def yarn_attention_factor(config: ModelConfig) -> float:
+    """The cos/sin scale of YaRN: ``0.1 * ln(factor) + 1`` unless the config sets it."""
+    if config.rope_attention_factor is not None:
+        return float(config.rope_attention_factor)
+    return 1.0 if config.rope_factor <= 1 else 0.1 * math.log(config.rope_factor) + 1.0
 
 
 def longrope_attention_factor(config: ModelConfig) -> float:
@@ -102,6 +132,8 @@ def rope_cos_sin(config: ModelConfig, positions_BL, segment_ids_BL=None):
         scaling = longrope_attention_factor(config)
     else:
         inv_freq = jnp.asarray(static_inverse_frequencies(config))
+        if config.rope_type == "yarn":
+            scaling = yarn_attention_factor(config)
     freqs = positions[..., None] * inv_freq
     angles = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(angles) * scaling, jnp.sin(angles) * scaling

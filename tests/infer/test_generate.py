@@ -29,6 +29,10 @@ VARIANTS = {
                                attn_logit_softcap=5.0, final_logit_softcap=3.0, query_pre_attn_scalar=16.0),
     "qwen3_like": ModelConfig(**TINY, family="qwen3", architecture="Qwen3ForCausalLM", qk_norm=True,
                               attention_bias=True),
+    # gpt-oss's attention: sink logits, YaRN RoPE, alternating sliding/full layers, biases on q/k/v/o
+    "sinks_yarn": ModelConfig(**TINY, attention_sinks=True, attention_bias=True, attention_out_bias=True,
+                              rope_type="yarn", rope_factor=4.0, rope_original_max_position_embeddings=32,
+                              sliding_window=4, layer_types=(SLIDING_ATTENTION, FULL_ATTENTION)),
 }
 
 

@@ -68,12 +68,22 @@ def test_to_hf_dict_round_trips_through_transformers_config(architecture):
     assert config_from_hf(hf_config.to_dict()).replace(hf_extra=()) == config.replace(hf_extra=())
 
 
+def test_yarn_rope_round_trips_through_transformers_config():
+    rope = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "truncate": False, "original_max_position_embeddings": 4096}
+    config = config_from_hf(dict(SMALL, architectures=["LlamaForCausalLM"], max_position_embeddings=131072,
+                                 rope_parameters=rope))
+    assert (config.rope_type, config.rope_factor, config.rope_truncate) == ("yarn", 32.0, False)
+    hf_config = transformers.AutoConfig.for_model(**config.to_hf_dict())
+    assert config_from_hf(hf_config.to_dict()).replace(hf_extra=()) == config.replace(hf_extra=())
+
+
 def test_unsupported_inputs_are_one_line_errors():
     with pytest.raises(CheckpointError, match="unsupported architecture MambaForCausalLM; supported: Llama"):
         family_for_hf({"architectures": ["MambaForCausalLM"]}, source="x/config.json")
-    with pytest.raises(CheckpointError, match="rope_type 'yarn' is not supported"):
+    with pytest.raises(CheckpointError, match="rope_type 'proportional' is not supported"):
         config_from_hf(dict(SMALL, architectures=["LlamaForCausalLM"],
-                            rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}))
+                            rope_parameters={"rope_type": "proportional", "rope_theta": 1e4, "factor": 2.0}))
     assert family_for_hf({"model_type": "qwen3"}).MODEL_TYPE == "qwen3"
 
 

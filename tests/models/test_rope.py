@@ -31,6 +31,20 @@ CASES = {
                                            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
                                                             "short_factor": [1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0],
                                                             "long_factor": [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0]})),
+    # YaRN: gpt-oss's parameters (no truncation), the defaults (truncated range), explicit betas and scale, and
+    # DeepSeek's mscale pair folded into the attention factor
+    "yarn_gpt_oss": ("Llama", dict(BASE, rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                                                         "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                                         "original_max_position_embeddings": 16})),
+    "yarn_default": ("Llama", dict(BASE, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                         "original_max_position_embeddings": 16})),
+    "yarn_betas_scale": ("Llama", dict(BASE, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                                             "factor": 8.0, "beta_fast": 16.0, "beta_slow": 2.0,
+                                                             "attention_factor": 1.3,
+                                                             "original_max_position_embeddings": 16})),
+    "yarn_mscale": ("Llama", dict(BASE, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                        "mscale": 1.0, "mscale_all_dim": 0.5,
+                                                        "original_max_position_embeddings": 16})),
 }
 
 

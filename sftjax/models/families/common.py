@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 from sftjax.errors import CheckpointError
 from sftjax.models.config import ModelConfig
@@ -59,9 +60,9 @@ def base_config(hf: dict, cfg, *, architecture: str, family: str, source: str, *
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "su":
         rope_type = "longrope"
-    if rope_type not in ("default", "linear", "dynamic", "llama3", "longrope"):
+    if rope_type not in ("default", "linear", "dynamic", "llama3", "longrope", "yarn"):
         raise CheckpointError(f"{source}: rope_type {rope_type!r} is not supported "
-                              "(supported: default, linear, dynamic, llama3, longrope)")
+                              "(supported: default, linear, dynamic, llama3, longrope, yarn)")
     activation_name = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
     if activation_name not in HF_ACTIVATIONS:
         raise CheckpointError(f"{source}: activation {activation_name!r} is not supported "
@@ -71,6 +72,9 @@ def base_config(hf: dict, cfg, *, architecture: str, family: str, source: str, *
     original = rope.get("original_max_position_embeddings")
     if rope_type == "longrope" and getattr(cfg, "original_max_position_embeddings", None):
         original = cfg.original_max_position_embeddings
+    factor, yarn_fields = rope.get("factor"), {}
+    if rope_type == "yarn":
+        factor, yarn_fields = _yarn_fields(rope, cfg)
     fields = dict(
         architecture=architecture,
         family=family,
@@ -85,7 +89,7 @@ def base_config(hf: dict, cfg, *, architecture: str, family: str, source: str, *
         rms_norm_eps=float(cfg.rms_norm_eps),
         rope_theta=float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))),
         rope_type=rope_type,
-        rope_factor=float(rope.get("factor") or 1.0),
+        rope_factor=float(factor or 1.0),
         rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
         rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
         rope_original_max_position_embeddings=original,
@@ -100,6 +104,7 @@ def base_config(hf: dict, cfg, *, architecture: str, family: str, source: str, *
         eos_token_id=_token_id(getattr(cfg, "eos_token_id", None)),
         pad_token_id=_token_id(getattr(cfg, "pad_token_id", None)),
     )
+    fields.update(yarn_fields)
     fields.update(overrides)
     extra_keys = sorted(set(hf) - HANDLED_KEYS)
     fields["hf_extra"] = tuple((k, json.dumps(hf[k])) for k in extra_keys if _is_json(hf[k]))
@@ -129,12 +134,36 @@ HANDLED_KEYS = {
 }
 
 
+def _yarn_fields(rope: dict, cfg) -> tuple[float, dict]:
+    """(factor, the yarn-only ModelConfig fields) of a yarn ``rope_parameters``, resolved like transformers
+    (a missing factor is max / original positions; mscale / mscale_all_dim fold into the attention factor)."""
+    original = rope.get("original_max_position_embeddings") or cfg.max_position_embeddings
+    factor = rope.get("factor") or cfg.max_position_embeddings / original
+    attention_factor = rope.get("attention_factor")
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    if attention_factor is None and mscale and mscale_all_dim:
+        def get_mscale(scale, m):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+    return float(factor), dict(rope_attention_factor=attention_factor,
+                               rope_beta_fast=float(rope.get("beta_fast") or 32.0),
+                               rope_beta_slow=float(rope.get("beta_slow") or 1.0),
+                               rope_truncate=bool(rope.get("truncate", True)))
+
+
 def rope_parameters_to_hf(config: ModelConfig) -> dict:
     rope = {"rope_type": config.rope_type, "rope_theta": config.rope_theta}
     if config.partial_rotary_factor != 1.0:
         rope["partial_rotary_factor"] = config.partial_rotary_factor
-    if config.rope_type in ("linear", "dynamic", "llama3"):
+    if config.rope_type in ("linear", "dynamic", "llama3", "yarn"):
         rope["factor"] = config.rope_factor
+    if config.rope_type == "yarn":
+        rope.update(beta_fast=config.rope_beta_fast, beta_slow=config.rope_beta_slow, truncate=config.rope_truncate,
+                    original_max_position_embeddings=(config.rope_original_max_position_embeddings
+                                                      or config.max_position_embeddings))
+        if config.rope_attention_factor is not None:
+            rope["attention_factor"] = config.rope_attention_factor
     if config.rope_type == "llama3":
         rope["low_freq_factor"] = config.rope_low_freq_factor
         rope["high_freq_factor"] = config.rope_high_freq_factor
