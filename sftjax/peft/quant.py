@@ -15,16 +15,19 @@ from sftjax.models.quant import FORMATS, QuantizedKernel, QuantizedWeight
 HEAD_NAMES = ("lm_head", "head", "output")
 
 
-def _owns_params(module) -> bool:
-    return any(isinstance(value, nnx.Param) for value in vars(module).values())
+def _owns_weight_matrices(module) -> bool:
+    """Whether ``module`` holds a parameter of two or more axes itself (a weight that would stay dense); vectors
+    (biases, attention sinks) stay in the param dtype like norms."""
+    return any(isinstance(value, nnx.Param) and value[...].ndim >= 2 for value in vars(module).values())
 
 
 def quantize_model(model, fmt: str, *, double_quant: bool = False) -> dict[str, int]:
     """Quantize, in place, every attention and MLP linear of ``model`` to ``fmt`` (``nf4`` or ``int8``).
 
     Embeddings, norms and the output head keep their dtype (as bitsandbytes' QLoRA). Returns ``{dotted module
-    path: stored bytes}`` of what was quantized. A module that holds weights but is neither a ``Linear`` nor a
-    norm/embedding (e.g. stacked MoE experts) is a one-line ConfigError, as are layers stacked for scanning and
+    path: stored bytes}`` of what was quantized. A module that holds weight matrices but is neither a ``Linear`` nor
+    a norm/embedding (e.g. stacked MoE experts) is a one-line ConfigError (vectors such as attention sinks stay as
+    they are), as are layers stacked for scanning and
     layers that already have DoRA (whose magnitude must be measured on the quantized weight: enable it after).
     """
     if fmt not in FORMATS:
@@ -50,7 +53,7 @@ def quantize_model(model, fmt: str, *, double_quant: bool = False) -> dict[str, 
                 raise ConfigError(f"quantize_model: {name} already has a DoRA adapter; quantize the base first, then "
                                   "enable DoRA (its magnitude is measured on the quantized weight)")
             chosen.append((name, node))
-        elif _owns_params(node):
+        elif _owns_weight_matrices(node):
             raise ConfigError(f"model.quantize={fmt}: {name} is a {type(node).__name__}, which quantization does not "
                               "support (only Linear layers of attention and MLP)")
     done: dict[str, int] = {}

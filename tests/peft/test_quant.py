@@ -350,6 +350,18 @@ def test_quantized_param_count_is_the_dense_count_of_the_quantized_kernels(fmt, 
     assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) + dense == total
 
 
+def test_attention_sinks_stay_a_float_param_of_a_quantized_model():
+    config = dataclasses.replace(_config(), attention_sinks=True)
+    model = Decoder(config, rngs=nnx.Rngs(0))
+    model.layers[0].attn.sinks[...] = jnp.linspace(-1.0, 1.0, config.num_heads)
+    before = np.asarray(model.layers[0].attn.sinks[...])
+    report = quantize_model(model, "nf4")
+    assert len(report) == 2 * 7 and isinstance(model.layers[0].attn.q_proj.kernel, QuantizedWeight)
+    sinks = model.layers[0].attn.sinks
+    assert isinstance(sinks, nnx.Param) and sinks[...].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(sinks[...]), before)
+
+
 def test_cast_to_compute_dtype_keeps_quantized_arrays():
     from sftjax.train.step import cast_floating
 
