@@ -40,7 +40,7 @@ from sftjax.models.zoo import resolve_model_path
 from sftjax.peft.adapter_io import lora_adapters, write_peft_adapter
 from sftjax.peft.init import RESIDUAL_INITS
 from sftjax.peft.quant import quantized_param_count
-from sftjax.sharding import make_mesh
+from sftjax.sharding import make_mesh, to_host
 from sftjax.train import checkpoint as ckpt
 from sftjax.train import run_meta
 from sftjax.train import flops as flops_lib
@@ -129,9 +129,11 @@ class Trainer:
         self.num_trainable = program.num_trainable
         self.evaluated_from = None  # what for_evaluation() loaded
         # PiSSA/OLoRA rewrite the base: a PEFT adapter of the original base needs the adapters as initialized
-        self.initial_adapters = (lora_adapters(self.updated_model(), self.model_config)
-                                 if self.lora_targets and cfg.lora.init in RESIDUAL_INITS and train.save == "adapter"
-                                 else None)
+        self.initial_adapters = None
+        if self.lora_targets and cfg.lora.init in RESIDUAL_INITS and train.save == "adapter":
+            # host copies: the train step donates (and so deletes) the state's arrays
+            self.initial_adapters = {name: (to_host(a), to_host(b), scale) for name, (a, b, scale) in
+                                     lora_adapters(self.updated_model(), self.model_config).items()}
 
     @classmethod
     def for_evaluation(cls, config: Config, *, source) -> "Trainer":
