@@ -121,6 +121,29 @@ def test_peft_adapter_loads_in_peft_with_our_logits(hf_base, tmp_path, targets):
     assert_close(hand_merged_torch(hf_base, model, model_config), ours, 1e-5, what="logits")
 
 
+@pytest.mark.parametrize("case", ["gemma3", "gemma4"])
+def test_peft_adapter_on_gemma3_and_gemma4(tmp_path, case):
+    """all-linear LoRA on Gemma 3 (q/k norms, two RoPEs) and Gemma 4 (full layers with another head shape and no
+    v_proj): the PEFT adapter loads in peft on the transformers model and gives our logits."""
+    from tests.models.test_families import _make_hf_model
+
+    _make_hf_model(case).save_pretrained(tmp_path / "base")
+    lora = LoraSection(enabled=True, r=4, alpha=8.0, target_modules="all-linear")
+    model, model_config = load_ours(tmp_path / "base")
+    add_random_lora(model, lora)
+    ours = our_logits(model)
+    out = adapter_io.write_peft_adapter(model, model_config, tmp_path / "adapter", lora=vars(lora),
+                                        base_model_name_or_path=str(tmp_path / "base"))
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    plain = torch_logits(base)
+    peft_model = peft.PeftModel.from_pretrained(base, out)
+    adapted = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    assert len(adapted) == len(adapter_io.lora_adapters(model, model_config))
+    via_peft = torch_logits(peft_model)
+    assert relative_error(via_peft, plain) > 1e-2
+    assert_close(via_peft, ours, 1e-5, what="logits")
+
+
 def test_peft_rslora_scale(hf_base, tmp_path):
     lora = LoraSection(enabled=True, r=4, alpha=3.0, rslora=True, target_modules="all-linear")
     model, model_config = load_ours(hf_base)

@@ -7,7 +7,7 @@ from types import ModuleType
 
 from sftjax.errors import CheckpointError
 
-FAMILY_MODULES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+FAMILY_MODULES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma4", "phi3")
 
 
 def _family(name: str) -> ModuleType:

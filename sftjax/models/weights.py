@@ -54,7 +54,10 @@ def model_from_hf_tensors(hf_config: dict, tensors: Iterable[tuple[str, np.ndarr
     specs = {spec.hf_name: spec for spec in family.weight_specs(config)}
     target_dtype = np.dtype(jnp.dtype(dtype))
     seen: set[str] = set()
+    rename = getattr(family, "checkpoint_tensor_name", None)  # multimodal checkpoints: the text decoder's names
     for name, array in tensors:
+        if rename is not None and (name := rename(hf_config, name)) is None:
+            continue  # a tensor of another tower (vision, audio)
         spec = specs.get(name)
         if spec is None:
             if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):

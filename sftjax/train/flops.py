@@ -42,9 +42,11 @@ def model_flops_per_token(model_config, *, num_params: int, num_trainable_params
     head = embed if model_config.tie_word_embeddings else 0  # tied head: the table is also a matmul
     matmul = max(num_params - embed + head, 0)
     trainable = min(num_trainable_params, matmul)
+    # full and sliding layers may differ in head_dim (Gemma 4): the layers' mean gives their summed attention FLOPs
+    layer_configs = [model_config.for_layer_type(model_config.layer_type(i)) for i in range(model_config.num_layers)]
+    head_dim = sum(c.head_dim for c in layer_configs) / max(len(layer_configs), 1)
     return (matmul_flops_per_token(matmul, trainable)
-            + attention_flops_per_token(model_config.num_layers, model_config.num_heads, model_config.head_dim,
-                                        seq_len))
+            + attention_flops_per_token(model_config.num_layers, model_config.num_heads, head_dim, seq_len))
 
 
 def _cpu_model() -> str:

@@ -72,6 +72,11 @@ def test_model_flops_per_token_by_hand():
     # LoRA: no weight gradients for the frozen matmuls (4N) plus 2x the adapters
     lora = model_flops_per_token(config, num_params=num_params, num_trainable_params=1_000_000, seq_len=4096)
     assert lora == 4 * (num_params - embed) + 2 * 1_000_000 + 12 * 32 * 32 * 128 * 4096
+    # Gemma 4 style: five sliding layers of head_dim 256, one full layer of head_dim 512
+    gemma4 = config.replace(num_layers=6, head_dim=256, global_head_dim=512, sliding_window=1024,
+                            layer_types=("sliding_attention",) * 5 + ("full_attention",))
+    attention = model_flops_per_token(gemma4, num_params=embed, num_trainable_params=0, seq_len=4096)
+    assert attention == 12 * 32 * (5 * 256 + 512) * 4096
     assert accelerators.H100.peak_bf16_flops == 989e12 and accelerators.TPU_V5P.peak_bf16_flops == 459e12
     assert device_peak_flops() is None  # a CPU has no datasheet peak: no MFU unless train.peak_flops is set
 
