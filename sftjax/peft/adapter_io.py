@@ -144,10 +144,29 @@ def _target_modules(adapted: list[str], all_linear: list[str]) -> list[str] | st
     return "(" + "|".join(n.replace(".", r"\.") for n in sorted(adapted)) + ")"
 
 
+def with_initial_adapters(adapters: Mapping, initial: Mapping) -> dict:
+    """A PiSSA/OLoRA run's adapters as a plain LoRA adapter of the **original** base, as peft converts them
+    (``save_pretrained(path_initial_model_for_weight_conversion=...)``): the run trains ``A, B`` on the residual
+    ``W - scale * A0 @ B0``, which is ``W + scale * (A @ B - A0 @ B0)`` = ``W + scale * [A, A0] @ [B; -B0]``: an
+    adapter of twice the rank and the same scale. ``initial``: :func:`lora_adapters` right after the init."""
+    import jax.numpy as jnp
+
+    out = {}
+    for name, (a_IR, b_RO, scale) in adapters.items():
+        if name not in initial:
+            raise CheckpointError(f"{name}: no initial adapter to convert the residual-initialized run against")
+        a0_IR, b0_RO, _ = initial[name]
+        out[name] = (jnp.concatenate([a_IR, a0_IR.astype(a_IR.dtype)], axis=1),
+                     jnp.concatenate([b_RO, -b0_RO.astype(b_RO.dtype)], axis=0), scale)
+    return out
+
+
 def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_model_name_or_path: str,
-                       dtype: str | None = None) -> pathlib.Path:
+                       dtype: str | None = None, initial_adapters: Mapping | None = None) -> pathlib.Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for the adapters of ``model`` (with several
-    processes, every process calls this; process 0 writes)."""
+    processes, every process calls this; process 0 writes). A run whose ``lora.init`` rewrote the base (PiSSA,
+    OLoRA) needs ``initial_adapters`` (:func:`lora_adapters` of the model right after its init): the adapter is
+    then written for the original base (see :func:`with_initial_adapters`), which is what peft loads it onto."""
     import jax.numpy as jnp
     import numpy as np
     from safetensors.numpy import save_file
@@ -158,9 +177,19 @@ def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_mode
     experts = expert_peft_tensors(model, model_config)  # None: no adapter on any expert
     if not adapters and experts is None:
         raise CheckpointError("the checkpoint has no LoRA adapters (full fine-tuning?); use --format hf")
-    # peft's rank_pattern does not reach target_parameters: expert adapters set the global rank, and the other
-    # modules get theirs through rank_pattern
-    rank = experts.rank if experts is not None else int(lora["r"])
+    rank = int(lora["r"])
+    if lora.get("init", "default") in ("pissa", "olora"):
+        if initial_adapters is None:
+            raise CheckpointError(f"lora.init={lora['init']}: the adapter of a run that rewrote the base weights "
+                                  "needs its initial adapters to be written for the original base")
+        if dora_magnitudes(model, model_config):
+            raise CheckpointError(f"lora.init={lora['init']} with DoRA cannot be written as a PEFT adapter of the "
+                                  "original base (the magnitude is of the residual); use --format hf")
+        adapters, rank = with_initial_adapters(adapters, initial_adapters), 2 * rank
+    if experts is not None:
+        # peft's rank_pattern does not reach target_parameters: expert adapters set the global rank, and the other
+        # modules get theirs through rank_pattern
+        rank = experts.rank
     rslora = bool(lora.get("rslora", False))
     scales = {round(scale, 6) for _, _, scale in adapters.values()} | (
         {round(experts.scale, 6)} if experts is not None else set())
