@@ -127,23 +127,21 @@ def torch_runner(model, batch: dict[str, np.ndarray]):
 
 
 # ------------------------------------------------------------------------------------------------------ sftjax
-def run_config(model_dir: str, rows: int, attention: str, cross_entropy: str, moe_implementation=None) -> Config:
+def run_config(model_dir: str, rows: int, attention: str, cross_entropy: str) -> Config:
     """The benchmark's run as a Config: full fine-tuning in float32, AdamW at a constant rate, no clipping."""
-    moe = {} if moe_implementation is None else {"implementation": moe_implementation}
     return Config(
         model=ModelSection(path=model_dir, param_dtype="float32", compute_dtype="float32",
-                           attention_implementation=attention, cross_entropy_implementation=cross_entropy, moe=moe),
+                           attention_implementation=attention, cross_entropy_implementation=cross_entropy),
         optim=OptimSection(name="adamw", learning_rate=LEARNING_RATE, schedule="constant",
                            weight_decay=WEIGHT_DECAY, no_decay=[], b1=0.9, b2=0.999, eps=1e-8, max_grad_norm=None),
         train=TrainSection(steps=1000, global_batch_size=rows, progress=False, tensorboard=False))
 
 
-def sftjax_runner(model_dir: str, batch: dict[str, np.ndarray], attention: str, cross_entropy: str,
-                  moe_implementation: str | None = None):
+def sftjax_runner(model_dir: str, batch: dict[str, np.ndarray], attention: str, cross_entropy: str):
     """(step() -> loss, forward() -> loss, compiled memory) for one implementation pair, on a fresh model loaded
     from ``model_dir`` by ``build_program`` (the recipe ``sftjax train`` uses)."""
     rows, length = batch["tokens"].shape
-    program = build_program(run_config(model_dir, rows, attention, cross_entropy, moe_implementation), mesh=make_mesh(),
+    program = build_program(run_config(model_dir, rows, attention, cross_entropy), mesh=make_mesh(),
                             total_steps=1000)
     graphdef, frozen, options, train_step = program.graphdef, program.frozen, program.loss, program.train_step
     device_batch = {k: jax.device_put(v.reshape(1, rows, length), program.batch_sharding) for k, v in batch.items()}

@@ -95,7 +95,9 @@ TPU_V6E = Chip("v6e", "tpu", 32 * GiB, 918e12, 1640e9, ("TPU v6 lite", "TPU v6e"
 A100 = Chip("a100", "gpu", 81920 * MiB, 312e12, 2039e9, ("NVIDIA A100-SXM4-80GB",))
 H100 = Chip("h100", "gpu", 81559 * MiB, 989e12, 3350e9, ("NVIDIA H100 80GB HBM3",))
 H200 = Chip("h200", "gpu", 143771 * MiB, 989e12, 4800e9, ("NVIDIA H200",))
-CHIPS = {chip.name: chip for chip in (TPU_V4, TPU_V5E, TPU_V5P, TPU_V6E, A100, H100, H200)}
+# a 24 GB card (GDDR6, 125 TFLOP/s bf16 dense, 600 GB/s): the class of GPU QLoRA of an 8B model is meant for
+A10 = Chip("a10", "gpu", 23028 * MiB, 125e12, 600e9, ("NVIDIA A10",))
+CHIPS = {chip.name: chip for chip in (TPU_V4, TPU_V5E, TPU_V5P, TPU_V6E, A100, H100, H200, A10)}
 
 TPU_SLICES = {s.name: s for s in (
     TpuSlice("v4-8", TPU_V4, "v4:2x2x1", 4, (2, 2, 1), chip_config="megacore"),

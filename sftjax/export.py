@@ -11,9 +11,9 @@ per the ``lora`` section -- restores the checkpoint's ``params`` item into it an
 * ``peft``: ``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained`` loads
   onto the base model. PEFT names a module by its Hugging Face path (``model.layers.0.self_attn.q_proj``), found
   through the family's weight table, and stores ``lora_A`` as [r, in] and ``lora_B`` as [out, r] (the transposes
-  of our [in, r] / [r, out]). Per-expert LoRA on the stacked MoE experts is written as peft
-  ``target_parameters`` (Mixtral, Qwen3-MoE, gpt-oss); for a family without that form the export says so in
-  one log line and writes the merged model (``hf``) instead;
+  of our [in, r] / [r, out]). Per-expert LoRA on the stacked MoE experts becomes peft's ``target_parameters``
+  on transformers' fused expert tensors (:mod:`sftjax.peft.expert_adapters`); for a family without that layout
+  the export says so in one log line and writes the merged model (``hf``) instead;
 * ``gguf``: one ``.gguf`` file through :func:`sftjax.models.gguf_write.write_gguf` (f16 / bf16 / q8_0).
 
 Every export is written into a temporary sibling and renamed into place at the end, so a failed export never
@@ -44,8 +44,9 @@ from sftjax.peft.lora import trainable_filter
 from sftjax.train import checkpoint as ckpt
 from sftjax.train import run_meta
 from sftjax.train import program
-from sftjax.peft.adapter_io import expert_adapter_paths, write_peft_adapter
-from sftjax.peft.expert_adapters import has_peft_form
+from sftjax.peft.adapter_io import expert_adapter_paths, lora_adapters, write_peft_adapter
+from sftjax.peft.expert_adapters import FUSED_FAMILIES
+from sftjax.peft.init import RESIDUAL_INITS
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,10 @@ def _publish(staged: pathlib.Path, out: pathlib.Path) -> None:
 # ------------------------------------------------------------------------------------------------ from a checkpoint
 
 
-def model_from_checkpoint(source, *, step: int | None = None):
-    """Rebuild the trained model from a run / checkpoint path: (model, model_config, run_config dict, meta).
+def model_from_checkpoint(source, *, step: int | None = None, with_initial: bool = False):
+    """Rebuild the trained model from a run / checkpoint path: (model, model_config, run_config dict, meta), plus
+    with ``with_initial`` the adapters as initialized (``adapter_io.lora_adapters``; None unless ``lora.init``
+    rewrote the base: PiSSA/OLoRA, whose PEFT export needs them).
 
     The model is built by the run recipe (:mod:`sftjax.train.program`) from the config saved in the checkpoint --
     base weights from ``model.path`` (refused when they changed since training) or a random init whose every
@@ -102,12 +105,16 @@ def model_from_checkpoint(source, *, step: int | None = None):
         cfg = run_meta.run_config(meta, root / str(step))
         model, model_config = _base_model(cfg, meta, root / str(step))
         program.adapt(model, cfg)
+        initial = (lora_adapters(model, model_config) if cfg.lora.enabled and cfg.lora.init in RESIDUAL_INITS
+                   else None)  # the init is deterministic (SVD / QR of the base): the run's own initial adapters
         trainable = nnx.state(model, trainable_filter(cfg.lora, scan_plan=model.scan_plan))
         restored = manager.restore(step, {"params": ckpt.abstract_like(trainable)}, check_config=False)
         nnx.update(model, restored.state["params"])
         model = unstacked(model)  # exported one module per layer
     finally:
         manager.close()
+    if with_initial:
+        return model, model_config, cfg.to_dict(), meta, initial
     return model, model_config, cfg.to_dict(), meta
 
 
@@ -159,9 +166,9 @@ def export(source, out, *, format: str, dtype: str | None = None, overwrite: boo
             raise CheckpointError(f"{source} is a plain model without LoRA adapters; --format peft needs a "
                                   "training checkpoint of a LoRA run")
         model, model_config = load_model(source)
-        run_config, meta = {"model": {"path": str(source)}}, {}
+        run_config, meta, initial = {"model": {"path": str(source)}}, {}, None
     else:
-        model, model_config, run_config, meta = model_from_checkpoint(source, step=step)
+        model, model_config, run_config, meta, initial = model_from_checkpoint(source, step=step, with_initial=True)
     if format == "gguf":  # a family llama.cpp cannot run is one line before anything is written
         check_exportable(model_config.to_hf_dict(), where=str(out))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -170,7 +177,8 @@ def export(source, out, *, format: str, dtype: str | None = None, overwrite: boo
         if format == "hf":
             save_model(model, model_config, staged, dtype=HF_DTYPES[dtype] if dtype else None,
                        tokenizer=_tokenizer_for(run_config))
-        elif format == "peft" and expert_adapter_paths(unstacked(model)) and not has_peft_form(model_config):
+        elif (format == "peft" and model_config.family not in FUSED_FAMILIES
+              and expert_adapter_paths(unstacked(model))):
             log.warning("%s: per-expert LoRA adapters have no PEFT adapter form here; writing the merged model "
                         "(Hugging Face safetensors) instead", out)
             save_model(model, model_config, staged, dtype=HF_DTYPES[dtype] if dtype else None,
@@ -178,7 +186,8 @@ def export(source, out, *, format: str, dtype: str | None = None, overwrite: boo
         elif format == "peft":
             base = (meta.get("base_model") or {}).get("path") or (run_config.get("model") or {}).get("path") or ""
             write_peft_adapter(model, model_config, staged, lora=run_config.get("lora") or {},
-                               base_model_name_or_path=str(base), dtype=HF_DTYPES[dtype] if dtype else None)
+                               base_model_name_or_path=str(base), dtype=HF_DTYPES[dtype] if dtype else None,
+                               initial_adapters=initial)
         else:
             staged = _write_gguf(model, model_config, run_config, staged, GGUF_DTYPES[dtype or "f16"])
         _publish(staged, out)

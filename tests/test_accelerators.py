@@ -17,7 +17,7 @@ from sftjax.errors import ConfigError
 SUFFIX_COUNTS_CORES = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
 REPORTED_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5": "v5p", "TPU v6 lite": "v6e",
                   "NVIDIA H100 80GB HBM3": "h100", "NVIDIA H200": "h200", "NVIDIA A100-SXM4-80GB": "a100",
-                  "NVIDIA H100 PCIe": "h100"}
+                  "NVIDIA H100 PCIe": "h100", "NVIDIA A10": "a10"}
 
 
 @pytest.mark.parametrize("name", list(accelerators.TPU_SLICES))

@@ -126,3 +126,13 @@ def test_qlora_dora_and_loraplus_refusals(override, words):
     message = one_line_error(*override)
     for word in words:
         assert word in message, (word, message)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.moe={router_aux_coef: 0.1}", "model.moe has unknown key 'router_aux_coef'; did you mean "
+                                         "'router_aux_loss_coef'?"),
+    ("model.moe={implementation: triton}", "model.moe.implementation='triton' is not one of auto, ragged_dot"),
+    ("model.moe={router_z_loss_coef: -1}", "model.moe.router_z_loss_coef=-1 must be a number >= 0"),
+])
+def test_moe_switches_are_checked(override, expected):
+    assert expected in one_line_error(override)

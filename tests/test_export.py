@@ -121,6 +121,29 @@ def test_peft_adapter_loads_in_peft_with_our_logits(hf_base, tmp_path, targets):
     assert_close(hand_merged_torch(hf_base, model, model_config), ours, 1e-5, what="logits")
 
 
+@pytest.mark.parametrize("case", ["gemma3", "gemma4"])
+def test_peft_adapter_on_gemma3_and_gemma4(tmp_path, case):
+    """all-linear LoRA on Gemma 3 (q/k norms, two RoPEs) and Gemma 4 (full layers with another head shape and no
+    v_proj): the PEFT adapter loads in peft on the transformers model and gives our logits."""
+    from tests.models.test_families import _make_hf_model
+
+    _make_hf_model(case).save_pretrained(tmp_path / "base")
+    lora = LoraSection(enabled=True, r=4, alpha=8.0, target_modules="all-linear")
+    model, model_config = load_ours(tmp_path / "base")
+    add_random_lora(model, lora)
+    ours = our_logits(model)
+    out = adapter_io.write_peft_adapter(model, model_config, tmp_path / "adapter", lora=vars(lora),
+                                        base_model_name_or_path=str(tmp_path / "base"))
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    plain = torch_logits(base)
+    peft_model = peft.PeftModel.from_pretrained(base, out)
+    adapted = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    assert len(adapted) == len(adapter_io.lora_adapters(model, model_config))
+    via_peft = torch_logits(peft_model)
+    assert relative_error(via_peft, plain) > 1e-2
+    assert_close(via_peft, ours, 1e-5, what="logits")
+
+
 def test_peft_rslora_scale(hf_base, tmp_path):
     lora = LoraSection(enabled=True, r=4, alpha=3.0, rslora=True, target_modules="all-linear")
     model, model_config = load_ours(hf_base)
@@ -374,3 +397,147 @@ def test_dora_checkpoint_to_peft_and_hf(hf_base, tmp_path):
     merged = ex.export(tmp_path / "run", tmp_path / "merged", format="hf", dtype="float32")
     exported = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     assert_close(torch_logits(exported), torch_logits(peft_model.merge_and_unload()), 1e-5, what="merged logits")
+
+
+# ------------------------------------------------------------------------------------------------ QLoRA
+
+
+@pytest.fixture(scope="module")
+def hf_base_64(tmp_path_factory) -> pathlib.Path:
+    """A tiny Llama whose linear inputs are multiples of 64 (NF4 blocks inside rows, as in real models)."""
+    torch.manual_seed(2)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2)
+    model = transformers.LlamaForCausalLM(config).float()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2) if p.ndim > 1 else p.uniform_(0.8, 1.2)
+    path = tmp_path_factory.mktemp("base64") / "tiny-llama"
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_qlora_checkpoint_to_hf_and_peft(hf_base_64, tmp_path, double_quant):
+    """A QLoRA run's checkpoint (adapters only) exports to merged HF weights = bitsandbytes' dequantized base + the
+    adapters (transformers, and our QLoRA logits), and to a PEFT adapter that peft loads onto the original float
+    base (= that base + the adapters) and onto the base quantized by bitsandbytes at load (= our QLoRA logits)."""
+    require("bitsandbytes")
+    from sftjax.peft.quant import quantize_model
+    from tests.peft.test_quant import _bnb_round_trip_IO
+
+    lora = LoraSection(enabled=True, r=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    run_config = _run_config(hf_base_64, lora)
+    run_config["model"].update(quantize="nf4", double_quant=double_quant)
+    dense, model_config = load_ours(hf_base_64)
+    model, _ = load_ours(hf_base_64)
+    add_random_lora(model, lora)
+    add_random_lora(dense, lora)  # the same adapters (same seed) on the float base
+    quantize_model(model, "nf4", double_quant=double_quant)  # as a run does: adapters first, then the base
+    ours = our_logits(model)
+    _save_checkpoint(tmp_path / "run", run_config, model, lora)
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "10" / "params" / "_METADATA").read_text())
+    assert saved["tree_metadata"] and all("lora_a" in k or "lora_b" in k for k in saved["tree_metadata"])
+
+    # merged: every attention/MLP weight is the dequantized NF4 base, adapted ones plus scale * A @ B
+    merged = ex.export(tmp_path / "run", tmp_path / "merged", format="hf")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(hf_base_64, dtype=torch.float32)
+    modules = dict(reference.named_modules())
+    adapters = adapter_io.lora_adapters(model, model_config)
+    for name, module in modules.items():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            w_OI = module.weight.detach().numpy()
+            new_OI = _bnb_round_trip_IO(w_OI.T, "nf4", double_quant).T.astype(np.float64)
+            if name in adapters:
+                a_IR, b_RO, scale = adapters[name]
+                new_OI = new_OI + scale * (np.asarray(a_IR, np.float64) @ np.asarray(b_RO, np.float64)).T
+            with torch.no_grad():
+                module.weight.copy_(torch.tensor(new_OI, dtype=torch.float32))
+    assert len(adapters) == 3 * 2
+    assert_close(torch_logits(exported), torch_logits(reference), 1e-5, what="merged QLoRA vs reference")
+    assert_close(torch_logits(exported), ours, 1e-5, what="merged QLoRA vs ours")
+    gguf_file = ex.export(tmp_path / "run", tmp_path / "model.gguf", format="gguf", dtype="f32")  # merged too
+    assert_close(our_logits(load_ours(gguf_file)[0]), torch_logits(reference), 1e-5, what="merged QLoRA gguf")
+
+    # PEFT adapter: onto the original float base, and onto bitsandbytes' NF4 of it
+    adapter = ex.export(tmp_path / "run", tmp_path / "adapter", format="peft")
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(hf_base_64)
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_base_64, dtype=torch.float32)
+    on_float = torch_logits(peft.PeftModel.from_pretrained(base, adapter))
+    assert_close(on_float, our_logits(dense), 1e-5, what="adapter on the float base")
+    assert relative_error(on_float, ours) > 1e-4  # the quantization is visible, so the next check means something
+    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                 bnb_4bit_compute_dtype=torch.float32,
+                                                 bnb_4bit_use_double_quant=double_quant)
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(hf_base_64, dtype=torch.float32, device_map="cpu",
+                                                                  quantization_config=bnb_config)
+    # bitsandbytes' CPU Linear4bit forward multiplies at about bfloat16 precision (0.4% off a float32 matmul of its
+    # own dequantized weight), so the base peft runs on is the float model holding the weights bitsandbytes
+    # quantized at load, dequantized by bitsandbytes
+    import bitsandbytes.functional as bnbF
+
+    on_bnb = transformers.AutoModelForCausalLM.from_pretrained(hf_base_64, dtype=torch.float32)
+    float_modules = dict(on_bnb.named_modules())
+    count = 0
+    for name, module in quantized.named_modules():
+        if type(module).__name__ == "Linear4bit":
+            with torch.no_grad():
+                float_modules[name].weight.copy_(bnbF.dequantize_4bit(module.weight.data, module.weight.quant_state))
+            count += 1
+    assert count == 2 * 7
+    # double quantization: bitsandbytes' absmax offset may differ from ours in its last bit (torch's summation
+    # order; see tests/peft/test_quant.py), which moves a few dequantized weights by an ulp of their absmax
+    assert_close(torch_logits(peft.PeftModel.from_pretrained(on_bnb, adapter)), ours,
+                 1e-5 if not double_quant else 1e-4, what="adapter on bitsandbytes' NF4 base")
+
+
+@pytest.mark.parametrize("init, rslora", [("pissa", False), ("olora", True)])
+def test_residual_init_checkpoint_to_peft_of_the_original_base(hf_base, tmp_path, init, rslora):
+    """lora.init=pissa|olora trains on the residual base ``W - scale * A0 @ B0``: the PEFT adapter is peft's
+    conversion to a plain LoRA of the original base (rank 2r: [A, A0], [B, -B0]), which peft loads onto the
+    unchanged base with our logits; the merged HF export is the residual plus the trained adapters."""
+    from sftjax.peft.lora import apply_lora, linear_modules
+
+    lora = LoraSection(enabled=True, r=4, alpha=8.0, rslora=rslora, target_modules=["q_proj", "v_proj", "up_proj"],
+                       init=init)
+    model, _ = load_ours(hf_base)
+    apply_lora(model, lora, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(0)
+    for module in linear_modules(model).values():  # "trained": both factors moved off their init
+        if module.lora_a is not None:
+            for factor in (module.lora_a, module.lora_b):
+                factor[...] = factor[...] + jnp.asarray(0.05 * rng.normal(size=factor[...].shape), jnp.float32)
+    ours = our_logits(model)
+    _save_checkpoint(tmp_path / "run", _run_config(hf_base, lora), model, lora)
+    adapter = ex.export(tmp_path / "run", tmp_path / "adapter", format="peft")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
+    plain = torch_logits(base)
+    via_peft = torch_logits(peft.PeftModel.from_pretrained(base, adapter))
+    assert relative_error(via_peft, plain) > 1e-2
+    assert_close(via_peft, ours, 1e-5, what=f"{init} adapter on the original base")
+    merged = ex.export(tmp_path / "run", tmp_path / "merged", format="hf", dtype="float32")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    assert_close(torch_logits(exported), ours, 1e-5, what=f"{init} merged")
+
+
+def test_residual_init_peft_export_refusals(hf_base, tmp_path):
+    from sftjax.peft.lora import apply_lora
+
+    lora = LoraSection(enabled=True, r=2, alpha=4.0, target_modules=["q_proj"], init="pissa")
+    model, model_config = load_ours(hf_base)
+    apply_lora(model, lora, rngs=nnx.Rngs(1))
+    with pytest.raises(CheckpointError, match="lora.init=pissa: the adapter of a run that rewrote the base"):
+        adapter_io.write_peft_adapter(model, model_config, tmp_path / "a", lora=vars(lora),
+                                      base_model_name_or_path=str(hf_base))
+    dora = LoraSection(enabled=True, r=2, alpha=4.0, target_modules=["q_proj"], init="pissa", use_dora=True)
+    model, model_config = load_ours(hf_base)
+    apply_lora(model, dora, rngs=nnx.Rngs(1))
+    initial = adapter_io.lora_adapters(model, model_config)
+    with pytest.raises(CheckpointError, match="lora.init=pissa with DoRA cannot be written as a PEFT adapter"):
+        adapter_io.write_peft_adapter(model, model_config, tmp_path / "b", lora=vars(dora),
+                                      base_model_name_or_path=str(hf_base), initial_adapters=initial)

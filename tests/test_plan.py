@@ -285,3 +285,36 @@ def test_moe_total_active_parameters_and_expert_memory_per_device(tmp_path):
     text = result.format()
     assert "32.61K (32,608) active per token; 2 experts per device" in text
     assert json.loads(json.dumps(result.to_dict()))["params"]["active"] == 32608
+
+
+def test_llama31_8b_qlora_step_at_4096_tokens_fits_a_24gb_gpu(tmp_path):
+    """model.quantize=nf4 on Llama-3.1-8B (the 1-GPU recipe: bf16, remat full, LoRA r=16 all-linear), one row of
+    4096 tokens per step: the plan's main lines equal the hand arithmetic below, and the total fits a 24 GB A10
+    with jax's default preallocation (75%); the same run without NF4 does not."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA31_8B))
+    overrides = [f"model.path={tmp_path}", "data.max_length=4096", "train.micro_batch_size=1",
+                 "train.global_batch_size=1", "lora.dropout=0.0"]
+    result = plan(load_config(LLAMA_8B, overrides + ["model.quantize=nf4"]), device_kind="a10")
+    dense = plan(load_config(LLAMA_8B, overrides), device_kind="a10")
+
+    d, f, v, layers, r = 4096, 14336, 128256, 32, 16
+    q, kv = 32 * 128, 8 * 128
+    linears_IO = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+    quantized = layers * sum(i * o for i, o in linears_IO)  # 6.98B weights at 4 bits + a float32 absmax per 64
+    assert quantized == 6_979_321_856
+    assert _item(result, "frozen quantized weights") == quantized // 2 + 4 * (quantized // 64)  # 3.66 GiB
+    assert _item(result, "frozen weights") == 2 * (2 * v * d + (2 * layers + 1) * d)  # embeddings, head, norms
+    lora = layers * r * sum(i + o for i, o in linears_IO)
+    assert result.params_trainable == lora == 41_943_040
+    assert _item(result, "trainable weights") == 2 * lora  # bf16
+    assert _item(result, "gradient accumulator") == 4 * lora
+    assert _item(result, "activations saved for backward") == 4096 * d * 2 * layers  # bf16 layer inputs
+    budget = int(0.75 * 23028 * 2**20)  # jax preallocates 75% of the A10's 23028 MiB
+    assert result.device.name == "a10" and result.device.budget_bytes == budget
+    hand = (quantized // 2 + 4 * (quantized // 64)) + 2 * (2 * v * d + (2 * layers + 1) * d) + 2 * lora + 4 * lora \
+        + 4096 * d * 2 * layers
+    assert hand < result.total_bytes < budget, (hand, result.total_bytes, budget)
+    assert result.fits and "FITS" in result.format()
+    # the dense bf16 base alone (16 GB) leaves no room: NF4 is what makes it fit
+    assert _item(dense, "frozen weights") == 2 * (quantized + 2 * v * d + (2 * layers + 1) * d)
+    assert not dense.fits

@@ -6,9 +6,12 @@ the conversation is also rendered up to message ``i - 1`` with the generation pr
 prompt: ``E`` minus its longest common prefix with ``S``, minus trailing whitespace -- the content (with any
 reasoning and its think tags the template writes there) plus the end-of-turn text (``<|im_end|>``,
 ``<|eot_id|>``, ``</s>``, ...). Text a generation prompt already supplies (``<think>\\n`` for DeepSeek-R1) is
-prompt, not trained. The span is located in the full rendering, searching forward from the end of the message it
-answers (a reply that repeats the question is not found inside it), so templates that render earlier turns
-differently once later turns exist (reasoning dropped from past turns, a system prompt moved) still work.
+prompt, not trained; but when the prompt writes an empty reasoning block (Gemma 4's ``<|channel>thought\\n
+<channel|>`` with thinking off) and a turn with reasoning diverges inside it, the block's opening tag is the
+turn's (it starts where the turn without its reasoning would). The span is located in the full rendering,
+searching forward from the end of the message it answers (a reply that repeats the question is not found inside
+it), so templates that render earlier turns differently once later turns exist (reasoning dropped from past turns,
+a system prompt moved) still work.
 
 When the turn renders differently as the last message than mid-conversation:
 
@@ -31,6 +34,7 @@ raises a one-line DataError rather than training a wrong mask.
 from __future__ import annotations
 
 import bisect
+import re
 
 from sftjax.errors import DataError
 
@@ -104,6 +108,9 @@ def assistant_spans(tokenizer, messages: list[dict], template: str, full_text: s
                                                          location=location)
         ended = render(tokenizer, messages[: i + 1], template, tools=tools, location=location)
         turn_start = _common_prefix_length(prompt, ended)
+        header_end = _header_end_inside_generation_prompt(tokenizer, messages, i, template, tools, prompt, ended,
+                                                          turn_start, location)
+        turn_start = turn_start if header_end is None else header_end
         content = message.get("content", "").strip()
         if i > 0 and not has_generation_header and content:  # no generation header: the turn starts at its content
             found = ended.find(content, turn_start)
@@ -120,6 +127,8 @@ def assistant_spans(tokenizer, messages: list[dict], template: str, full_text: s
         # The turn cannot start before the message it answers: skip past that message's content.
         lower = _after_message(messages, i - 1, full_text, search_from)
         expected = _common_prefix_length(prompt, full_text)
+        if header_end is not None and full_text[:header_end] == ended[:header_end]:
+            expected = min(expected, header_end)
         found = full_text.find(content, lower, expected + len(content)) if content else -1
         expected = found if lower <= found < expected else expected  # prompt shared the content's first words
         anchors = [expected] if expected >= lower else []
@@ -185,6 +194,25 @@ def assistant_spans(tokenizer, messages: list[dict], template: str, full_text: s
     return spans
 
 
+def _header_end_inside_generation_prompt(tokenizer, messages, i, template, tools, prompt, ended, turn_start,
+                                         location) -> int | None:
+    """Where reasoning turn ``i`` starts when it diverges inside the generation prompt (None otherwise).
+
+    A generation prompt may open and close an empty reasoning block (Gemma 4 writes ``<|channel>thought\n
+    <channel|>`` when thinking is off). A turn that carries reasoning rewrites that block, so the prompt and the
+    turn share its opening tag: the opening tag is the turn's own markup, not prompt. The turn then starts where
+    the same turn without its reasoning starts (after the role header). A prompt the turn continues in full
+    (``<think>\n`` of DeepSeek-R1) stays prompt."""
+    if turn_start >= len(prompt) or not reasoning_text(messages[i]):
+        return None
+    plain = {k: v for k, v in messages[i].items() if k not in ("reasoning_content", "thinking")}
+    without = render(tokenizer, messages[:i] + [plain], template, tools=tools, location=location)
+    header_end = _common_prefix_length(prompt, without)
+    if header_end >= turn_start or ended[:header_end] != without[:header_end]:
+        return None
+    return header_end
+
+
 def _end_before_next_header(messages, i, full_text, after, end, end_of_turn, marker, special_texts) -> int | None:
     """End of assistant turn ``i`` (content ending at ``after``) when its last-turn ending differs from the text
     that follows it in the full rendering; ``end`` is where the shared part of the two endings stops (at a token
@@ -241,6 +269,10 @@ def _is_special_text(text: str, special_texts: list[str]) -> bool:
     return bool(text.strip()) and not rest.strip()
 
 
+# a closing tag right after the reasoning (``</think>``, Gemma 4's ``<channel|>``) and the whitespace around it
+_CLOSING_TAG = re.compile(r"\s*(?:</[A-Za-z][\w:-]{0,30}>|<[A-Za-z][\w:-]{0,30}\|>)[ \t]*\n*")
+
+
 def reasoning_text(message: dict) -> str:
     """The message's reasoning (``reasoning_content`` or ``thinking``), stripped; "" if none."""
     value = message.get("reasoning_content") or message.get("thinking") or ""
@@ -257,7 +289,11 @@ def reasoning_block(full_text: str, span: tuple[int, int], message: dict) -> tup
         return None
     content = message.get("content", "").strip()
     content_at = full_text.find(content, at + len(reasoning), end) if content else -1
-    return (start, content_at if content_at >= 0 else at + len(reasoning))
+    if content_at >= 0:
+        return (start, content_at)
+    # no content after it (a turn of tool calls only): the block ends with the tag that closes the reasoning
+    closing = _CLOSING_TAG.match(full_text, at + len(reasoning), end)
+    return (start, closing.end() if closing else at + len(reasoning))
 
 
 def _aligned_tail(turn: str, full_text: str, anchor: int, probe_length: int = 16) -> int | None:

@@ -13,7 +13,7 @@ from typing import Any
 from sftjax.models.moe_config import MoEConfig
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope", "yarn", "proportional")
 REMAT_POLICIES = ("none", "full", "save_dots", "offload_dots")
 # MoEConfig fields a run sets (model.moe in the run config) and config.json does not hold
 MOE_RUNTIME_FIELDS = ("router_z_loss_coef", "implementation")
@@ -51,7 +51,8 @@ class ModelConfig:
     rope_beta_fast: float = 32.0  # yarn: rotations below which a frequency is interpolated fully
     rope_beta_slow: float = 1.0  # yarn: rotations above which a frequency is kept (extrapolated)
     rope_truncate: bool = True  # yarn: round the correction range to whole dimensions
-    partial_rotary_factor: float = 1.0
+    partial_rotary_factor: float = 1.0  # proportional: the share of each head's frequency pairs that rotate
+    sliding_rope_theta: float | None = None  # sliding layers use default RoPE with this base (Gemma 3/4)
     # attention switches
     attention_bias: bool = False  # bias on q, k, v projections
     attention_out_bias: bool = False  # bias on o_proj
@@ -61,12 +62,17 @@ class ModelConfig:
     layer_types: tuple[str, ...] | None = None  # per layer FULL_ATTENTION / SLIDING_ATTENTION; None = all sliding
     attn_logit_softcap: float | None = None
     query_pre_attn_scalar: float | None = None  # scores scaled by this ** -0.5 instead of head_dim ** -0.5
+    global_head_dim: int | None = None  # head_dim of the full-attention layers when it differs (Gemma 4)
+    global_num_kv_heads: int | None = None  # kv heads of the full-attention layers when they differ (Gemma 4)
+    attention_k_eq_v: bool = False  # full-attention layers take the values from k_proj (no v_proj; Gemma 4)
+    v_norm: bool = False  # values RMS-normalized (no weight) before attention (Gemma 4)
     # block switches
     mlp_bias: bool = False
     activation: str = "silu"
     sandwich_norms: bool = False  # extra norms on the attention and MLP outputs (Gemma2)
     norm_plus_one: bool = False  # RMSNorm multiplies by (1 + w) (Gemma)
     embedding_scale: float | None = None  # embeddings multiplied by this (Gemma: sqrt(hidden_size))
+    layer_scalar: bool = False  # each layer's output times a stored, frozen scalar (Gemma 4)
     tie_word_embeddings: bool = False
     final_logit_softcap: float | None = None
     # mixture of experts: None = every layer has the dense MLP; else the MoE block of the layers is_moe_layer says
@@ -109,6 +115,38 @@ class ModelConfig:
             raise ValueError(f"num_kv_heads {self.num_kv_heads} does not divide num_heads {self.num_heads}")
         if self.layer_types is not None and len(self.layer_types) != self.num_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        per_type = {"sliding_rope_theta": self.sliding_rope_theta, "global_head_dim": self.global_head_dim,
+                    "global_num_kv_heads": self.global_num_kv_heads, "attention_k_eq_v": self.attention_k_eq_v or None}
+        if self.sliding_window is None and any(v is not None for v in per_type.values()):
+            name = next(k for k, v in per_type.items() if v is not None)
+            raise ValueError(f"{name} sets full and sliding layers apart, so it needs sliding_window (and layer_types)")
+        if self.global_num_kv_heads is not None and self.num_heads % self.global_num_kv_heads:
+            raise ValueError(f"global_num_kv_heads {self.global_num_kv_heads} does not divide num_heads "
+                             f"{self.num_heads}")
+
+    def layer_type(self, layer_index: int) -> str:
+        """FULL_ATTENTION or SLIDING_ATTENTION: the attention kind of one layer."""
+        return FULL_ATTENTION if self.sliding_window_for_layer(layer_index) is None else SLIDING_ATTENTION
+
+    @property
+    def per_layer_type(self) -> bool:
+        """Whether full and sliding layers differ in more than the window (RoPE or head shape; Gemma 3/4)."""
+        return self.sliding_window is not None and (
+            self.sliding_rope_theta is not None or self.global_head_dim is not None
+            or self.global_num_kv_heads is not None or self.attention_k_eq_v)
+
+    def for_layer_type(self, layer_type: str) -> "ModelConfig":
+        """The config the attention of one kind of layer sees: its head shape and RoPE resolved."""
+        if not self.per_layer_type:
+            return self
+        if layer_type == FULL_ATTENTION:
+            return self.replace(head_dim=self.global_head_dim or self.head_dim,
+                                num_kv_heads=self.global_num_kv_heads or self.num_kv_heads)
+        if self.sliding_rope_theta is None:
+            return self
+        return self.replace(rope_theta=self.sliding_rope_theta, rope_type="default", rope_factor=1.0,
+                            partial_rotary_factor=1.0, rope_short_factor=None, rope_long_factor=None,
+                            rope_attention_factor=None)
 
     def sliding_window_for_layer(self, layer_index: int) -> int | None:
         """The window of one layer: None means full causal attention."""
@@ -134,6 +172,8 @@ class ModelConfig:
 
     @property
     def rotary_dim(self) -> int:
+        if self.rope_type == "proportional":  # the whole head, the frequencies past the factor's share are zero
+            return self.head_dim
         return int(self.head_dim * self.partial_rotary_factor)
 
     def replace(self, **changes: Any) -> "ModelConfig":

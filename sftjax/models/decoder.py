@@ -1,12 +1,14 @@
 """The one generic decoder-only transformer; families differ only by ModelConfig switches.
 
 Block layout (pre-norm residual):  h += [attn_out_norm](attn(attn_norm(h)));  h += [mlp_out_norm](mlp(mlp_norm(h)))
-where the bracketed "sandwich" norms exist only for Gemma2-style configs. Attention is causal and block-diagonal
-over ``segment_ids`` (packed examples never see each other), through ``pallas_kernels.attention`` with the
-implementation the Decoder holds (``attention_implementation``: a static field, so a change retraces; None picks
-the best for the backend); the logits go through ``pallas_kernels.cross_entropy.project_logits`` so training can
-fuse the head with the loss instead. There is no dropout in the base model (SFT does not use it); LoRA adapters
-bring their own.
+where the bracketed "sandwich" norms exist only for Gemma2-style configs (Gemma 4 then multiplies the layer's
+output by a stored scalar). Gemma 3/4 give full and sliding layers their own RoPE (and Gemma 4 its own head shape,
+values from k_proj and value norms): each layer takes its kind's cos/sin from per-type tables. Attention is causal
+and block-diagonal over ``segment_ids`` (packed examples never see each other), through
+``pallas_kernels.attention`` with the implementation the Decoder holds (``attention_implementation``: a static
+field, so a change retraces; None picks the best for the backend); the logits go through
+``pallas_kernels.cross_entropy.project_logits`` so training can fuse the head with the loss instead. There is no
+dropout in the base model (SFT does not use it); LoRA adapters bring their own.
 
 Generation uses the same layers in decode mode: ``Decoder.decode(tokens_BT, positions_BT, cache)`` runs the
 tokens at the given positions, writes their keys/values into the cache (``init_cache``: per layer [B, S, Hkv, D])
@@ -24,12 +26,12 @@ from pallas_kernels.attention.api import attention
 from pallas_kernels.attention.cached import attention_over_cache, write_cache
 from pallas_kernels.cross_entropy.api import project_logits
 from sftjax.models.config import ModelConfig
-from sftjax.models.layers import Embed, Linear, RMSNorm, param
+from sftjax.models.layers import Constant, Embed, Linear, RMSNorm, param, rms_normalize
 from sftjax.models.moe import MoE, MoEAux
 from sftjax.models.rope import apply_rope, rope_cos_sin
 from sftjax.models.scan import run_scanned
 from sftjax.errors import ConfigError
-from sftjax.models.config import REMAT_POLICIES
+from sftjax.models.config import FULL_ATTENTION, REMAT_POLICIES
 from sftjax.sharding import gather_for_compute
 
 _ACTIVATIONS = {
@@ -69,10 +71,13 @@ def remat_policy(name: str):
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, layer_index: int, *, rngs: nnx.Rngs,
                  implementation: str | None = None):
-        c = config
+        self.layer_type = config.layer_type(layer_index)
+        c = config.for_layer_type(self.layer_type)  # this kind of layer's head shape (Gemma 4) and RoPE
         self.implementation = implementation  # pallas_kernels.attention implementation; None = automatic
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.sliding_window = c.sliding_window_for_layer(layer_index)
+        self.sliding_window = config.sliding_window_for_layer(layer_index)
+        self.v_norm_eps = c.rms_norm_eps if c.v_norm else None
+        k_eq_v = c.attention_k_eq_v and self.layer_type == FULL_ATTENTION
         self.softcap = c.attn_logit_softcap
         self.scale = c.attention_scale
         pd = jnp.dtype(c.param_dtype)
@@ -81,8 +86,8 @@ class Attention(nnx.Module):
                              param_dtype=pd, rngs=rngs)
         self.k_proj = Linear(c.hidden_size, kv_dim, use_bias=c.attention_bias, logical_axes=("embed", "kv_heads"),
                              param_dtype=pd, rngs=rngs)
-        self.v_proj = Linear(c.hidden_size, kv_dim, use_bias=c.attention_bias, logical_axes=("embed", "kv_heads"),
-                             param_dtype=pd, rngs=rngs)
+        self.v_proj = None if k_eq_v else Linear(c.hidden_size, kv_dim, use_bias=c.attention_bias,
+                                                 logical_axes=("embed", "kv_heads"), param_dtype=pd, rngs=rngs)
         self.o_proj = Linear(q_dim, c.hidden_size, use_bias=c.attention_out_bias, logical_axes=("heads", "embed"),
                              param_dtype=pd, rngs=rngs)
         # sink logits [num_heads]: join each softmax with no value, so a head may attend to nothing (gpt-oss)
@@ -98,11 +103,16 @@ class Attention(nnx.Module):
 
     def _qkv(self, x_BLD, cos_BLR, sin_BLR, deterministic):
         batch, length, _ = x_BLD.shape
+        if isinstance(cos_BLR, dict):  # one RoPE table per layer type (Gemma 3/4)
+            cos_BLR, sin_BLR = cos_BLR[self.layer_type], sin_BLR[self.layer_type]
         q = self.q_proj(x_BLD, deterministic=deterministic).reshape(batch, length, self.num_heads, self.head_dim)
         k = self.k_proj(x_BLD, deterministic=deterministic).reshape(batch, length, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x_BLD, deterministic=deterministic).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        v = k if self.v_proj is None else self.v_proj(x_BLD, deterministic=deterministic).reshape(
+            batch, length, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.v_norm_eps is not None:
+            v = rms_normalize(v, self.v_norm_eps)
         return apply_rope(q, cos_BLR, sin_BLR), apply_rope(k, cos_BLR, sin_BLR), v
 
     def _sinks(self):
@@ -166,6 +176,7 @@ class DecoderLayer(nnx.Module):
         self.mlp = MoE(c.moe, param_dtype=pd, rngs=rngs) if c.is_moe_layer(layer_index) else MLP(c, rngs=rngs)
         self.mlp_out_norm = norm() if c.sandwich_norms else None
         self.num_experts = c.moe.num_experts if c.moe is not None else 0  # of the model (0: a dense model)
+        self.layer_scalar = Constant(jnp.ones((1,), pd), logical_axes=(None,)) if c.layer_scalar else None
 
     def _feed_forward(self, x_BLD, segment_ids_BL, deterministic):
         """(output, MoEAux): the router statistics of an MoE layer, zeros for a dense layer of an MoE model, None
@@ -184,6 +195,8 @@ class DecoderLayer(nnx.Module):
         h, aux = self._feed_forward(self.mlp_norm(x_BLD), segment_ids_BL, deterministic)
         if self.mlp_out_norm is not None:
             h = self.mlp_out_norm(h)
+        if self.layer_scalar is not None:
+            return (x_BLD + h) * self.layer_scalar[...].astype(x_BLD.dtype), extra, aux
         return x_BLD + h, extra, aux
 
     def __call__(self, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, deterministic: bool = True):
@@ -197,6 +210,15 @@ class DecoderLayer(nnx.Module):
     def decode(self, x_BTD, cos_BTR, sin_BTR, positions_BT, cache):
         x, cache, _ = self._block(x_BTD, lambda h: self.attn.decode(h, cos_BTR, sin_BTR, positions_BT, cache), True)
         return x, cache
+
+
+def rope_tables(config: ModelConfig, positions_BL, segment_ids_BL=None):
+    """cos, sin for every layer: arrays, or dicts by layer type when full and sliding layers rotate differently."""
+    if not config.per_layer_type:
+        return rope_cos_sin(config, positions_BL, segment_ids_BL)
+    tables = {kind: rope_cos_sin(config.for_layer_type(kind), positions_BL, segment_ids_BL)
+              for kind in sorted({config.layer_type(i) for i in range(config.num_layers)})}
+    return {k: t[0] for k, t in tables.items()}, {k: t[1] for k, t in tables.items()}
 
 
 def _run_layer(layer: DecoderLayer, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, deterministic):
@@ -271,7 +293,7 @@ class Decoder(nnx.Module):
             segment_ids_BL = jnp.ones(tokens_BL.shape, jnp.int32)
         dtype = jnp.dtype(self.config.dtype)
         x = self.embed_tokens(tokens_BL, dtype=dtype, scale=self.config.embedding_scale)
-        cos, sin = rope_cos_sin(self.config, positions_BL, segment_ids_BL)  # per-segment lengths
+        cos, sin = rope_tables(self.config, positions_BL, segment_ids_BL)  # per-segment lengths
         policy = remat_policy(self.remat) if self.remat != "none" else None
         if self.scan_plan is not None:
             x, aux = run_scanned(self, x, cos, sin, segment_ids_BL, deterministic, policy=policy,
@@ -303,9 +325,13 @@ class Decoder(nnx.Module):
     def init_cache(self, batch: int, length: int):
         """An empty KV cache for ``batch`` rows of ``length`` positions: per layer (k, v) [B, S, Hkv, D]."""
         c = self.config
-        shape = (batch, length, c.num_kv_heads, c.head_dim)
         dtype = jnp.dtype(c.dtype)
-        return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_layers))
+        cache = []
+        for i in range(c.num_layers):
+            layer = c.for_layer_type(c.layer_type(i))
+            shape = (batch, length, layer.num_kv_heads, layer.head_dim)
+            cache.append((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)))
+        return tuple(cache)
 
     def decode(self, tokens_BT, positions_BT, cache):
         """Final-norm hidden states [B, T, D] of tokens at ``positions_BT`` (consecutive per row), reading and
@@ -313,7 +339,7 @@ class Decoder(nnx.Module):
         if self.scan_plan is not None:
             raise ValueError("Decoder.decode runs one module per layer: use sftjax.models.scan.unstacked(model)")
         x = self.embed_tokens(tokens_BT, dtype=jnp.dtype(self.config.dtype), scale=self.config.embedding_scale)
-        cos, sin = rope_cos_sin(self.config, positions_BT)
+        cos, sin = rope_tables(self.config, positions_BT)
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache):
             x, layer_cache = layer.decode(x, cos, sin, positions_BT, layer_cache)

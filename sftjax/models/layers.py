@@ -196,6 +196,16 @@ def _column_norm(weight_IO):
     return jnp.sqrt(jnp.sum(jnp.square(weight_IO), axis=0))
 
 
+class Constant(nnx.Variable):
+    """A stored value the model reads but never trains (not an ``nnx.Param``): Gemma 4's per-layer scalar."""
+
+
+def rms_normalize(x, eps: float):
+    """x / rms(x) over the last axis, statistics in float32, no weight (Gemma 4's value norm)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
 class RMSNorm(nnx.Module):
     """x / rms(x) * w, or * (1 + w) when ``plus_one`` (Gemma); statistics in float32 like transformers."""
 

@@ -7,8 +7,8 @@ from types import ModuleType
 
 from sftjax.errors import CheckpointError
 
-FAMILY_MODULES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "qwen3_moe",
-                 "gpt_oss")
+FAMILY_MODULES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma4", "phi3", "mixtral",
+                 "qwen3_moe", "gpt_oss")
 
 
 def _family(name: str) -> ModuleType:

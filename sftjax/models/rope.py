@@ -1,7 +1,7 @@
 """Rotary position embeddings with the scaling variants of transformers' ``modeling_rope_utils``.
 
-Frequencies follow transformers 5 exactly (default, linear, dynamic NTK, llama3, longrope, YaRN); the rotation uses
-the "rotate half" layout of HF checkpoints, on the first ``rotary_dim`` features of each head.
+Frequencies follow transformers 5 exactly (default, linear, dynamic NTK, llama3, longrope, YaRN, proportional);
+the rotation uses the "rotate half" layout of HF checkpoints, on the first ``rotary_dim`` features of each head.
 
 Two types have frequencies that depend on the length of the sequence being run:
 * dynamic NTK raises the RoPE base once the sequence is longer than ``max_position_embeddings``:
@@ -37,6 +37,11 @@ def _base_exponents(dim: int) -> np.ndarray:
 def static_inverse_frequencies(config: ModelConfig) -> np.ndarray:
     """Inverse frequencies [rotary_dim / 2] for every rope type whose frequencies do not depend on length."""
     dim = config.rotary_dim
+    if config.rope_type == "proportional":  # Gemma 4: the first pairs rotate at head_dim-based rates, the rest not
+        angles = int(config.partial_rotary_factor * config.head_dim // 2)
+        inv_freq = np.zeros(config.head_dim // 2, np.float32)
+        inv_freq[:angles] = 1.0 / (config.rope_theta ** _base_exponents(config.head_dim)[:angles])
+        return (inv_freq / config.rope_factor).astype(np.float32)
     inv_freq = 1.0 / (config.rope_theta ** _base_exponents(dim))
     if config.rope_type in ("default", "dynamic"):
         return inv_freq.astype(np.float32)

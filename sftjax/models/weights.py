@@ -70,7 +70,10 @@ def model_from_hf_tensors(hf_config: dict, tensors: Iterable[tuple[str, np.ndarr
             variable.set_value(jax.make_array_from_callback(
                 value.shape, variable_sharding(variable, mesh), lambda index, value=value: value[index]))
 
+    rename = getattr(family, "checkpoint_tensor_name", None)  # multimodal checkpoints: the text decoder's names
     for name, array in tensors:
+        if rename is not None and (name := rename(hf_config, name)) is None:
+            continue  # a tensor of another tower (vision, audio)
         spec = specs.get(name)
         if spec is None:
             if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):

@@ -5,8 +5,7 @@ weight table, and stores ``lora_A`` as [r, in] and ``lora_B`` as [out, r] (the t
 [r, out]). A fused Hugging Face module (Phi-3 ``qkv_proj``) gets one adapter whose rank is the sum of its parts'
 (A stacked, B block-diagonal), so that ``A @ B`` is exactly the parts' updates side by side; a DoRA magnitude is
 written as peft's ``lora_magnitude_vector``. Modules trained
-whole (``lora.modules_to_save``) are stored under their Hugging Face tensor names, as PEFT does. Per-expert
-adapters of the stacked MoE experts become peft ``target_parameters`` (see :mod:`sftjax.peft.expert_adapters`).
+whole (``lora.modules_to_save``) are stored under their Hugging Face tensor names, as PEFT does.
 """
 
 from __future__ import annotations
@@ -54,8 +53,9 @@ def expert_adapter_paths(model) -> list[str]:
             if isinstance(module, ExpertLinear) and module.lora_a is not None]
 
 
-def lora_adapters(model, model_config) -> dict[str, tuple[Any, Any, float]]:
-    """HF module name -> (A [in, R], B [R, out], scale) of every adapter in ``model``.
+def lora_adapters(model, model_config, *, skip_experts: bool = False) -> dict[str, tuple[Any, Any, float]]:
+    """HF module name -> (A [in, R], B [R, out], scale) of every adapter in ``model`` (``skip_experts``: leave the
+    per-expert adapters out, else they are a one-line CheckpointError; see :mod:`sftjax.peft.expert_adapters`).
 
     A fused HF module (Phi-3 ``qkv_proj``) gets one adapter of rank R = the sum of its parts' ranks: A stacks the
     parts' A's, B is block-diagonal with each part's B in its rows, so ``A @ B`` is exactly the parts' updates side
@@ -70,16 +70,13 @@ def lora_adapters(model, model_config) -> dict[str, tuple[Any, Any, float]]:
 
     locations = hf_module_parts(model_config)
     grouped: dict[str, list] = {}
-    from sftjax.models.moe import ExpertLinear
-    from sftjax.peft.expert_adapters import has_peft_form
-
     experts = expert_adapter_paths(model)
-    if experts and not has_peft_form(model_config):
+    if experts and not skip_experts:
         raise CheckpointError(f"per-expert LoRA adapters ({experts[0]} and {len(experts) - 1} more) have no PEFT "
                               f"adapter form for {model_config.architecture} here; export --format hf (merged)")
     for path, module in linear_modules(model).items():
-        if getattr(module, "lora_a", None) is None or isinstance(module, ExpertLinear):
-            continue  # expert adapters: sftjax.peft.expert_adapters
+        if getattr(module, "lora_a", None) is None or path in experts:
+            continue
         if path not in locations:
             raise CheckpointError(f"LoRA adapter on {path} has no Hugging Face module in "
                                   f"{model_config.architecture} checkpoints; export --format hf instead")
@@ -147,36 +144,58 @@ def _target_modules(adapted: list[str], all_linear: list[str]) -> list[str] | st
     return "(" + "|".join(n.replace(".", r"\.") for n in sorted(adapted)) + ")"
 
 
+def with_initial_adapters(adapters: Mapping, initial: Mapping) -> dict:
+    """A PiSSA/OLoRA run's adapters as a plain LoRA adapter of the **original** base, as peft converts them
+    (``save_pretrained(path_initial_model_for_weight_conversion=...)``): the run trains ``A, B`` on the residual
+    ``W - scale * A0 @ B0``, which is ``W + scale * (A @ B - A0 @ B0)`` = ``W + scale * [A, A0] @ [B; -B0]``: an
+    adapter of twice the rank and the same scale. ``initial``: :func:`lora_adapters` right after the init."""
+    import jax.numpy as jnp
+
+    out = {}
+    for name, (a_IR, b_RO, scale) in adapters.items():
+        if name not in initial:
+            raise CheckpointError(f"{name}: no initial adapter to convert the residual-initialized run against")
+        a0_IR, b0_RO, _ = initial[name]
+        out[name] = (jnp.concatenate([a_IR, a0_IR.astype(a_IR.dtype)], axis=1),
+                     jnp.concatenate([b_RO, -b0_RO.astype(b_RO.dtype)], axis=0), scale)
+    return out
+
+
 def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_model_name_or_path: str,
-                       dtype: str | None = None) -> pathlib.Path:
+                       dtype: str | None = None, initial_adapters: Mapping | None = None) -> pathlib.Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for the adapters of ``model`` (with several
-    processes, every process calls this; process 0 writes)."""
+    processes, every process calls this; process 0 writes). A run whose ``lora.init`` rewrote the base (PiSSA,
+    OLoRA) needs ``initial_adapters`` (:func:`lora_adapters` of the model right after its init): the adapter is
+    then written for the original base (see :func:`with_initial_adapters`), which is what peft loads it onto."""
     import jax.numpy as jnp
     import numpy as np
     from safetensors.numpy import save_file
 
-    from sftjax.models.scan import unstacked
     from sftjax.peft.expert_adapters import expert_peft_tensors
 
-    adapters = lora_adapters(model, model_config)
-    has_experts = bool(expert_adapter_paths(unstacked(model)))
-    if not adapters and not has_experts:
+    adapters = lora_adapters(model, model_config, skip_experts=True)
+    experts = expert_peft_tensors(model, model_config)  # None: no adapter on any expert
+    if not adapters and experts is None:
         raise CheckpointError("the checkpoint has no LoRA adapters (full fine-tuning?); use --format hf")
     rank = int(lora["r"])
+    if lora.get("init", "default") in ("pissa", "olora"):
+        if initial_adapters is None:
+            raise CheckpointError(f"lora.init={lora['init']}: the adapter of a run that rewrote the base weights "
+                                  "needs its initial adapters to be written for the original base")
+        if dora_magnitudes(model, model_config):
+            raise CheckpointError(f"lora.init={lora['init']} with DoRA cannot be written as a PEFT adapter of the "
+                                  "original base (the magnitude is of the residual); use --format hf")
+        adapters, rank = with_initial_adapters(adapters, initial_adapters), 2 * rank
+    if experts is not None:
+        # peft's rank_pattern does not reach target_parameters: expert adapters set the global rank, and the other
+        # modules get theirs through rank_pattern
+        rank = experts.rank
     rslora = bool(lora.get("rslora", False))
-    scales = {round(scale, 6) for _, _, scale in adapters.values()}
-    if not adapters:  # only expert adapters: their own scale
-        from sftjax.models.moe import ExpertLinear
-        from sftjax.peft.lora import linear_modules
-
-        scales = {round(float(m.lora_scale), 6) for m in linear_modules(unstacked(model)).values()
-                  if isinstance(m, ExpertLinear) and m.lora_a is not None}
-        adapters_scale = next(iter(scales))
-    else:
-        adapters_scale = next(iter(adapters.values()))[2]
+    scales = {round(scale, 6) for _, _, scale in adapters.values()} | (
+        {round(experts.scale, 6)} if experts is not None else set())
     if len(scales) != 1:
         raise CheckpointError(f"LoRA adapters have different scales {sorted(scales)}; PEFT needs one lora_alpha")
-    scale = adapters_scale
+    scale = next(iter(adapters.values()))[2] if adapters else experts.scale
 
     def alpha_for(r: int) -> float:  # PEFT's scale is alpha / r (alpha / sqrt(r) with rsLoRA)
         return scale * (r ** 0.5 if rslora else r)
@@ -191,6 +210,10 @@ def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_mode
         target = np.dtype(jnp.dtype(dtype)) if dtype else np.dtype(a_IR.dtype)
         tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(to_host(a_IR.astype(target)).T)
         tensors[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(to_host(b_RO.astype(target)).T)
+    if experts is not None:  # PEFT's target_parameters on transformers' fused expert tensors
+        for name, value in experts.tensors.items():
+            target = np.dtype(jnp.dtype(dtype)) if dtype else np.dtype(value.dtype)
+            tensors[f"base_model.model.{name}"] = np.ascontiguousarray(value.astype(target))
     magnitudes = dora_magnitudes(model, model_config)
     if magnitudes and set(magnitudes) != set(adapters):
         missing = sorted(set(adapters) - set(magnitudes))[0]
@@ -200,18 +223,6 @@ def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_mode
         target = np.dtype(jnp.dtype(dtype)) if dtype else np.dtype(magnitude.dtype)
         tensors[f"base_model.model.{name}.lora_magnitude_vector"] = np.ascontiguousarray(
             to_host(magnitude.astype(target)))
-    target_parameters = []
-    if has_experts:
-        target = np.dtype(jnp.dtype(dtype)) if dtype else np.dtype(jnp.dtype(model_config.param_dtype))
-        target_parameters, expert_tensors = expert_peft_tensors(
-            unstacked(model), model_config, lambda r: alpha_for(rank) / (r ** 0.5 if rslora else r), target)
-        tensors.update(expert_tensors)
-        for name in target_parameters:  # the fused gate_up adapter has twice the rank
-            a_rows = next(v.shape[0] for k, v in expert_tensors.items()
-                          if k.endswith("lora_A.weight") and _nesting(k, name, target_parameters))
-            experts_rank = a_rows // model_config.moe.num_experts
-            if experts_rank != rank:
-                rank_pattern[name.replace(".", r"\.")] = experts_rank
     saved_modules, saved_tensors = modules_to_save_tensors(model, model_config, lora.get("modules_to_save") or [],
                                                            set(adapters), dtype)
     tensors.update({f"base_model.model.{name}": value for name, value in saved_tensors.items()})
@@ -229,10 +240,9 @@ def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_mode
         "lora_alpha": alpha_for(rank),
         "use_rslora": rslora,
         "use_dora": bool(magnitudes),
-        # peft refuses dropout on wrapped expert parameters; an exported adapter is for inference anyway
-        "lora_dropout": 0.0 if target_parameters else float(lora.get("dropout", 0.0)),
+        "lora_dropout": float(lora.get("dropout", 0.0)),
         "target_modules": _target_modules(list(adapters), all_linear) if adapters else [],
-        **({"target_parameters": target_parameters} if target_parameters else {}),
+        "target_parameters": experts.target_parameters if experts is not None else None,
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -243,13 +253,6 @@ def write_peft_adapter(model, model_config, out_dir, *, lora: Mapping, base_mode
     }
     (out_dir / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
-
-
-def _nesting(tensor_name: str, parameter: str, parameters: list[str]) -> bool:
-    """Whether ``tensor_name`` belongs to ``parameter``: peft nests the first of ``parameters`` innermost."""
-    depth = len(parameters) - 1 - parameters.index(parameter)
-    head = tensor_name.rsplit(".lora_", 1)[0]
-    return head.endswith("mlp.experts" + ".base_layer" * depth)
 
 
 def modules_to_save_tensors(model, model_config, patterns: list[str], adapted: set[str], dtype: str | None = None):

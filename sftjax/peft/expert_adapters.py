@@ -1,100 +1,125 @@
-"""Per-expert LoRA adapters of the stacked MoE experts in peft's form (``target_parameters``).
+"""Per-expert LoRA adapters in PEFT's form: ``target_parameters`` on transformers' fused expert tensors.
 
-peft adapts a 3-D expert parameter ``[E, ., .]`` of a transformers model (its ``ParamWrapper``) with one
-``lora_A`` of shape ``[E * R, in]`` (expert-major: row ``e * R + k``) and one ``lora_B`` of shape ``[out, R * E]``
-(column ``k * E + e``), and adds to expert ``e`` the update ``scale' * A_e^T B_e^T`` in the ``x @ W`` orientation
-(it transposes by itself for layouts stored ``[E, out, in]``). Our expert adapters are ``lora_a [E, in, r]`` and
-``lora_b [E, r, out]`` per projection, so ``A_e = lora_a[e]^T`` and ``B_e = lora_b[e]^T``.
+transformers 5 holds the experts of Mixtral and Qwen2/3-MoE as ``mlp.experts.gate_up_proj`` [E, 2F, D] (gate rows
+first) and ``mlp.experts.down_proj`` [E, D, F], and peft adapts such a 3-D parameter with one ``lora_A`` [E*R, in]
+and one ``lora_B`` [out, R*E] (``ParamWrapper``: expert e's factors are rows ``e*R .. e*R+R`` of A and the columns
+``j*E + e`` of B; the update of expert e is ``B_e @ A_e`` in the parameter's [out, in] layout). Ours are three
+stacked projections with ``lora_a`` [E, in, r], ``lora_b`` [E, r, out]; written to peft:
 
-transformers keeps gate and up fused in one parameter, ``mlp.experts.gate_up_proj``: gate columns then up columns
-(Mixtral, Qwen3-MoE), or interleaved (gpt-oss). Two rank-r adapters on gate and up are exactly one rank-2r
-adapter on the fused parameter: A stacks the two A's, B is block-diagonal with the gate and up B's placed in the
-fused output columns. ``down_proj`` maps one to one. peft's scale for a wrapped parameter is ``lora_alpha / R``
-(``/ sqrt(R)`` with rsLoRA) with R its rank; the ratio to our scale is folded into B, so one ``lora_alpha``
-serves every module. Several target parameters of one module nest in peft: the first listed sits innermost
-(``experts.base_layer.lora_A``), the last outermost (``experts.lora_A``).
+* gate_up_proj gets rank ``r_gate + r_up``: A_e stacks the gate and up A's, B_e is block-diagonal (gate rows of the
+  fused output take the gate's B, up rows the up's), so ``B_e @ A_e`` is exactly the two updates one above the
+  other (zero for a projection without adapter);
+* every expert parameter of the model gets the same rank R, the adapter's global ``r`` (peft's ``rank_pattern``
+  does not reach target_parameters; the other modules get their rank through it): down_proj's factors are padded
+  with zeros to R, which changes no update; ``lora_alpha`` is the alpha for which peft's scale (alpha/R, or
+  alpha/sqrt(R) with rsLoRA) equals ours.
+
+peft wraps the parameters in the order of ``target_parameters``: with both, the first (gate_up_proj) is the inner
+wrapper, whose tensors are named ``experts.base_layer.lora_A.weight``, the second ``experts.lora_A.weight``.
+gpt-oss stores its experts ``[E, in, out]`` with gate and up columns interleaved (``gate_up_proj`` [E, D, 2F]:
+even columns gate, odd up); peft transposes by itself for that layout, so only the fused output rows of B differ
+(even rows gate, odd rows up). Other expert layouts are a one-line CheckpointError: the export then writes the
+merged model.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
 
 import numpy as np
 
 from sftjax.errors import CheckpointError
 from sftjax.sharding import to_host
 
-# family -> how transformers fuses gate and up: "halves" (gate columns first) or "interleaved"
-FUSED_GATE_UP = {"mixtral": "halves", "qwen3_moe": "halves", "gpt_oss": "interleaved"}
-_ORDER = ("gate_up_proj", "down_proj")  # the order of target_parameters (and so of peft's nesting)
+FUSED_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss")  # transformers' gate_up_proj / down_proj
+INTERLEAVED_FAMILIES = ("gpt_oss",)  # gate and up columns alternate in gate_up_proj
+GATE_UP, DOWN = "mlp.experts.gate_up_proj", "mlp.experts.down_proj"
 
 
-def has_peft_form(model_config) -> bool:
-    return model_config.family in FUSED_GATE_UP
+@dataclasses.dataclass
+class ExpertAdapters:
+    tensors: dict  # PEFT tensor name (without ``base_model.model.``) -> numpy array
+    target_parameters: list  # peft's target_parameters, in wrapping order
+    rank: int  # R of every expert parameter
+    scale: float  # ours (alpha/r or alpha/sqrt(r)), the same for every expert adapter
 
 
 def _factors(module):
-    if module is None or getattr(module, "lora_a", None) is None:
+    """(A [E, r, in], B [E, out, r]) of an ExpertLinear in peft's orientation, or None without adapter."""
+    if module.lora_a is None:
         return None
-    return (np.asarray(to_host(module.lora_a[...]), np.float32), np.asarray(to_host(module.lora_b[...]), np.float32),
-            float(module.lora_scale))
+    a = to_host(module.lora_a[...]).transpose(0, 2, 1)
+    b = to_host(module.lora_b[...]).transpose(0, 2, 1)
+    return a, b
 
 
-def _fused_gate_up(gate, up, layout: str, experts: int, hidden: int, width: int, rank: int):
-    """(A [E, 2r, D], B [E, 2F, 2r], scale) of the fused gate_up parameter from the gate and up factors (a
-    missing one contributes zeros)."""
-    a = np.zeros((experts, 2 * rank, hidden), np.float32)
-    b = np.zeros((experts, 2 * width, 2 * rank), np.float32)
-    scale = None
-    for slot, factors in enumerate((gate, up)):
-        if factors is None:
-            continue
-        lora_a, lora_b, scale = factors  # [E, D, r], [E, r, F]
-        a[:, slot * rank:(slot + 1) * rank] = lora_a.transpose(0, 2, 1)
-        rows = slice(slot * width, (slot + 1) * width) if layout == "halves" else slice(slot, None, 2)
-        b[:, rows, slot * rank:(slot + 1) * rank] = lora_b.transpose(0, 2, 1)
-    return a, b, scale
-
-
-def expert_peft_tensors(model, model_config, peft_scale: Callable[[int], float], dtype) -> tuple[list[str], dict]:
-    """(peft's ``target_parameters``, {tensor name: array}) of every per-expert adapter of ``model`` (unstacked)."""
+def expert_peft_tensors(model, model_config) -> ExpertAdapters | None:
+    """The per-expert adapters of ``model`` as peft tensors; None when no expert has an adapter."""
     from sftjax.models.moe import MoE
+    from sftjax.models.scan import unstacked
 
-    if not has_peft_form(model_config):
-        raise CheckpointError(f"per-expert LoRA adapters have no PEFT form for {model_config.architecture}; "
-                              "export --format hf (merged)")
-    layout = FUSED_GATE_UP[model_config.family]
-    targets: set[str] = set()
+    model = unstacked(model)
+    blocks = {index: layer.mlp for index, layer in enumerate(model.layers) if isinstance(layer.mlp, MoE)}
+    adapted = {index: {name: _factors(getattr(block.experts, f"{name}_proj")) for name in ("gate", "up", "down")}
+               for index, block in blocks.items()}
+    if not any(f is not None for parts in adapted.values() for f in parts.values()):
+        return None
+    if model_config.family not in FUSED_FAMILIES:
+        raise CheckpointError(f"per-expert LoRA adapters of {model_config.architecture} have no PEFT adapter form "
+                              "here; export --format hf (merged)")
+    layouts = {tuple(f is not None for f in parts.values()) for parts in adapted.values()}
+    if len(layouts) != 1:
+        raise CheckpointError("per-expert LoRA adapters differ between MoE layers; peft's target_parameters apply "
+                              "to every layer: export --format hf (merged)")
+    has_gate, has_up, has_down = layouts.pop()
+    scales = {float(getattr(block.experts, f"{name}_proj").lora_scale) for block in blocks.values()
+              for name, has in zip(("gate", "up", "down"), (has_gate, has_up, has_down)) if has}
+    if len(scales) != 1:
+        raise CheckpointError(f"per-expert LoRA adapters have different scales {sorted(scales)}; PEFT needs one")
+
+    def rank(parts, name):
+        return parts[name][0].shape[1] if parts[name] is not None else 0
+
+    ranks = {max(rank(p, "gate") + rank(p, "up"), rank(p, "down")) for p in adapted.values()}
+    total = max(ranks)
+    targets = ([GATE_UP] if has_gate or has_up else []) + ([DOWN] if has_down else [])
     tensors = {}
-    layers = []
-    for index, layer in enumerate(model.layers):
-        mlp = getattr(layer, "mlp", None)
-        if not isinstance(mlp, MoE):
-            continue
-        experts = mlp.experts
-        gate, up, down = (_factors(getattr(experts, name, None)) for name in ("gate_proj", "up_proj", "down_proj"))
-        params = {}
-        if gate is not None or up is not None:
-            some = gate or up
-            num, hidden, rank = some[0].shape
-            width = some[1].shape[2]
-            params["gate_up_proj"] = _fused_gate_up(gate, up, layout, num, hidden, width, rank)
-        if down is not None:
-            params["down_proj"] = (down[0].transpose(0, 2, 1), down[1].transpose(0, 2, 1), down[2])
-        if params:
-            layers.append((index, params))
-            targets.update(params)
-    order = [name for name in _ORDER if name in targets]
-    for index, params in layers:
-        if set(params) != set(order):
-            raise CheckpointError(f"layer {index}: LoRA on some expert projections of a layer but not on the same "
-                                  "ones in every layer has no single PEFT target_parameters; export --format hf")
-        for position, name in enumerate(order):
-            a, b, scale = params[name]  # A [E, R, in], B [E, out, R]
-            rank = a.shape[1]
-            b = b * (scale / peft_scale(rank))
-            prefix = f"base_model.model.model.layers.{index}.mlp.experts." + "base_layer." * (len(order) - 1 - position)
-            tensors[prefix + "lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, a.shape[2]).astype(dtype))
-            tensors[prefix + "lora_B.weight"] = np.ascontiguousarray(
-                b.transpose(1, 2, 0).reshape(b.shape[1], -1).astype(dtype))
-    return [f"mlp.experts.{name}" for name in order], tensors
+    moe = model_config.moe
+    experts, dim, width = moe.num_experts, moe.hidden_size, moe.expert_intermediate_size
+    for index, parts in adapted.items():
+        prefix = f"model.layers.{index}.mlp.experts"
+        names = {GATE_UP: f"{prefix}.base_layer" if len(targets) == 2 else prefix, DOWN: prefix}
+        if has_gate or has_up:
+            a = np.zeros((experts, total, dim), np.float32)
+            b = np.zeros((experts, 2 * width, total), np.float32)
+            offset = 0
+            if model_config.family in INTERLEAVED_FAMILIES:
+                halves = (("gate", slice(0, 2 * width, 2)), ("up", slice(1, 2 * width, 2)))
+            else:
+                halves = (("gate", slice(0, width)), ("up", slice(width, 2 * width)))
+            for name, rows in halves:
+                if parts[name] is None:
+                    continue
+                a_part, b_part = parts[name]
+                r = a_part.shape[1]
+                a[:, offset:offset + r] = a_part
+                b[:, rows, offset:offset + r] = b_part
+                offset += r
+            tensors.update(_peft_pair(names[GATE_UP], a, b))
+        if has_down:
+            a_part, b_part = parts["down"]
+            r = a_part.shape[1]
+            a = np.zeros((experts, total, width), np.float32)
+            b = np.zeros((experts, dim, total), np.float32)
+            a[:, :r], b[:, :, :r] = a_part, b_part
+            tensors.update(_peft_pair(names[DOWN], a, b))
+    return ExpertAdapters(tensors=tensors, target_parameters=targets, rank=int(total), scale=scales.pop())
+
+
+def _peft_pair(name: str, a_ERI, b_EOR) -> dict:
+    """peft's ParamWrapper tensors: lora_A [E*R, in] (expert-major rows), lora_B [out, R*E] (column j*E + e)."""
+    experts, rank, in_features = a_ERI.shape
+    out_features = b_EOR.shape[1]
+    weight_a = a_ERI.reshape(experts * rank, in_features)
+    weight_b = b_EOR.transpose(1, 2, 0).reshape(out_features, rank * experts)
+    return {f"{name}.lora_A.weight": weight_a, f"{name}.lora_B.weight": weight_b}

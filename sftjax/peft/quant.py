@@ -15,16 +15,19 @@ from sftjax.models.quant import FORMATS, QuantizedKernel, QuantizedWeight
 HEAD_NAMES = ("lm_head", "head", "output")
 
 
-def _owns_params(module) -> bool:
-    return any(isinstance(value, nnx.Param) for value in vars(module).values())
+def _owns_weight_matrices(module) -> bool:
+    """Whether ``module`` holds a parameter of two or more axes itself (a weight that would stay dense); vectors
+    (biases, attention sinks) stay in the param dtype like norms."""
+    return any(isinstance(value, nnx.Param) and value[...].ndim >= 2 for value in vars(module).values())
 
 
 def quantize_model(model, fmt: str, *, double_quant: bool = False) -> dict[str, int]:
     """Quantize, in place, every attention and MLP linear of ``model`` to ``fmt`` (``nf4`` or ``int8``).
 
     Embeddings, norms and the output head keep their dtype (as bitsandbytes' QLoRA). Returns ``{dotted module
-    path: stored bytes}`` of what was quantized. A module that holds weights but is neither a ``Linear`` nor a
-    norm/embedding (e.g. stacked MoE experts) is a one-line ConfigError, as are layers stacked for scanning and
+    path: stored bytes}`` of what was quantized. A module that holds weight matrices but is neither a ``Linear`` nor
+    a norm/embedding (e.g. stacked MoE experts) is a one-line ConfigError (vectors such as attention sinks stay as
+    they are), as are layers stacked for scanning and
     layers that already have DoRA (whose magnitude must be measured on the quantized weight: enable it after).
     """
     if fmt not in FORMATS:
@@ -34,8 +37,8 @@ def quantize_model(model, fmt: str, *, double_quant: bool = False) -> dict[str, 
     if getattr(model, "scan_plan", None) is not None:
         raise ConfigError("quantize_model: the model's layers are already stacked for scanning; quantize before "
                           "sftjax.models.scan.stack_layers")
-    done: dict[str, int] = {}
-    for path, node in nnx.iter_graph(model):
+    chosen: list[tuple[str, Linear]] = []
+    for path, node in nnx.iter_graph(model):  # every check before the first layer changes
         if not isinstance(node, nnx.Module) or not path:
             continue
         name = ".".join(str(p) for p in path)
@@ -49,17 +52,32 @@ def quantize_model(model, fmt: str, *, double_quant: bool = False) -> dict[str, 
             if node.lora_magnitude is not None:
                 raise ConfigError(f"quantize_model: {name} already has a DoRA adapter; quantize the base first, then "
                                   "enable DoRA (its magnitude is measured on the quantized weight)")
-            node.quantize(fmt, double_quant=double_quant)
-            done[name] = node.kernel.nbytes()
-        elif _owns_params(node):
+            chosen.append((name, node))
+        elif _owns_weight_matrices(node):
             raise ConfigError(f"model.quantize={fmt}: {name} is a {type(node).__name__}, which quantization does not "
                               "support (only Linear layers of attention and MLP)")
+    done: dict[str, int] = {}
+    for name, node in chosen:
+        node.quantize(fmt, double_quant=double_quant)
+        done[name] = node.kernel.nbytes()
     return done
 
 
 def quantized_paths(model) -> list[str]:
     """Slash-joined state paths of every quantized array in ``model``."""
     return ["/".join(str(p) for p in path) for path, _ in nnx.to_flat_state(nnx.state(model, QuantizedKernel))]
+
+
+def quantized_param_count(model) -> int:
+    """Weights the quantized kernels of ``model`` stand for (``in x out`` each, times the layers a stacked kernel
+    holds): what its ``nnx.Param`` count leaves out."""
+    total = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, QuantizedWeight):
+            per_layer = node.in_features * node.out_features
+            codes_per_layer = per_layer if node.fmt == "int8" else -(-per_layer // 2)
+            total += per_layer * (int(node.codes[...].size) // codes_per_layer)
+    return total
 
 
 def check_trainable(model, *, lora_enabled: bool, modules_to_save: list[str] = ()) -> None:

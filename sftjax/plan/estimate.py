@@ -66,7 +66,8 @@ from sftjax.models.quant import QuantizedKernel, QuantizedWeight
 from sftjax.models.scan import unstacked_paths
 from sftjax.peft.lora import linear_modules
 from sftjax.sharding import MESH_AXES
-from sftjax.train.flops import calibrated_cpu_flops, device_peak_flops, model_flops_per_token
+from sftjax.train.flops import (calibrated_cpu_flops, device_peak_flops, inactive_expert_params,
+                                model_flops_per_token)
 from sftjax.train.program import build_program
 
 GiB = 1024 ** 3
@@ -513,19 +514,15 @@ def plan(config: Config, *, devices: int | None = None, device_kind: str | None 
 
     tokens_per_step = cfg.train.global_batch_size * max_length
     params_base = params_total - lora_count
-    params_active, expert_bytes, experts_per_device = params_base, 0, 0
+    params_active, expert_bytes, experts_per_device = params_base - inactive_expert_params(mc), 0, 0
     if mc.moe is not None:
         moe = mc.moe
-        per_expert = 3 * moe.hidden_size * moe.expert_intermediate_size
-        if moe.expert_bias:
-            per_expert += 2 * moe.expert_intermediate_size + moe.hidden_size
-        params_active -= len(mc.moe_layers) * (moe.num_experts - moe.num_experts_per_tok) * per_expert
         expert_bytes = _bytes([e for e in train_entries + frozen_entries + quantized_entries
                                if "experts" in map(str, e[0])], mesh_sizes)
         fsdp = mesh_sizes["fsdp"]
         experts_per_device = moe.num_experts // fsdp if moe.num_experts % fsdp == 0 else moe.num_experts
-    flops_per_token = model_flops_per_token(mc, num_params=params_total - (params_base - params_active),
-                                            num_trainable_params=trainable_count, seq_len=max_length)
+    flops_per_token = model_flops_per_token(mc, num_params=params_total, num_trainable_params=trainable_count,
+                                            seq_len=max_length)
     step_time = None
     if device.peak_flops:
         step_time = tokens_per_step * flops_per_token / (devices * device.peak_flops * mfu)

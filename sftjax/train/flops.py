@@ -36,15 +36,29 @@ def attention_flops_per_token(num_layers: int, num_heads: int, head_dim: int, se
     return 12.0 * num_layers * num_heads * head_dim * seq_len
 
 
+def inactive_expert_params(model_config) -> int:
+    """Parameters a token does not use: per MoE layer, the E - k experts it is not routed to (0 without MoE)."""
+    moe = getattr(model_config, "moe", None)
+    if moe is None:
+        return 0
+    per_expert = 3 * moe.hidden_size * moe.expert_intermediate_size
+    if moe.expert_bias:
+        per_expert += 2 * moe.expert_intermediate_size + moe.hidden_size
+    return len(model_config.moe_layers) * (moe.num_experts - moe.num_experts_per_tok) * per_expert
+
+
 def model_flops_per_token(model_config, *, num_params: int, num_trainable_params: int, seq_len: int) -> float:
-    """Training FLOPs per token for a decoder with ``num_params`` parameters (embedding table included)."""
+    """Training FLOPs per token for a decoder with ``num_params`` parameters (embedding table included); an MoE
+    model's experts count k of E per token."""
     embed = model_config.vocab_size * model_config.hidden_size
     head = embed if model_config.tie_word_embeddings else 0  # tied head: the table is also a matmul
-    matmul = max(num_params - embed + head, 0)
+    matmul = max(num_params - embed + head - inactive_expert_params(model_config), 0)
     trainable = min(num_trainable_params, matmul)
+    # full and sliding layers may differ in head_dim (Gemma 4): the layers' mean gives their summed attention FLOPs
+    layer_configs = [model_config.for_layer_type(model_config.layer_type(i)) for i in range(model_config.num_layers)]
+    head_dim = sum(c.head_dim for c in layer_configs) / max(len(layer_configs), 1)
     return (matmul_flops_per_token(matmul, trainable)
-            + attention_flops_per_token(model_config.num_layers, model_config.num_heads, model_config.head_dim,
-                                        seq_len))
+            + attention_flops_per_token(model_config.num_layers, model_config.num_heads, head_dim, seq_len))
 
 
 def _cpu_model() -> str:

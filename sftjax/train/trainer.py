@@ -37,8 +37,10 @@ from sftjax.models.loading import save_model
 from sftjax.models.tokenizer import load_tokenizer
 from sftjax.models.scan import unstacked
 from sftjax.models.zoo import resolve_model_path
-from sftjax.peft.adapter_io import write_peft_adapter
-from sftjax.sharding import make_mesh
+from sftjax.peft.adapter_io import lora_adapters, write_peft_adapter
+from sftjax.peft.init import RESIDUAL_INITS
+from sftjax.peft.quant import quantized_param_count
+from sftjax.sharding import make_mesh, to_host
 from sftjax.train import checkpoint as ckpt
 from sftjax.train import run_meta
 from sftjax.train import flops as flops_lib
@@ -122,9 +124,16 @@ class Trainer:
         self.hooks: list[Callable] = []
         self.rng = jax.random.key(train.seed)
         self.start_step = 0
-        self.num_params = int(sum(x.size for x in jax.tree.leaves(nnx.state(self.model, nnx.Param))))
+        self.num_params = int(sum(x.size for x in jax.tree.leaves(nnx.state(self.model, nnx.Param)))
+                              + quantized_param_count(self.model))  # a QLoRA base computes with every weight
         self.num_trainable = program.num_trainable
         self.evaluated_from = None  # what for_evaluation() loaded
+        # PiSSA/OLoRA rewrite the base: a PEFT adapter of the original base needs the adapters as initialized
+        self.initial_adapters = None
+        if self.lora_targets and cfg.lora.init in RESIDUAL_INITS and train.save == "adapter":
+            # host copies: the train step donates (and so deletes) the state's arrays
+            self.initial_adapters = {name: (to_host(a), to_host(b), scale) for name, (a, b, scale) in
+                                     lora_adapters(self.updated_model(), self.model_config).items()}
 
     @classmethod
     def for_evaluation(cls, config: Config, *, source) -> "Trainer":
@@ -381,12 +390,9 @@ class Trainer:
             "skipped_steps": float(sum(int(m["skipped"]) for m in fetched)),
             "nonfinite_steps": float(jax.device_get(self.state.nonfinite_steps)),
         }
-        if "router_aux_loss" in last:  # MoE: the router losses of the window's steps (mean, before their
-            # coefficients) and the (token, slot) pairs each expert received over the window
-            for key in ("router_aux_loss", "router_z_loss"):
-                out[key] = sum(float(m[key]) for m in fetched) / len(fetched)
-            for key in sorted(k for k in last if k.startswith("expert_tokens_")):
-                out[key] = sum(float(m[key]) for m in fetched)
+        if "router_aux_loss" in last:  # MoE: the last step's router losses, the window's tokens per expert
+            out.update(router_aux_loss=float(last["router_aux_loss"]), router_z_loss=float(last["router_z_loss"]))
+            out.update({key: sum(float(m[key]) for m in fetched) for key in last if key.startswith("expert_tokens_")})
         if seq_len and peak:
             per_token = flops_lib.model_flops_per_token(self.model_config, num_params=self.num_params,
                                                         num_trainable_params=self.num_trainable, seq_len=seq_len)
@@ -436,6 +442,7 @@ class Trainer:
         if self.config.train.save == "adapter" and self.lora_targets:
             lora = dataclasses.asdict(self.config.lora)
             return write_peft_adapter(model, self.model_config, out_dir, lora=lora,
-                                      base_model_name_or_path=str(self.config.model.path or ""))
+                                      base_model_name_or_path=str(self.config.model.path or ""),
+                                      initial_adapters=self.initial_adapters)
         return save_model(model, self.model_config, out_dir, dtype=self.config.model.param_dtype,
                           tokenizer=self.tokenizer)

@@ -27,6 +27,15 @@ VARIANTS = {
                                sandwich_norms=True, norm_plus_one=True, embedding_scale=32 ** 0.5,
                                sliding_window=4, layer_types=(SLIDING_ATTENTION, FULL_ATTENTION),
                                attn_logit_softcap=5.0, final_logit_softcap=3.0, query_pre_attn_scalar=16.0),
+    # sliding layers with their own RoPE base; full layers with another head shape, keys as values, proportional
+    # RoPE, and a stored per-layer scalar: the cache holds each layer's own shape
+    "gemma4_like": ModelConfig(**TINY, family="gemma4_text", architecture="Gemma4ForCausalLM", activation="gelu_tanh",
+                               sandwich_norms=True, qk_norm=True, v_norm=True, layer_scalar=True,
+                               embedding_scale=32 ** 0.5, sliding_window=4,
+                               layer_types=(SLIDING_ATTENTION, FULL_ATTENTION),
+                               sliding_rope_theta=100.0, rope_type="proportional", partial_rotary_factor=0.5,
+                               global_head_dim=16, global_num_kv_heads=1, attention_k_eq_v=True,
+                               query_pre_attn_scalar=1.0, final_logit_softcap=3.0),
     "qwen3_like": ModelConfig(**TINY, family="qwen3", architecture="Qwen3ForCausalLM", qk_norm=True,
                               attention_bias=True),
     # gpt-oss's attention: sink logits, YaRN RoPE, alternating sliding/full layers, biases on q/k/v/o

@@ -12,13 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.conftest import require
+
 from pallas_kernels.attention.api import attention
 from pallas_kernels.attention.cached import attention_over_cache
 from pallas_kernels.attention.reference import attention_mask
 from tests.oracle import norm_relative_error
 
-torch = pytest.importorskip("torch")
-gpt_oss = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
+torch = require("torch")
+gpt_oss = require("transformers.models.gpt_oss.modeling_gpt_oss")
 
 BATCH, LENGTH, HEADS, KV_HEADS, DIM = 2, 40, 4, 2, 8
 

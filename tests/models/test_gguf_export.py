@@ -289,3 +289,17 @@ def test_unexportable_configs_say_so_before_writing(tmp_path, model_type, extra,
     message = str(error.value)
     assert "\n" not in message and expected in message and "GGUF" in message, message
     assert not out.exists() or not list(out.iterdir())
+
+
+@pytest.mark.parametrize("architecture", ["Gemma3ForCausalLM", "Gemma4ForCausalLM"])
+def test_gemma3_and_gemma4_have_no_gguf_export(architecture):
+    """Their per-layer-type RoPE and head shapes have no writer here: refused in one line before any file."""
+    from sftjax.models.registry import config_from_hf
+
+    hf = dict(architectures=[architecture], vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    if architecture == "Gemma4ForCausalLM":
+        hf["hidden_size_per_layer_input"] = 0
+    config = config_from_hf(hf)
+    with pytest.raises(CheckpointError, match=rf"^write_gguf: {architecture} has no GGUF export \(supported: "):
+        gguf_write.check_exportable(config.to_hf_dict())

@@ -13,6 +13,7 @@ from tests.conftest import require  # noqa: E402
 torch = require("torch")
 transformers = require("transformers")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from safetensors import safe_open  # noqa: E402
@@ -230,3 +231,94 @@ def test_load_tokenizer_missing_path(tmp_path):
     with pytest.raises(CheckpointError) as error:
         load_tokenizer(tmp_path / "empty")
     assert "empty" in _one_line(error) and "cannot load a tokenizer" in _one_line(error)
+
+
+# ------------------------------------------------------------------------------------------------ quantize=
+
+
+QUANT_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                 "mlp.up_proj", "mlp.down_proj")
+
+
+@pytest.fixture(scope="module")
+def hf_dir_64(tmp_path_factory):
+    """A tiny Llama whose linear inputs are multiples of 64 (NF4 blocks within rows, as in every real model)."""
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=1,
+                                      eos_token_id=2)
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    directory = tmp_path_factory.mktemp("tiny_llama_64")
+    model.save_pretrained(directory)
+    return directory, model
+
+
+@pytest.mark.parametrize("fmt,double_quant", [("nf4", False), ("nf4", True), ("int8", False)])
+def test_load_model_quantized_computes_the_model_holding_the_bitsandbytes_round_trip(hf_dir_64, fmt, double_quant):
+    """``load_model(path, quantize=...)`` against transformers running the same checkpoint with each attention and
+    MLP weight replaced by bitsandbytes' dequantize(quantize(W)); embeddings, norms and head untouched, and the
+    loaded model holds no full-precision copy of a quantized weight."""
+    require("bitsandbytes")
+    from sftjax.models.quant import QuantizedKernel, QuantizedWeight
+    from tests.peft.test_quant import _bnb_round_trip_IO
+
+    directory, _ = hf_dir_64
+    reference = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    modules = dict(reference.named_modules())
+    shapes = {}
+    for layer in range(2):
+        for name in QUANT_LINEARS:
+            module = modules[f"model.layers.{layer}.{name}"]
+            w_OI = module.weight.detach().numpy()
+            shapes[f"layers.{layer}.{name}"] = w_OI.shape
+            with torch.no_grad():
+                module.weight.copy_(torch.from_numpy(np.ascontiguousarray(
+                    _bnb_round_trip_IO(w_OI.T, fmt, double_quant).T)))
+    model, _ = load_model(directory, quantize=fmt, double_quant=double_quant)
+    assert_close(_logits(model), _hf_logits(reference), 1e-5, what=f"{fmt} logits")
+
+    # every attention/MLP kernel is quantized; embeddings, norms and the head are float32 params of their shapes
+    kernels = [node.kernel for _, node in nnx.iter_graph(model) if isinstance(getattr(node, "kernel", None),
+                                                                               QuantizedWeight)]
+    assert len(kernels) == 2 * len(QUANT_LINEARS)
+    params = {"/".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert all(v.dtype == jnp.float32 for v in params.values())
+    dense_2d = sorted(k for k, v in params.items() if v.ndim == 2)
+    assert dense_2d == ["embed_tokens/embedding", "lm_head/kernel"], dense_2d
+    assert all(params[k].shape in ((VOCAB, 64), (64, VOCAB)) for k in dense_2d)
+    assert all(v.ndim == 1 and v.shape == (64,) for k, v in params.items() if k not in dense_2d)  # the norms
+    # the quantized arrays: exactly bitsandbytes' storage, counted from the shapes by hand
+    stored = {"/".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(model, QuantizedKernel))}
+    expected = 0
+    for out_features, in_features in shapes.values():
+        n = out_features * in_features
+        if fmt == "int8":
+            expected += n + 4 * out_features  # int8 codes + float32 SCB per row
+        elif double_quant:
+            expected += n // 2 + n // 64 + 4 * -(-(n // 64) // 256) + 4  # codes, 8-bit absmax, scales, offset
+        else:
+            expected += n // 2 + 4 * (n // 64)  # two codes per byte + float32 absmax per block of 64
+    assert sum(v.nbytes for v in stored.values()) == expected
+    code_dtype = np.dtype(np.int8 if fmt == "int8" else np.uint8)
+    assert {v.dtype for k, v in stored.items() if k.endswith("codes")} == {code_dtype}
+    # nothing else in the model: its whole state is the params above plus the quantized arrays
+    assert sum(x.nbytes for x in jax.tree.leaves(nnx.state(model))) == \
+        expected + sum(v.nbytes for v in params.values())
+
+
+def test_load_model_quantized_keeps_the_param_dtype_outside_the_linears(hf_dir_64):
+    from sftjax.models.quant import QuantizedKernel
+
+    directory, _ = hf_dir_64
+    model, _ = load_model(directory, dtype=jnp.bfloat16, quantize="nf4")
+    params = [v[...] for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    assert params and all(v.dtype == jnp.bfloat16 for v in params)
+    stored = {str(p[-1]): v[...].dtype for p, v in nnx.to_flat_state(nnx.state(model, QuantizedKernel))}
+    assert stored == {"codes": jnp.uint8, "absmax": jnp.float32}
+    assert model.layers[0].attn.q_proj.kernel_dtype == jnp.bfloat16
+    with pytest.raises(SftjaxError, match="load_model: quantize='nf8' is not one of none, nf4, int8"):
+        load_model(directory, quantize="nf8")

@@ -169,3 +169,30 @@ def test_scanned_layers_equal_unscanned(moe_case):
     assert_close(logits_s, logits, 1e-5, what="scanned logits")
     for a, b in zip(jax.tree.leaves(aux_s), jax.tree.leaves(aux)):
         assert_close(a, b, 1e-5, what="scanned MoEAux")
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(num_experts_per_tok=5), "num_experts_per_tok=5 is larger than model.moe.num_experts=4"),
+    (dict(router_jitter_noise=0.1), "router_jitter_noise=0.1 is not supported"),
+    (dict(hidden_act="tanh"), "hidden_act='tanh' is not supported for MoE experts"),
+])
+def test_unsupported_moe_options_in_config_json_are_one_line_errors(tmp_path, changes, message):
+    import json
+
+    from sftjax.errors import SftjaxError
+
+    config = dict(CASES["mixtral"][1], architectures=["MixtralForCausalLM"], model_type="mixtral", **changes)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes(b"never read")
+    with pytest.raises(SftjaxError, match=message) as error:
+        load_model(tmp_path)
+    assert "\n" not in str(error.value)
+
+
+def test_moe_switches_on_a_dense_model_are_refused():
+    from sftjax.errors import ConfigError
+    from sftjax.models.config import ModelConfig
+    from sftjax.models.decoder import with_moe_overrides
+
+    with pytest.raises(ConfigError, match="model.moe=.* is set but LlamaForCausalLM has no MoE layers"):
+        with_moe_overrides(ModelConfig(), {"router_z_loss_coef": 0.1})

@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.conftest import require
+
 from sftjax.errors import CheckpointError
 from sftjax.models.mxfp4 import dequantize_mxfp4, dequantize_mxfp4_tensors
 
-torch = pytest.importorskip("torch")
-mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
+torch = require("torch")
+mxfp4 = require("transformers.integrations.mxfp4")
 
 
 def packed(shape, seed):

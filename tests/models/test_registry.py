@@ -19,7 +19,9 @@ SMALL = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_la
 def test_supported_architectures():
     assert set(supported_architectures()) == {
         "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
-        "Gemma2ForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM"}
+        "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "Gemma4ForCausalLM",
+        "Gemma4ForConditionalGeneration", "Phi3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM",
+        "GptOssForCausalLM"}
 
 
 def test_both_rope_styles_give_the_same_config():
@@ -58,9 +60,12 @@ def test_family_switches_from_transformers_defaults():
 
 @pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                                           "Qwen3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM",
-                                          "Phi3ForCausalLM"])
+                                          "Gemma3ForCausalLM", "Gemma4ForCausalLM", "Phi3ForCausalLM"])
 def test_to_hf_dict_round_trips_through_transformers_config(architecture):
     hf = dict(SMALL, architectures=[architecture], initializer_range=0.01, head_dim=8)
+    if architecture == "Gemma4ForCausalLM":
+        hf.update(hidden_size_per_layer_input=0, global_head_dim=16, num_global_key_value_heads=1,
+                  attention_k_eq_v=True)
     config = config_from_hf(hf)
     written = config.to_hf_dict()
     assert written["architectures"] == [architecture] and written["initializer_range"] == 0.01
@@ -94,6 +99,8 @@ def test_model_config_validates_switches():
         ModelConfig(num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="remat"):
         ModelConfig(remat="sometimes")
+    with pytest.raises(ValueError, match="^global_head_dim sets full and sliding layers apart, so it needs"):
+        ModelConfig(global_head_dim=256)
 
 
 def test_to_hf_dict_refuses_switches_the_architecture_cannot_express():
@@ -106,3 +113,70 @@ def test_to_hf_dict_refuses_switches_the_architecture_cannot_express():
     default = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                           num_kv_heads=2, head_dim=8)  # a randomly initialised model's config exports as Llama
     assert default.to_hf_dict()["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_gemma3_switches_from_transformers_defaults():
+    """Gemma 3's config.json as the Hub has it: rope_theta/rope_local_base_freq/rope_scaling and
+    sliding_window_pattern (every 6th layer full by default), no layer_types."""
+    gemma3 = config_from_hf(dict(SMALL, num_hidden_layers=12, architectures=["Gemma3ForCausalLM"], head_dim=8,
+                                 model_type="gemma3_text", sliding_window=512, rope_theta=1e6,
+                                 rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0}))
+    assert [gemma3.layer_type(i) == "full_attention" for i in range(12)] == [(i + 1) % 6 == 0 for i in range(12)]
+    assert gemma3.sandwich_norms and gemma3.norm_plus_one and gemma3.qk_norm and gemma3.tie_word_embeddings
+    assert (gemma3.attn_logit_softcap, gemma3.final_logit_softcap, gemma3.query_pre_attn_scalar) == (None, None, 256)
+    assert (gemma3.rope_type, gemma3.rope_theta, gemma3.rope_factor, gemma3.sliding_rope_theta) == (
+        "linear", 1e6, 8.0, 1e4)
+    sliding = gemma3.for_layer_type("sliding_attention")
+    assert (sliding.rope_type, sliding.rope_theta, sliding.rope_factor) == ("default", 1e4, 1.0)
+    assert not {"rope_theta", "rope_local_base_freq", "sliding_window_pattern"} & set(dict(gemma3.hf_extra))
+    written = gemma3.to_hf_dict()
+    assert written["rope_parameters"] == {
+        "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    assert config_from_hf(written) == gemma3
+
+
+def test_gemma4_switches_from_transformers_defaults():
+    gemma4 = config_from_hf(dict(SMALL, num_hidden_layers=6, architectures=["Gemma4ForCausalLM"], head_dim=8,
+                                 hidden_size_per_layer_input=0, attention_k_eq_v=True, global_head_dim=16,
+                                 num_global_key_value_heads=1))
+    assert [gemma4.layer_type(i) for i in range(6)] == ["sliding_attention"] * 5 + ["full_attention"]
+    full = gemma4.for_layer_type("full_attention")
+    assert (full.head_dim, full.num_kv_heads, full.rope_type, full.rope_theta, full.rotary_dim) == (
+        16, 1, "proportional", 1e6, 16)
+    sliding = gemma4.for_layer_type("sliding_attention")
+    assert (sliding.head_dim, sliding.num_kv_heads, sliding.rope_type, sliding.rope_theta) == (8, 2, "default", 1e4)
+    assert gemma4.attention_scale == 1.0 and not gemma4.norm_plus_one and gemma4.v_norm and gemma4.layer_scalar
+    assert gemma4.sliding_window == 512 and gemma4.attention_k_eq_v
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("hidden_size_per_layer_input", 256, "hidden_size_per_layer_input=256 (per-layer input embeddings)"),
+    ("num_kv_shared_layers", 2, "num_kv_shared_layers=2 (key/value sharing across layers)"),
+    ("enable_moe_block", True, "enable_moe_block=true"),
+    ("use_bidirectional_attention", "all", "use_bidirectional_attention='all'"),
+])
+def test_gemma4_options_the_decoder_cannot_run_are_one_line_errors(tmp_path, key, value, message):
+    """Refused when load_model reads the checkpoint's config.json, before any weight is read."""
+    import json
+
+    from sftjax.models.loading import load_model
+
+    hf = dict(SMALL, architectures=["Gemma4ForCausalLM"], head_dim=8, hidden_size_per_layer_input=0,
+              num_experts=4, top_k_experts=2, moe_intermediate_size=16)
+    hf[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError) as error:
+        load_model(tmp_path)
+    assert message in str(error.value) and str(tmp_path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_gemma3_bidirectional_and_scaled_sliding_rope_are_one_line_errors():
+    base = dict(SMALL, architectures=["Gemma3ForCausalLM"], head_dim=8)
+    with pytest.raises(CheckpointError, match=r"^c: use_bidirectional_attention=true is not supported"):
+        config_from_hf(dict(base, use_bidirectional_attention=True), source="c")
+    rope = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}
+    with pytest.raises(CheckpointError, match=r"^c: rope_parameters.sliding_attention.rope_type 'linear' is not"):
+        config_from_hf(dict(base, rope_parameters=rope), source="c")

@@ -42,6 +42,13 @@ GEMMA2_LIKE = dict(architecture="Gemma2ForCausalLM", sandwich_norms=True, norm_p
                    sliding_window=4, layer_types=("sliding_attention", "full_attention") * 2,
                    attn_logit_softcap=50.0, final_logit_softcap=30.0, embedding_scale=32 ** 0.5,
                    tie_word_embeddings=True)
+# full layers with their own head shape, keys as values and their own RoPE: two layer kinds in one period
+GEMMA4_LIKE = dict(architecture="Gemma4ForCausalLM", family="gemma4_text", sandwich_norms=True, qk_norm=True,
+                   v_norm=True, layer_scalar=True, activation="gelu_tanh", sliding_window=4,
+                   layer_types=("sliding_attention", "full_attention") * 2, sliding_rope_theta=100.0,
+                   rope_type="proportional", partial_rotary_factor=0.5, global_head_dim=16, global_num_kv_heads=1,
+                   attention_k_eq_v=True, query_pre_attn_scalar=1.0, final_logit_softcap=30.0,
+                   embedding_scale=32 ** 0.5, tie_word_embeddings=True)
 QWEN2_WINDOW_TAIL = dict(architecture="Qwen2ForCausalLM", attention_bias=True, sliding_window=4,
                          layer_types=("full_attention",) * 3 + ("sliding_attention",), num_layers=4)
 
@@ -98,7 +105,8 @@ def per_layer_grads(model, batch) -> dict[str, np.ndarray]:
     ({}, (ScanBlock(0, 1, 4),)),
     (GEMMA2_LIKE, (ScanBlock(0, 2, 2),)),
     (QWEN2_WINDOW_TAIL, (ScanBlock(0, 1, 3), ScanBlock(3, 1, 1))),
-], ids=["llama", "gemma2_alternating", "qwen2_window_tail"])
+    (GEMMA4_LIKE, (ScanBlock(0, 2, 2),)),
+], ids=["llama", "gemma2_alternating", "qwen2_window_tail", "gemma4_alternating"])
 @pytest.mark.parametrize("remat", ["none", "full", "offload_dots"])
 def test_scanned_logits_and_gradients_equal_unscanned(changes, plan, remat):
     cfg = config(**changes, remat=remat)

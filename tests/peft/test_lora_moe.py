@@ -5,6 +5,8 @@ and adapter dropout on experts are one-line errors."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -18,9 +20,9 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sftjax.config import LoraSection, OptimSection  # noqa: E402
-from sftjax.errors import ConfigError  # noqa: E402
+from sftjax.errors import CheckpointError, ConfigError  # noqa: E402
 from sftjax.models.loading import load_model, save_model  # noqa: E402
-from sftjax.peft.adapter_io import lora_adapters  # noqa: E402
+from sftjax.peft.adapter_io import lora_adapters, write_peft_adapter  # noqa: E402
 from sftjax.peft.lora import apply_lora, split_model  # noqa: E402
 from sftjax.train.optim import make_optimizer  # noqa: E402
 from sftjax.train.step import LossOptions, TrainState, make_train_step  # noqa: E402
@@ -117,18 +119,24 @@ def test_expert_adapters_train_and_the_frozen_experts_stay_bit_identical(checkpo
         logits = hf(torch.tensor(np.asarray(tokens), dtype=torch.long), use_cache=False).logits
     assert_close(logits, want, 1e-5, what="transformers logits of the merged export")
 
-    # PEFT adapter (expert adapters as target_parameters): peft loads it onto the original base with our logits
-    import peft
-
-    from sftjax.peft.adapter_io import write_peft_adapter
-
-    out = write_peft_adapter(model, config, tmp_path / "adapter", lora=vars(LORA),
-                             base_model_name_or_path=str(checkpoint))
-    base = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager")
+    # the PEFT adapter (target_parameters on the fused expert tensors) gives the same logits in peft
+    peft = require("peft")
+    write_peft_adapter(model, config, tmp_path / "adapter", lora={"r": LORA.r, "alpha": LORA.alpha, "rslora": False},
+                       base_model_name_or_path=str(checkpoint))
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
+    peft_model = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     with torch.no_grad():
-        logits = peft.PeftModel.from_pretrained(base, out).eval()(
-            torch.tensor(np.asarray(tokens), dtype=torch.long), use_cache=False).logits
-    assert_close(logits, want, 1e-5, what="peft logits of the PEFT adapter export")
+        peft_logits = peft_model(torch.tensor(np.asarray(tokens), dtype=torch.long), use_cache=False).logits
+    assert_close(peft_logits, want, 1e-5, what="peft logits of the exported adapter")
+    with torch.no_grad():
+        merged = peft_model.merge_and_unload()(torch.tensor(np.asarray(tokens), dtype=torch.long),
+                                               use_cache=False).logits
+    assert_close(merged, want, 1e-5, what="peft merge_and_unload logits")
+    with pytest.raises(CheckpointError, match="per-expert LoRA adapters .* have no PEFT adapter form") as error:
+        lora_adapters(model, config)  # the per-module table alone cannot hold them
+    assert "\n" not in str(error.value)
 
 
 def test_attention_only_adapters_still_export_to_peft(checkpoint):

@@ -278,6 +278,16 @@ def test_quantize_errors_and_refusals():
     model.layers[1].mlp.experts = Experts()
     with pytest.raises(ConfigError, match=r"layers\.1\.mlp\.experts is a Experts, which quantization does not support"):
         quantize_model(model, "nf4")
+    from sftjax.models.moe import ExpertLinear
+
+    model = Decoder(config, rngs=nnx.Rngs(0))  # the stacked experts of an MoE block: not supported (yet)
+    model.layers[0].mlp.up_proj = ExpertLinear(4, 64, 96, use_bias=False, logical_axes=("expert", "embed", "mlp"),
+                                               param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError) as info:
+        quantize_model(model, "int8")
+    assert str(info.value) == ("model.quantize=int8: layers.0.mlp.up_proj is a ExpertLinear, which quantization "
+                               "does not support (only Linear layers of attention and MLP)")
+    assert not quantized_paths(model)  # refused before any layer changed
     model = Decoder(config, rngs=nnx.Rngs(0))
     quantize_model(model, "int8")
     assert quantized_paths(model) and all("lm_head" not in p for p in quantized_paths(model))
@@ -323,6 +333,33 @@ def test_scanned_qlora_step_holds_no_dense_copy_of_the_base():
     dense, nf4 = memory["none"], memory["nf4"]
     assert nf4.argument_size_in_bytes < 0.2 * dense.argument_size_in_bytes
     assert nf4.temp_size_in_bytes <= 1.05 * dense.temp_size_in_bytes, (nf4.temp_size_in_bytes, dense.temp_size_in_bytes)
+
+
+@pytest.mark.parametrize("fmt,scan", [("nf4", False), ("nf4", True), ("int8", True)])
+def test_quantized_param_count_is_the_dense_count_of_the_quantized_kernels(fmt, scan):
+    from sftjax.models.scan import stack_layers
+    from sftjax.peft.quant import quantized_param_count
+
+    model = Decoder(_config(), rngs=nnx.Rngs(0))
+    dense = sum(int(np.prod(m.kernel[...].shape)) for n, m in linear_modules(model).items() if n != "lm_head")
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    quantize_model(model, fmt)
+    if scan:
+        stack_layers(model)
+    assert quantized_param_count(model) == dense
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) + dense == total
+
+
+def test_attention_sinks_stay_a_float_param_of_a_quantized_model():
+    config = dataclasses.replace(_config(), attention_sinks=True)
+    model = Decoder(config, rngs=nnx.Rngs(0))
+    model.layers[0].attn.sinks[...] = jnp.linspace(-1.0, 1.0, config.num_heads)
+    before = np.asarray(model.layers[0].attn.sinks[...])
+    report = quantize_model(model, "nf4")
+    assert len(report) == 2 * 7 and isinstance(model.layers[0].attn.q_proj.kernel, QuantizedWeight)
+    sinks = model.layers[0].attn.sinks
+    assert isinstance(sinks, nnx.Param) and sinks[...].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(sinks[...]), before)
 
 
 def test_cast_to_compute_dtype_keeps_quantized_arrays():

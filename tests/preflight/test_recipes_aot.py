@@ -31,6 +31,9 @@ def compiled(config, target, overrides=()):
     (LLAMA_8B_LORA, "v5p-8", ["train.mesh.data=1", "train.mesh.fsdp=4", "train.micro_batch_size=4"], "FITS"),
     (SMOLLM2, "v5e-4", [f"model.path={REPO / 'configs' / 'models' / 'smollm2-135m-instruct'}",
                         "model.scan_layers=true", "train.micro_batch_size=4", "train.global_batch_size=8"], "FITS"),
+    # QLoRA: the 8B LoRA recipe over an NF4 base at 4096 tokens fits one 16 GiB v5e chip (the bf16 base does not)
+    (LLAMA_8B_LORA, "v5e-1", ["model.quantize=nf4", "data.max_length=4096", "train.micro_batch_size=1",
+                              "train.global_batch_size=8", "train.mesh.data=1", "train.mesh.fsdp=1"], "FITS"),
     # an 8B full fine-tune (f32 master weights + AdamW: ~128 GB of state) cannot fit one 16 GiB v5e chip
     (LLAMA_8B_LORA, "v5e-1", ["lora.enabled=false", "model.param_dtype=float32",
                               "train.micro_batch_size=1", "train.global_batch_size=1"], "DOES NOT FIT"),

@@ -72,6 +72,11 @@ def test_model_flops_per_token_by_hand():
     # LoRA: no weight gradients for the frozen matmuls (4N) plus 2x the adapters
     lora = model_flops_per_token(config, num_params=num_params, num_trainable_params=1_000_000, seq_len=4096)
     assert lora == 4 * (num_params - embed) + 2 * 1_000_000 + 12 * 32 * 32 * 128 * 4096
+    # Gemma 4 style: five sliding layers of head_dim 256, one full layer of head_dim 512
+    gemma4 = config.replace(num_layers=6, head_dim=256, global_head_dim=512, sliding_window=1024,
+                            layer_types=("sliding_attention",) * 5 + ("full_attention",))
+    attention = model_flops_per_token(gemma4, num_params=embed, num_trainable_params=0, seq_len=4096)
+    assert attention == 12 * 32 * (5 * 256 + 512) * 4096
     assert accelerators.H100.peak_bf16_flops == 989e12 and accelerators.TPU_V5P.peak_bf16_flops == 459e12
     assert device_peak_flops() is None  # a CPU has no datasheet peak: no MFU unless train.peak_flops is set
 
@@ -89,3 +94,37 @@ def test_cpu_peak_is_calibrated_once_and_cached(tmp_path, monkeypatch):
     assert flops.calibrated_cpu_flops(size=128, repeats=3) == first and len(calls) == 1
     assert first > 1e8 and (tmp_path / "cpu_peak.json").is_file()
     flops.calibrated_cpu_flops.cache_clear()
+
+
+def test_pissa_run_saves_a_peft_adapter_of_the_original_base(assets_dir, tmp_path):
+    """train.save=adapter after lora.init=pissa (the base rewritten to its residual): peft loads the final adapter
+    onto the unchanged base with the trained model's logits."""
+    import jax.numpy as jnp
+    import torch
+    from tests.conftest import require
+
+    import sftjax
+    from tests.oracle import assert_close
+
+    transformers, peft = require("transformers"), require("peft")
+    tokenizer = sftjax.load_tokenizer(assets_dir / "tokenizers" / "smollm2")
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=128, tie_word_embeddings=False)).float()
+    base.save_pretrained(tmp_path / "base")
+    cfg = sftjax.load_config(REPO / "configs" / "tiny_cpu.yaml", overrides=tiny_overrides(
+        assets_dir, tmp_path / "run", "model.init=null", f"model.path={tmp_path / 'base'}", "train.steps=3",
+        "train.eval_every=0", "train.save=adapter", "lora.enabled=true", "lora.r=4", "lora.alpha=8",
+        "lora.init=pissa", "lora.target_modules=[q_proj,v_proj]", "optim.learning_rate=1e-2"))
+    trainer = sftjax.Trainer(cfg)
+    trainer.fit()
+    tokens = np.arange(3, 19, dtype=np.int32)[None]
+    ours = np.asarray(trainer.updated_model()(jnp.asarray(tokens)))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    with torch.no_grad():
+        plain = reloaded(torch.tensor(tokens).long(), use_cache=False).logits.numpy()
+        adapted = peft.PeftModel.from_pretrained(reloaded, tmp_path / "run" / "final")
+        via_peft = adapted(torch.tensor(tokens).long(), use_cache=False).logits.numpy()
+    assert np.abs(via_peft - plain).max() > 1e-3
+    assert_close(via_peft, ours, 1e-5, what="pissa adapter on the original base")

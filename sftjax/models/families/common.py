@@ -53,9 +53,11 @@ def _token_id(value):
     return value
 
 
-def base_config(hf: dict, cfg, *, architecture: str, family: str, source: str, **overrides) -> ModelConfig:
-    """ModelConfig fields every family shares, read from the transformers config object ``cfg``."""
-    rope = dict(cfg.rope_parameters or {})
+def base_config(hf: dict, cfg, *, architecture: str, family: str, source: str, rope: dict | None = None,
+                **overrides) -> ModelConfig:
+    """ModelConfig fields every family shares, read from the transformers config object ``cfg``; ``rope`` replaces
+    ``cfg.rope_parameters`` (a family with one RoPE per layer type passes its full-attention layers' one)."""
+    rope = dict(cfg.rope_parameters or {}) if rope is None else dict(rope)
     if rope and all(isinstance(v, dict) for v in rope.values()):
         raise CheckpointError(f"{source}: per-layer-type rope_parameters are not supported")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -252,3 +254,31 @@ def llama_like_specs(config: ModelConfig, *, sandwich_norm_names: bool = False, 
         for hf_norm, our_norm in norms.items():
             specs.append(TensorSpec(f"{hf}.{hf_norm}.weight", ((f"{ours}.{our_norm}.weight", None, None),), False))
     return specs
+
+
+# Multimodal checkpoints (Gemma 3/4 ...ForConditionalGeneration) hold their text decoder under one of these prefixes
+# (the older layout first, then transformers 5's); every other tensor belongs to a vision or audio tower.
+_TEXT_DECODER_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                          ("model.language_model.", "model."), ("lm_head.", "lm_head."))
+
+
+def text_decoder_config(hf: dict, architecture: str) -> dict:
+    """The text decoder's config.json dict of a multimodal config (its ``text_config``); ``hf`` itself otherwise."""
+    text = hf.get("text_config")
+    if not isinstance(text, dict):
+        return hf
+    text = dict(text, architectures=[architecture])
+    if "tie_word_embeddings" in hf:
+        text.setdefault("tie_word_embeddings", hf["tie_word_embeddings"])
+    return text
+
+
+def text_decoder_tensor_name(hf: dict, name: str) -> str | None:
+    """The text decoder's tensor name (``model.*``, ``lm_head.*``) of a multimodal checkpoint's tensor, None for a
+    tensor of another tower; names of a text-only checkpoint pass unchanged."""
+    if not isinstance(hf.get("text_config"), dict):
+        return name
+    for prefix, replacement in _TEXT_DECODER_PREFIXES:
+        if name.startswith(prefix):
+            return replacement + name[len(prefix):]
+    return None

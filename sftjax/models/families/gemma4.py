@@ -1,0 +1,130 @@
+"""Gemma 4 (text): sandwich norms with plain-weight RMSNorm (x * w, not Gemma 3's (1 + w)), scaled embeddings,
+q/k RMSNorm and weightless value RMSNorm, attention scores unscaled (scale 1), a local/global layer pattern
+(``layer_types``; the last layer is always full) with the default RoPE on sliding layers and, on full layers,
+their own RoPE (``proportional`` by default: only a share of each head's frequency pairs rotate) and their own head
+shape (``global_head_dim``, ``num_global_key_value_heads``, or ``per_layer_config``), keys reused as values on full
+layers (``attention_k_eq_v``), a frozen per-layer output scalar and final logit soft-capping.
+
+The options the text decoder cannot run are refused with a one-line error naming the key: per-layer input
+embeddings (``hidden_size_per_layer_input`` > 0), key/value sharing across layers (``num_kv_shared_layers`` > 0),
+the mixture-of-experts block (``enable_moe_block``) and bidirectional attention (``use_bidirectional_attention:
+all``). A ``Gemma4ForConditionalGeneration`` checkpoint is read as its text decoder (the ``text_config`` and
+the ``language_model`` tensors; vision and audio towers skipped) and saved back as ``Gemma4ForCausalLM``.
+"""
+
+from __future__ import annotations
+
+from sftjax.errors import CheckpointError
+from sftjax.models.config import FULL_ATTENTION, ModelConfig
+from sftjax.models.families.common import (
+    TensorSpec,
+    base_config,
+    base_config_to_hf,
+    hf_config_object,
+    text_decoder_config,
+    text_decoder_tensor_name,
+    llama_like_specs,
+)
+from sftjax.models.families.gemma3 import full_rope, layer_types_list, per_layer_type_rope_to_hf, sliding_rope_theta
+
+MODEL_TYPE = "gemma4_text"
+ARCHITECTURES = ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration")  # the second read as its text decoder
+FAMILY_KEYS = ("global_head_dim", "num_global_key_value_heads", "per_layer_config", "attention_k_eq_v",
+               "hidden_size_per_layer_input", "num_kv_shared_layers", "enable_moe_block", "use_bidirectional_attention")
+
+
+def _refuse_unsupported(cfg, source: str) -> None:
+    if cfg.hidden_size_per_layer_input:
+        raise CheckpointError(f"{source}: hidden_size_per_layer_input={cfg.hidden_size_per_layer_input} (per-layer "
+                              "input embeddings) is not supported; only 0 is")
+    if cfg.num_kv_shared_layers:
+        raise CheckpointError(f"{source}: num_kv_shared_layers={cfg.num_kv_shared_layers} (key/value sharing across "
+                              "layers) is not supported; only 0 is")
+    if cfg.enable_moe_block:
+        raise CheckpointError(f"{source}: enable_moe_block=true (the Gemma 4 mixture-of-experts block) is not "
+                              "supported")
+    if cfg.use_bidirectional_attention == "all":
+        raise CheckpointError(f"{source}: use_bidirectional_attention='all' is not supported (causal LM only)")
+
+
+def _layer_shape(cfg, layer_types, kind: str, source: str) -> tuple[int, int]:
+    """(head_dim, num_kv_heads) of the layers of one kind; all of them must agree."""
+    shapes = {(cfg.per_layer_config[i].head_dim, cfg.per_layer_config[i].num_key_value_heads)
+              for i, t in enumerate(layer_types) if t == kind}
+    if len(shapes) > 1:
+        raise CheckpointError(f"{source}: per_layer_config gives the {kind} layers different head shapes "
+                              f"{sorted(shapes)}; one shape per layer type is supported")
+    return shapes.pop() if shapes else (cfg.head_dim, cfg.num_key_value_heads)
+
+
+def config_from_hf(hf: dict, *, source: str = "config.json") -> ModelConfig:
+    import transformers.utils.logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers warns on each read of a per-layer attribute's global value
+    try:
+        return _config_from_hf(text_decoder_config(hf, ARCHITECTURES[0]), source)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _config_from_hf(hf: dict, source: str) -> ModelConfig:
+    cfg = hf_config_object(hf, MODEL_TYPE, source)
+    cfg.allow_global_per_layer_attribute_access = True  # the global head shape is the sliding layers' one
+    _refuse_unsupported(cfg, source)
+    layer_types = tuple(cfg.layer_types)
+    sliding_shape = _layer_shape(cfg, layer_types, "sliding_attention", source)
+    if sliding_shape != (cfg.head_dim, cfg.num_key_value_heads):
+        raise CheckpointError(f"{source}: per_layer_config changes the sliding layers' head shape; only the full "
+                              "layers' may differ")
+    global_head_dim, global_kv_heads = _layer_shape(cfg, layer_types, FULL_ATTENTION, source)
+    rope = full_rope(cfg)
+    proportional = rope.get("rope_type") == "proportional"
+    if proportional:  # read by the shared code as the default type, then switched
+        rope["rope_type"] = "default"
+    bias = bool(cfg.attention_bias)
+    extras = {k: v for k, v in hf.items() if k not in FAMILY_KEYS}
+    overrides = dict(rope_type="proportional") if proportional else {}
+    return base_config(
+        extras, cfg, architecture=ARCHITECTURES[0], family=MODEL_TYPE, source=source, rope=rope,
+        embedding_scale=cfg.hidden_size ** 0.5, sandwich_norms=True, qk_norm=True, v_norm=True, layer_scalar=True,
+        attention_bias=bias, attention_out_bias=bias, sliding_window=cfg.sliding_window, layer_types=layer_types,
+        sliding_rope_theta=sliding_rope_theta(cfg, source), query_pre_attn_scalar=1.0,
+        global_head_dim=global_head_dim, global_num_kv_heads=global_kv_heads,
+        attention_k_eq_v=bool(cfg.attention_k_eq_v), final_logit_softcap=cfg.final_logit_softcapping, **overrides)
+
+
+checkpoint_tensor_name = text_decoder_tensor_name  # a multimodal checkpoint's text decoder tensors, else None
+
+
+def config_to_hf(config: ModelConfig) -> dict:
+    hf = base_config_to_hf(config, MODEL_TYPE)
+    hf["hidden_activation"] = hf.pop("hidden_act")
+    rope = per_layer_type_rope_to_hf(config)
+    if config.rope_type == "proportional":
+        rope[FULL_ATTENTION] = {"rope_type": "proportional", "rope_theta": config.rope_theta,
+                                "partial_rotary_factor": config.partial_rotary_factor}
+        if config.rope_factor != 1.0:
+            rope[FULL_ATTENTION]["factor"] = config.rope_factor
+    layer_types = layer_types_list(config)
+    full_shape = {"head_dim": config.global_head_dim or config.head_dim,
+                  "num_key_value_heads": config.global_num_kv_heads or config.num_kv_heads}
+    hf.update(attention_bias=config.attention_bias, sliding_window=config.sliding_window, layer_types=layer_types,
+              rope_parameters=rope, final_logit_softcapping=config.final_logit_softcap,
+              attention_k_eq_v=config.attention_k_eq_v, hidden_size_per_layer_input=0, num_kv_shared_layers=0,
+              enable_moe_block=False,
+              per_layer_config={str(i): dict(full_shape) for i, t in enumerate(layer_types) if t == FULL_ATTENTION})
+    return hf
+
+
+def weight_specs(config: ModelConfig):
+    specs = []
+    for spec in llama_like_specs(config, sandwich_norm_names=True):
+        parts = spec.hf_name.split(".")
+        if (config.attention_k_eq_v and parts[-2] == "v_proj"
+                and config.layer_type(int(parts[2])) == FULL_ATTENTION):
+            continue  # full layers take their values from k_proj
+        specs.append(spec)
+    for i in range(config.num_layers):
+        specs.append(TensorSpec(f"model.layers.{i}.layer_scalar", ((f"layers.{i}.layer_scalar", None, None),), False))
+    return specs
