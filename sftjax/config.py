@@ -78,7 +78,8 @@ class ModelSection(Section):
     attention_implementation: Literal[ATTENTION_IMPLEMENTATIONS] | None = "auto"  # pallas_kernels.attention
     cross_entropy_implementation: Literal[CROSS_ENTROPY_IMPLEMENTATIONS] | None = "auto"  # the fused loss
     scan_layers: bool = False  # stack the layers and run them with lax.scan (faster compiles of deep models)
-    # frozen base of attention/MLP linears in bitsandbytes' format (QLoRA; needs lora.enabled): none, nf4, int8
+    # frozen base of attention/MLP linears and MoE experts in bitsandbytes' format (QLoRA; needs lora.enabled):
+    # none, nf4, int8
     quantize: Literal[QUANTIZE] = "none"
     double_quant: bool = False  # nf4 only: quantize the per-block absmax values too (bitsandbytes' compress_statistics)
     # MoE models: run-time switches of every MoE block over the checkpoint's (router_aux_loss_coef,

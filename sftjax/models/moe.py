@@ -73,6 +73,7 @@ from sftjax.models.moe_ops import (  # noqa: F401  (re-exported: the block's pub
     weight_logical_axes,
 )
 from sftjax.models.moe_sharding import routed_experts
+from sftjax.models.quant import QuantizedExpertWeight, quantize_expert_kernel
 from sftjax.sharding import gather_for_compute
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -97,14 +98,18 @@ class Router(nnx.Module):
 class ExpertLinear(nnx.Module):
     """One projection of every expert: kernel [expert, in, out] (+ bias [expert, out]) (+ per-expert LoRA
     ``lora_a [expert, in, r]``, ``lora_b [expert, r, out]``, scale alpha/r or alpha/sqrt(r)). The matmul itself is
-    done by :func:`grouped_ffn` on the stacked arrays (``MoE.expert_weights``)."""
+    done by :func:`grouped_ffn` on the stacked arrays (``MoE.expert_weights``). After ``quantize`` the kernel is a
+    frozen :class:`~sftjax.models.quant.QuantizedExpertWeight` (QLoRA on experts), dequantized inside the grouped
+    matmul."""
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, *, use_bias: bool,
                  logical_axes: tuple[str, str, str], param_dtype, rngs: nnx.Rngs):
+        self.num_experts = num_experts
         self.in_features = in_features
         self.out_features = out_features
         self.logical_axes = tuple(logical_axes)
         init = jax.nn.initializers.normal(stddev=0.02)
+        # an nnx.Param [expert, in, out], or a QuantizedExpertWeight (frozen codes + scales) once ``quantize`` ran
         self.kernel = param(init(rngs.params(), (num_experts, in_features, out_features), param_dtype),
                             self.logical_axes)
         self.bias = (param(jnp.zeros((num_experts, out_features), param_dtype),
@@ -113,14 +118,38 @@ class ExpertLinear(nnx.Module):
         self.lora_b: nnx.LoRAParam | None = nnx.data(None)
         self.lora_scale: float = 0.0
 
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.kernel, QuantizedExpertWeight)
+
+    @property
+    def kernel_dtype(self):
+        return jnp.dtype(self.kernel.source_dtype) if self.quantized else self.kernel[...].dtype
+
+    @property
+    def kernel_shape(self) -> tuple[int, int, int]:
+        return self.num_experts, self.in_features, self.out_features
+
+    def quantize(self, fmt: str, *, double_quant: bool = False) -> None:
+        """Replace the stacked kernel by its ``fmt`` (nf4 | int8) quantization, one bitsandbytes tensor per
+        expert (see :class:`~sftjax.models.quant.QuantizedExpertWeight`)."""
+        self.kernel = quantize_expert_kernel(self.kernel[...], fmt, expert_axis=self.logical_axes[0],
+                                             double_quant=double_quant)
+
+    def base_kernel(self):
+        """The frozen kernel [expert, in, out] as stored, or dequantized (float32) when quantized."""
+        if self.quantized:
+            return jnp.swapaxes(self.kernel.dequantize(), 1, 2)
+        return self.kernel[...]
+
     def enable_lora(self, rank: int, alpha: float, *, rslora: bool = False, dropout: float = 0.0,
                     rngs: nnx.Rngs, dtype=None) -> None:
         """Per-expert PEFT-style adapters: each A_e ~ U(+-1/sqrt(in)), each B_e = 0."""
         if dropout > 0:
             raise ConfigError(f"lora.dropout={dropout} is not supported on expert weights (nor by PEFT's "
                               "target_parameters); use 0, or leave the experts out of lora.target_modules")
-        dtype = dtype or self.kernel[...].dtype
-        experts = self.kernel[...].shape[0]
+        dtype = dtype or self.kernel_dtype
+        experts = self.num_experts
         bound = 1.0 / math.sqrt(self.in_features)
         a = jax.random.uniform(rngs.params(), (experts, self.in_features, rank), jnp.float32, -bound, bound)
         expert_axis, in_axis, out_axis = self.logical_axes
@@ -130,16 +159,36 @@ class ExpertLinear(nnx.Module):
         self.lora_scale = float(alpha / math.sqrt(rank) if rslora else alpha / rank)
 
     def merged_kernel(self):
-        """kernel + scale * A_e @ B_e per expert, in the kernel's dtype (the kernel when there is no adapter)."""
-        kernel = self.kernel[...]
+        """kernel + scale * A_e @ B_e per expert, in the kernel's dtype (float32 for a quantized kernel, which is
+        dequantized; the kernel itself when there is no adapter)."""
+        kernel = self.base_kernel()
         if self.lora_a is None:
             return kernel
         delta = jnp.einsum("eir,ero->eio", self.lora_a[...].astype(jnp.float32),
                            self.lora_b[...].astype(jnp.float32)) * self.lora_scale
         return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
 
+    def fold_adapter(self) -> bool:
+        """Fold the adapter into a dense kernel in place and drop it; a quantized kernel becomes a dense
+        ``nnx.Param`` in the dtype it was quantized from. Returns whether there was an adapter."""
+        if self.lora_a is None:
+            return False
+        merged = self.merged_kernel()
+        if self.quantized:
+            self.kernel = param(merged.astype(self.kernel_dtype), self.logical_axes)
+        else:
+            self.kernel[...] = merged
+        self.lora_a = self.lora_b = None
+        return True
+
     def arrays(self, name: str) -> dict:
-        out = {f"{name}_kernel": self.kernel[...]}
+        """``{name}_kernel`` (or, quantized, ``{name}_quant_<array>`` and the static ``{name}_quant`` layout),
+        ``{name}_bias``, ``{name}_lora_a/_lora_b/_lora_scale``: what :func:`grouped_ffn` takes."""
+        if self.quantized:
+            out = {f"{name}_quant_{key}": value for key, value in self.kernel.stored().items()}
+            out[f"{name}_quant"] = self.kernel.layout
+        else:
+            out = {f"{name}_kernel": self.kernel[...]}
         if self.bias is not None:
             out[f"{name}_bias"] = self.bias[...]
         if self.lora_a is not None:
@@ -211,8 +260,8 @@ class MoE(nnx.Module):
         implementation = resolve_implementation(self.config.implementation)
         weights = self.expert_weights()
         if implementation == "dense":
-            weights = {name: (gather_for_compute(value, weight_logical_axes(name)) if hasattr(value, "shape")
-                              else value) for name, value in weights.items()}
+            weights = {name: (gather_for_compute(value, weight_logical_axes(name, value.ndim))
+                              if hasattr(value, "shape") else value) for name, value in weights.items()}
             y_TD = routed_dense(x_TD, routing, valid_T, weights, self.config)
         else:
             y_TD = routed_experts(x_TD, routing, valid_T, weights, self.config, implementation)

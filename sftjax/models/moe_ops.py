@@ -175,16 +175,22 @@ def grouped_ffn(x_PD, ids_P, group_sizes_G, weights: dict, config: MoEConfig, ma
                 reduce: Callable = lambda v: v):
     """The expert MLP of rows sorted by (local) expert ``ids_P`` (``G`` = no group, rows at the end).
 
-    ``weights`` holds ``{gate,up,down}_kernel`` [G, in, out], optional ``{gate,up,down}_bias`` [G, out] and
+    ``weights`` holds ``{gate,up,down}_kernel`` [G, in, out] (or their quantized arrays, see
+    :func:`quantized_grouped_matmul`), optional ``{gate,up,down}_bias`` [G, out] and
     ``{gate,up,down}_lora_a/_lora_b`` with ``{...}_lora_scale`` (a float). ``reduce`` sums the down projection
     over a split intermediate dimension (a tensor-axis psum under expert parallelism; identity otherwise).
     """
-    num_groups = weights["gate_kernel"].shape[0]
+    num_groups = expert_count(weights)
     valid = ids_P < num_groups
     safe_ids = jnp.minimum(ids_P, num_groups - 1)
 
     def project(h, name, *, reduced: bool):
-        y = matmul(h, weights[f"{name}_kernel"], group_sizes_G, valid)
+        layout = weights.get(f"{name}_quant")
+        if layout is None:
+            y = matmul(h, weights[f"{name}_kernel"], group_sizes_G, valid)
+        else:
+            y = quantized_grouped_matmul(h, quant_arrays(weights, name), group_sizes_G, valid, layout=layout,
+                                         matmul=matmul)
         lora_a = weights.get(f"{name}_lora_a")
         if reduced:
             y = reduce(y)
@@ -229,7 +235,7 @@ def routed_local(x_TD, routing: Routing, valid_T, weights: dict, config: MoEConf
                  reduce: Callable = lambda v: v):
     """Routed-expert output [T, D] on one device (all experts local): sort, grouped matmul, un-sort, combine."""
     tokens, k = routing.experts_TK.shape
-    num_experts = weights["gate_kernel"].shape[0]
+    num_experts = expert_count(weights)
     order, sorted_ids, group_sizes = sort_by_expert(routing.experts_TK, valid_T, num_experts)
     x_sorted = jnp.take(x_TD, order // k, axis=0)
     y_sorted = grouped_ffn(x_sorted, sorted_ids, group_sizes, weights, config, ragged_matmul(implementation),
@@ -242,7 +248,11 @@ def routed_dense(x_TD, routing: Routing, valid_T, weights: dict, config: MoEConf
     """The oracle: every token through every expert (LoRA merged into the kernels), weighted by the routing
     weights scattered to a dense [T, E] matrix (0 for unchosen experts and padding)."""
     def kernel(name):
-        w = weights[f"{name}_kernel"].astype(x_TD.dtype)
+        layout = weights.get(f"{name}_quant")
+        if layout is None:
+            w = weights[f"{name}_kernel"].astype(x_TD.dtype)
+        else:
+            w = jnp.swapaxes(layout.dequantize_stacked(quant_arrays(weights, name)), 1, 2).astype(x_TD.dtype)
         if weights.get(f"{name}_lora_a") is not None:
             delta = jnp.einsum("eir,ero->eio", weights[f"{name}_lora_a"].astype(jnp.float32),
                                weights[f"{name}_lora_b"].astype(jnp.float32))
@@ -256,16 +266,63 @@ def routed_dense(x_TD, routing: Routing, valid_T, weights: dict, config: MoEConf
     gate = jnp.einsum("td,edf->tef", x_TD, kernel("gate")) + bias("gate")
     up = jnp.einsum("td,edf->tef", x_TD, kernel("up")) + bias("up")
     y = jnp.einsum("tef,efd->ted", expert_activation(gate, up, config), kernel("down")) + bias("down")
-    num_experts = weights["gate_kernel"].shape[0]
+    num_experts = expert_count(weights)
     dense_weights = jnp.einsum("tk,tke->te", routing.weights_TK,
                                jax.nn.one_hot(routing.experts_TK, num_experts, dtype=routing.weights_TK.dtype))
     dense_weights = jnp.where(valid_T[:, None], dense_weights, 0).astype(y.dtype)
     return jnp.einsum("ted,te->td", y, dense_weights)
 
 
-def weight_logical_axes(name: str) -> tuple[str | None, ...]:
-    """Logical axes of an entry of ``MoE.expert_weights()`` (``gate_kernel``, ``down_lora_b``, ...)."""
+def weight_logical_axes(name: str, ndim: int = 3) -> tuple[str | None, ...]:
+    """Logical axes of an entry of ``MoE.expert_weights()`` (``gate_kernel``, ``down_lora_b``, ...); a quantized
+    array (``up_quant_codes``, ndim given) splits only its expert axis."""
     proj, _, kind = name.partition("_")
+    if kind.startswith("quant_"):
+        return ("expert",) + (None,) * (ndim - 1)
     in_axis, out_axis = ("mlp", "embed") if proj == "down" else ("embed", "mlp")
     return {"kernel": ("expert", in_axis, out_axis), "bias": ("expert", out_axis),
             "lora_a": ("expert", in_axis, None), "lora_b": ("expert", None, out_axis)}[kind]
+
+
+def expert_count(weights: dict) -> int:
+    """The experts (local ones, under expert parallelism) that ``weights`` holds."""
+    if "gate_kernel" in weights:
+        return weights["gate_kernel"].shape[0]
+    return weights["gate_quant_codes"].shape[0]
+
+
+def quant_arrays(weights: dict, name: str) -> dict:
+    """The stored quantized arrays of projection ``name`` (``{name}_quant_<array>`` -> ``<array>``)."""
+    prefix = f"{name}_quant_"
+    return {key[len(prefix):]: value for key, value in weights.items() if key.startswith(prefix)}
+
+
+def quantized_grouped_matmul(x_PI, arrays: dict, group_sizes_G, valid_P, *, layout, matmul: Callable):
+    """``matmul`` of rows sorted by expert with stacked quantized experts (QLoRA on experts): each expert's
+    ``[out, in]`` weight is dequantized from ``arrays`` (``layout``: a ``QuantLayout``) right before the grouped
+    matmul, in float32 and then cast to the compute dtype.
+
+    As for a quantized ``Linear`` (``QuantizedWeight.matmul``), the VJP is our own: the backward dequantizes again
+    from the stored arrays (its input gradient is the grouped matmul of the output cotangent with the ``[out, in]``
+    weights, no transpose needed) instead of autodiff keeping each layer's dense experts from the forward, and
+    optimization barriers tie each dequantization to its own matmul, so one layer's dense experts live only while
+    that matmul runs. The stored arrays get no gradient (the base is frozen).
+    """
+    def dense(arrays, dtype):
+        return layout.dequantize_stacked(arrays).astype(dtype)  # [G, out, in]
+
+    @jax.custom_vjp
+    def dot(x, arrays, group_sizes, valid):
+        x, arrays = jax.lax.optimization_barrier((x, arrays))
+        return matmul(x, jnp.swapaxes(dense(arrays, x.dtype), 1, 2), group_sizes, valid)
+
+    def forward(x, arrays, group_sizes, valid):
+        return dot(x, arrays, group_sizes, valid), (arrays, group_sizes, valid)
+
+    def backward(residuals, g):
+        arrays, group_sizes, valid = residuals
+        g, arrays = jax.lax.optimization_barrier((g, arrays))
+        return matmul(g, dense(arrays, g.dtype), group_sizes, valid), None, None, None
+
+    dot.defvjp(forward, backward)
+    return dot(x_PI, arrays, group_sizes_G, valid_P)

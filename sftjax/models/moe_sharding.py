@@ -47,6 +47,7 @@ from sftjax.models.moe_ops import (
     MoEConfig,
     Routing,
     combine,
+    expert_count,
     grouped_ffn,
     inverse_permutation,
     ragged_matmul,
@@ -87,7 +88,7 @@ def routed_experts(x_TD, routing: Routing, valid_T, weights: dict, config: MoECo
 
 def _weight_spec(name: str, shape, ep_axis, tensor_axes) -> PartitionSpec:
     entries = []
-    for logical, size in zip(weight_logical_axes(name), shape):
+    for logical, size in zip(weight_logical_axes(name, len(shape)), shape):
         if logical == "expert" and ep_axis is not None:
             entries.append(ep_axis)
         elif logical == "mlp" and tensor_axes:
@@ -103,7 +104,10 @@ def _routed_on_mesh(mesh, x_TD, routing: Routing, valid_T, weights: dict, config
     ep_axis = EXPERT_MESH_AXIS if ep > 1 else None
     tokens = x_TD.shape[0]
     row_axes = split_axes(mesh, tokens, ROW_AXES)
-    tensor_axes = split_axes(mesh, config.expert_intermediate_size, (TENSOR_AXIS,))
+    quantized = any(isinstance(name, str) and name.endswith("_quant") for name in weights)
+    # quantized experts stay whole per rank (their blocks and double-quantization scales run over each expert's
+    # flattened [out, in]); only their expert axis is split
+    tensor_axes = None if quantized else split_axes(mesh, config.expert_intermediate_size, (TENSOR_AXIS,))
     arrays = {name: value for name, value in weights.items() if hasattr(value, "shape")}
     statics = {name: value for name, value in weights.items() if not hasattr(value, "shape")}
     rows = spec_entry(row_axes)
@@ -132,7 +136,7 @@ def _routed_all_to_all(x_TD, routing: Routing, valid_T, weights: dict, config: M
     """One device's share of expert parallelism (see the module docstring, steps 1-3)."""
     tokens, k = routing.experts_TK.shape
     dim = x_TD.shape[-1]
-    local_experts = weights["gate_kernel"].shape[0]
+    local_experts = expert_count(weights)
     capacity = tokens * min(k, local_experts)
 
     # 1. pairs sorted by global expert; pairs for device d are the contiguous run [starts[d], starts[d] + counts[d])

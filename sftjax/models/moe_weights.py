@@ -208,6 +208,8 @@ def module_params(moe, *, merge_lora: bool = True) -> dict[str, np.ndarray]:
             node = getattr(node, part)
         if merge_lora and attribute == "kernel" and hasattr(node, "merged_kernel"):
             value = node.merged_kernel()
+        elif attribute == "kernel" and hasattr(node, "base_kernel"):  # dequantized when quantized
+            value = node.base_kernel()
         else:
             value = getattr(node, attribute)[...]
         out[path] = np.asarray(value)

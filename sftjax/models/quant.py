@@ -49,6 +49,7 @@ compute dtype must skip :class:`QuantizedKernel` variables (their codes are inte
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -251,6 +252,30 @@ def dequantize_int8(codes, scale):
     return codes.astype(jnp.float32) * scale[:, None] * jnp.float32(1.0 / 127.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantLayout:
+    """What it takes to dequantize stored arrays besides the arrays: format, the ``[out, in]`` shape of one weight,
+    double quantization, block size. Hashable, so it can travel as a static value next to the arrays."""
+
+    fmt: str
+    shape_OI: tuple[int, int]
+    double_quant: bool = False
+    blocksize: int = NF4_BLOCKSIZE
+
+    def dequantize(self, arrays: dict[str, Any]):
+        """float32 [out, in] of one weight's arrays (names as :func:`quantize_nf4` / :func:`quantize_int8`)."""
+        if self.fmt == "int8":
+            return dequantize_int8(arrays["codes"], arrays["scale"])
+        absmax = arrays["absmax"]
+        if self.double_quant:
+            absmax = dequantize_absmax(absmax, arrays["absmax_scale"], arrays["absmax_offset"])
+        return dequantize_nf4(arrays["codes"], absmax, self.shape_OI, blocksize=self.blocksize)
+
+    def dequantize_stacked(self, arrays: dict[str, Any]):
+        """float32 [experts, out, in] of stacked per-expert arrays (a leading expert axis on every array)."""
+        return jax.vmap(self.dequantize)(arrays)
+
+
 class QuantizedKernel(nnx.Variable):
     """One stored array of a quantized base weight (codes or scales). Deliberately not an ``nnx.Param``:
     trainable filters never select it, so it stays frozen and out of optimizer state and adapter checkpoints."""
@@ -296,14 +321,13 @@ class QuantizedWeight(nnx.Module):
         """The stored arrays by name, fsdp-gathered."""
         return {name: self._array(name) for name in self.names}
 
+    @property
+    def layout(self) -> QuantLayout:
+        return QuantLayout(self.fmt, self.shape_OI, self.double_quant, self.blocksize)
+
     def dequantize_arrays(self, arrays: dict[str, Any]):
         """float32 [out, in] from ``arrays`` (as :meth:`arrays` gives them)."""
-        if self.fmt == "int8":
-            return dequantize_int8(arrays["codes"], arrays["scale"])
-        absmax = arrays["absmax"]
-        if self.double_quant:
-            absmax = dequantize_absmax(absmax, arrays["absmax_scale"], arrays["absmax_offset"])
-        return dequantize_nf4(arrays["codes"], absmax, self.shape_OI, blocksize=self.blocksize)
+        return self.layout.dequantize(arrays)
 
     def dequantize(self):
         """float32 [out, in]."""
@@ -370,3 +394,73 @@ def quantize_kernel(kernel_IO, fmt: str, *, logical_axes, double_quant: bool = F
     arrays = quantize_nf4(w_OI, double_quant=double_quant) if fmt == "nf4" else quantize_int8(w_OI)
     return QuantizedWeight(arrays, fmt=fmt, in_features=host.shape[0], out_features=host.shape[1],
                            logical_axes=logical_axes, source_dtype=host.dtype)
+
+
+# ------------------------------------------------------------------------------------------- stacked experts
+
+
+class QuantizedExpertWeight(QuantizedWeight):
+    """The frozen kernel of stacked MoE experts (an ``ExpertLinear``) in NF4 or int8: expert ``e``'s ``[out, in]``
+    matrix (Hugging Face's layout of one expert, ``gate_up_proj[e]`` / ``down_proj[e]`` split per projection) is
+    quantized as its own bitsandbytes tensor, so its blocks, absmax values and double-quantization offset are that
+    expert's alone. Every stored array gets a leading expert axis (codes ``[E, out, in/2]``, absmax ``[E, out,
+    in/64]``, ``absmax_scale [E, n]``, ``absmax_offset [E]``; flat per expert when ``in`` is not a multiple of 64),
+    with the logical axis ``expert`` on it and nothing else split: each expert-parallel rank holds its experts'
+    codes whole, and the grouped matmul dequantizes its local experts right before it runs (``moe_ops``).
+    """
+
+    def __init__(self, arrays: dict[str, Any], *, fmt: str, num_experts: int, in_features: int, out_features: int,
+                 expert_axis: str | None, source_dtype, blocksize: int = NF4_BLOCKSIZE):
+        self.fmt = fmt
+        self.num_experts = num_experts
+        self.in_features = in_features
+        self.out_features = out_features
+        self.blocksize = blocksize
+        self.source_dtype = jnp.dtype(source_dtype).name
+        self.double_quant = "absmax_scale" in arrays
+        self.names = tuple(sorted(arrays))
+        tiled = fmt == "int8" or in_features % blocksize == 0
+        for name, value in arrays.items():
+            value = value if isinstance(value, jax.Array) else np.asarray(value)
+            if fmt == "nf4" and tiled and name in ("codes", "absmax"):
+                value = value.reshape(num_experts, out_features, -1)
+            axes = (expert_axis,) + (None,) * (value.ndim - 1)
+            setattr(self, name, QuantizedKernel(jnp.asarray(value), logical_axes=axes))
+
+    def stored(self) -> dict[str, Any]:
+        """The stored arrays by name, as they are (not gathered: the expert axis stays split)."""
+        return {name: getattr(self, name)[...] for name in self.names}
+
+    def dequantize_arrays(self, arrays: dict[str, Any]):
+        """float32 [experts, out, in]."""
+        return self.layout.dequantize_stacked(arrays)
+
+    def dequantize(self):
+        """float32 [experts, out, in] of every expert (gathered: for exports and the dense oracle)."""
+        return self.dequantize_arrays(self.arrays())
+
+    def matmul(self, x_TI):
+        raise TypeError("stacked experts run through the grouped matmul (sftjax.models.moe_ops), not matmul()")
+
+
+def quantize_expert_kernel(kernel_EIO, fmt: str, *, expert_axis: str | None,
+                           double_quant: bool = False) -> QuantizedExpertWeight:
+    """Stacked dense experts ``[E, in, out]`` (ours) -> :class:`QuantizedExpertWeight`, one bitsandbytes tensor
+    per expert."""
+    from sftjax.sharding import to_host
+
+    experts, in_features, out_features = kernel_EIO.shape
+    if isinstance(kernel_EIO, jax.core.Tracer):  # abstract program: shapes only
+        arrays = {name: jnp.zeros((experts, *shape), dtype) for name, (shape, dtype) in
+                  quantized_shapes(fmt, (out_features, in_features), double_quant=double_quant).items()}
+        source_dtype = kernel_EIO.dtype
+    else:
+        host = to_host(kernel_EIO)
+        source_dtype = host.dtype
+        per_expert = []
+        for e in range(experts):
+            w_OI = np.asarray(host[e], dtype=np.float32).T
+            per_expert.append(quantize_nf4(w_OI, double_quant=double_quant) if fmt == "nf4" else quantize_int8(w_OI))
+        arrays = {name: np.stack([a[name] for a in per_expert]) for name in per_expert[0]}
+    return QuantizedExpertWeight(arrays, fmt=fmt, num_experts=experts, in_features=in_features,
+                                 out_features=out_features, expert_axis=expert_axis, source_dtype=source_dtype)

@@ -128,7 +128,10 @@ def _parameter_value(model: nnx.Module, path: str):
 
 def _parameter_shape(model: nnx.Module, path: str) -> tuple[int, ...]:
     module_path, _, attribute = path.rpartition(".")
-    return tuple(getattr(_module_at(model, module_path), attribute).get_value().shape)
+    module = _module_at(model, module_path)
+    if isinstance(module, ExpertLinear) and attribute == "kernel":
+        return module.kernel_shape  # also when quantized
+    return tuple(getattr(module, attribute).get_value().shape)
 
 
 def hf_tensor_entries(model: Decoder, config: ModelConfig, target: np.dtype):

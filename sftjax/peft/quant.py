@@ -1,5 +1,6 @@
-"""QLoRA at the model level: quantize every attention and MLP linear of a model to NF4 or int8 (the format is
-:mod:`sftjax.models.quant`), list what was quantized, and refuse training that would update a quantized base."""
+"""QLoRA at the model level: quantize every attention and MLP linear (and every stack of MoE experts) of a model to
+NF4 or int8 (the format is :mod:`sftjax.models.quant`), list what was quantized, and refuse training that would
+update a quantized base."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from flax import nnx
 
 from sftjax.errors import ConfigError
 from sftjax.models.layers import Embed, Linear, RMSNorm
+from sftjax.models.moe import ExpertLinear, Router
 from sftjax.models.quant import FORMATS, QuantizedKernel, QuantizedWeight
 
 
@@ -24,11 +26,13 @@ def _owns_weight_matrices(module) -> bool:
 def quantize_model(model, fmt: str, *, double_quant: bool = False) -> dict[str, int]:
     """Quantize, in place, every attention and MLP linear of ``model`` to ``fmt`` (``nf4`` or ``int8``).
 
-    Embeddings, norms and the output head keep their dtype (as bitsandbytes' QLoRA). Returns ``{dotted module
-    path: stored bytes}`` of what was quantized. A module that holds weight matrices but is neither a ``Linear`` nor
-    a norm/embedding (e.g. stacked MoE experts) is a one-line ConfigError (vectors such as attention sinks stay as
-    they are), as are layers stacked for scanning and
-    layers that already have DoRA (whose magnitude must be measured on the quantized weight: enable it after).
+    Embeddings, norms and the output head keep their dtype (as bitsandbytes' QLoRA). Stacked MoE experts
+    (``ExpertLinear``) are quantized one bitsandbytes tensor per expert; MoE routers (a small ``[embed, expert]``
+    matrix that every token's routing depends on; a plain parameter, not a linear layer, in Hugging Face's MoE
+    models) and biases keep their dtype too. Returns ``{dotted module path: stored bytes}`` of what was quantized.
+    A module that holds weight matrices but is none of these is a one-line ConfigError (vectors such as attention
+    sinks stay as they are), as are layers stacked for scanning and layers that already have DoRA (whose magnitude
+    must be measured on the quantized weight: enable it after).
     """
     if fmt not in FORMATS:
         raise ConfigError(f"model.quantize={fmt!r} is not one of {', '.join(FORMATS)}, none")
@@ -42,9 +46,13 @@ def quantize_model(model, fmt: str, *, double_quant: bool = False) -> dict[str, 
         if not isinstance(node, nnx.Module) or not path:
             continue
         name = ".".join(str(p) for p in path)
-        if isinstance(node, (Embed, RMSNorm)):
+        if isinstance(node, (Embed, RMSNorm, Router)):
             continue
-        if isinstance(node, Linear):
+        if isinstance(node, ExpertLinear):
+            if node.quantized:
+                raise ConfigError(f"quantize_model: {name} is already quantized ({node.kernel.fmt})")
+            chosen.append((name, node))
+        elif isinstance(node, Linear):
             if str(path[-1]) in HEAD_NAMES:
                 continue
             if isinstance(node.kernel, QuantizedWeight):
@@ -55,7 +63,7 @@ def quantize_model(model, fmt: str, *, double_quant: bool = False) -> dict[str, 
             chosen.append((name, node))
         elif _owns_weight_matrices(node):
             raise ConfigError(f"model.quantize={fmt}: {name} is a {type(node).__name__}, which quantization does not "
-                              "support (only Linear layers of attention and MLP)")
+                              "support (only Linear layers of attention and MLP, and stacked MoE experts)")
     done: dict[str, int] = {}
     for name, node in chosen:
         node.quantize(fmt, double_quant=double_quant)

@@ -470,6 +470,7 @@ def plan(config: Config, *, devices: int | None = None, device_kind: str | None 
     quantized_entries = [e for e in _variable_specs(frozen) if e[0] in quantized_paths]
     frozen_entries = [e for e in _variable_specs(frozen) if e[0] not in quantized_paths]
     quantized_params = sum(len(unstacked_paths(model.scan_plan, path)) * node.in_features * node.out_features
+                           * getattr(node, "num_experts", 1)  # a stack of quantized experts
                            for path, node in nnx.iter_graph(model) if isinstance(node, QuantizedWeight))
     params_total = quantized_params + sum(math.prod(v.shape) for _, v, _ in train_entries + frozen_entries
                                           if jnp.issubdtype(v.dtype, jnp.floating))

@@ -280,13 +280,14 @@ def test_quantize_errors_and_refusals():
         quantize_model(model, "nf4")
     from sftjax.models.moe import ExpertLinear
 
-    model = Decoder(config, rngs=nnx.Rngs(0))  # the stacked experts of an MoE block: not supported (yet)
+    model = Decoder(config, rngs=nnx.Rngs(0))  # stacked MoE experts are quantized (tests/peft/test_quant_moe.py)...
     model.layers[0].mlp.up_proj = ExpertLinear(4, 64, 96, use_bias=False, logical_axes=("expert", "embed", "mlp"),
                                                param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    model.layers[1].mlp.experts = Experts()  # ...but not a module of unknown layout, wherever it sits
     with pytest.raises(ConfigError) as info:
         quantize_model(model, "int8")
-    assert str(info.value) == ("model.quantize=int8: layers.0.mlp.up_proj is a ExpertLinear, which quantization "
-                               "does not support (only Linear layers of attention and MLP)")
+    assert str(info.value) == ("model.quantize=int8: layers.1.mlp.experts is a Experts, which quantization "
+                               "does not support (only Linear layers of attention and MLP, and stacked MoE experts)")
     assert not quantized_paths(model)  # refused before any layer changed
     model = Decoder(config, rngs=nnx.Rngs(0))
     quantize_model(model, "int8")
