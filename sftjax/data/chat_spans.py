@@ -91,6 +91,7 @@ def assistant_spans(tokenizer, messages: list[dict], template: str, full_text: s
     spans: dict[int, tuple[int, int]] = {}
     search_from = 0
     has_generation_header = None
+    generation_header = None  # what add_generation_prompt writes (``<|start|>assistant``)
     edges = _token_edges(offsets)
     first_user = next((j for j, m in enumerate(messages) if m["role"] == "user" and m.get("content", "").strip()),
                       None)
@@ -104,8 +105,9 @@ def assistant_spans(tokenizer, messages: list[dict], template: str, full_text: s
             prompt = render(tokenizer, messages[:i], template, tools=tools, add_generation_prompt=True,
                             location=location)
             if has_generation_header is None:  # checked once: does add_generation_prompt write anything?
-                has_generation_header = prompt != render(tokenizer, messages[:i], template, tools=tools,
-                                                         location=location)
+                no_prompt = render(tokenizer, messages[:i], template, tools=tools, location=location)
+                has_generation_header = prompt != no_prompt
+                generation_header = prompt[_common_prefix_length(no_prompt, prompt):].strip() or None
         ended = render(tokenizer, messages[: i + 1], template, tools=tools, location=location)
         turn_start = _common_prefix_length(prompt, ended)
         header_end = _header_end_inside_generation_prompt(tokenizer, messages, i, template, tools, prompt, ended,
@@ -121,7 +123,8 @@ def assistant_spans(tokenizer, messages: list[dict], template: str, full_text: s
         turn = ended[turn_start:].rstrip()
         if marker:  # a header for the next reply written after the final message (Command-A) is not the turn's
             at = turn.find(content) if content else -1
-            turn = turn[:_cut_before_marker(turn, at + len(content) if at >= 0 else 0, len(turn), marker)]
+            turn = turn[:_cut_before_marker(turn, at + len(content) if at >= 0 else 0, len(turn), marker,
+                                            generation_header)]
         if not turn:
             raise _error(f"{location}: chat template renders assistant message {i} as empty text", "template_error")
         # The turn cannot start before the message it answers: skip past that message's content.
@@ -160,7 +163,8 @@ def assistant_spans(tokenizer, messages: list[dict], template: str, full_text: s
             end += len(_end_of_turn_before_next_user(messages, i, full_text, end, first_user, ids, offsets,
                                                      edges, tokenizer))
             found = full_text.find(content, start, end) if content else -1
-            end = _cut_before_marker(full_text, found + len(content) if found >= 0 else start, end, marker)
+            end = _cut_before_marker(full_text, found + len(content) if found >= 0 else start, end, marker,
+                                     generation_header)
             spans[i] = (start, end)
             search_from = end
             continue
@@ -169,13 +173,17 @@ def assistant_spans(tokenizer, messages: list[dict], template: str, full_text: s
         # e.g. templates that write EOS only after the final turn).
         content_in_ended = ended.rfind(content, turn_start) if content else -1
         start = full_text.find(content, lower) if content_in_ended >= 0 else -1
+        content_start = start
+        head = ended[turn_start:content_in_ended] if content_in_ended >= 0 else ""
+        if start >= 0 and head.strip() and start - len(head) >= lower and full_text.startswith(head, start - len(head)):
+            start -= len(head)  # the turn's own markup before its content (Harmony's <|channel|>final<|message|>)
         if start < 0:
             raise _error(
                 f"{location}: cannot locate assistant message {i} in the rendered conversation (the template "
                 "renders it differently mid-conversation); use a template with {% generation %} markers",
                 "template_error",
             )
-        after = start + len(content)
+        after = content_start + len(content)
         end_of_turn = ended[content_in_ended + len(content):].rstrip()
         matched = _common_prefix_length(end_of_turn, full_text[after: after + len(end_of_turn)])
         end = _token_boundary_at_or_before(edges, after + matched, after)
@@ -189,7 +197,7 @@ def assistant_spans(tokenizer, messages: list[dict], template: str, full_text: s
             )
         end += len(_end_of_turn_before_next_user(messages, i, full_text, end, first_user, ids, offsets, edges,
                                                  tokenizer))
-        spans[i] = (start, _cut_before_marker(full_text, after, end, marker))
+        spans[i] = (start, _cut_before_marker(full_text, after, end, marker, generation_header))
         search_from = end
     return spans
 
@@ -247,9 +255,17 @@ def _turn_start_marker(tokenizer, template: str, ids, offsets, full_text: str) -
     return full_text[offsets[k][0]:offsets[k][1]]
 
 
-def _cut_before_marker(full_text: str, content_end: int, end: int, marker: str | None) -> int:
-    """``end`` moved back to before the first turn-start token after the content (and the whitespace before it)."""
+def _cut_before_marker(full_text: str, content_end: int, end: int, marker: str | None,
+                       generation_header: str | None = None) -> int:
+    """``end`` moved back to before the first turn-start token after the content (and the whitespace before it).
+
+    A turn-start token that opens the assistant's own header (``generation_header``) with more of the turn after
+    it is the reply going on in another message of the same turn (Harmony writes the analysis, the tool call and
+    the final answer each as its own ``<|start|>assistant...`` message), not the header of the next reply."""
     at = full_text.find(marker, content_end, end) if marker else -1
+    while (at >= 0 and generation_header and full_text.startswith(generation_header, at)
+           and full_text[at + len(generation_header):end].strip()):
+        at = full_text.find(marker, at + len(generation_header), end)
     return end if at < 0 else content_end + len(full_text[content_end:at].rstrip())
 
 
@@ -269,8 +285,9 @@ def _is_special_text(text: str, special_texts: list[str]) -> bool:
     return bool(text.strip()) and not rest.strip()
 
 
-# a closing tag right after the reasoning (``</think>``, Gemma 4's ``<channel|>``) and the whitespace around it
-_CLOSING_TAG = re.compile(r"\s*(?:</[A-Za-z][\w:-]{0,30}>|<[A-Za-z][\w:-]{0,30}\|>)[ \t]*\n*")
+# a closing tag right after the reasoning (``</think>``, Gemma 4's ``<channel|>``, Harmony's ``<|end|>``) and the
+# whitespace around it
+_CLOSING_TAG = re.compile(r"\s*(?:</[A-Za-z][\w:-]{0,30}>|<\|?[A-Za-z][\w:-]{0,30}\|>)[ \t]*\n*")
 
 
 def reasoning_text(message: dict) -> str:
@@ -289,10 +306,13 @@ def reasoning_block(full_text: str, span: tuple[int, int], message: dict) -> tup
         return None
     content = message.get("content", "").strip()
     content_at = full_text.find(content, at + len(reasoning), end) if content else -1
-    if content_at >= 0:
-        return (start, content_at)
-    # no content after it (a turn of tool calls only): the block ends with the tag that closes the reasoning
     closing = _CLOSING_TAG.match(full_text, at + len(reasoning), end)
+    if content_at >= 0:
+        # the block ends with the tag that closes the reasoning; markup between it and the content opens the
+        # content's own message (Harmony: <|end|> closes the analysis message, <|start|>assistant<|channel|>final
+        # <|message|> opens the final one) and is the model's output
+        return (start, closing.end() if closing and closing.end() <= content_at else content_at)
+    # no content after it (a turn of tool calls only): the block ends with the tag that closes the reasoning
     return (start, closing.end() if closing else at + len(reasoning))
 
 
