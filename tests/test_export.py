@@ -121,10 +121,11 @@ def test_peft_adapter_loads_in_peft_with_our_logits(hf_base, tmp_path, targets):
     assert_close(hand_merged_torch(hf_base, model, model_config), ours, 1e-5, what="logits")
 
 
-@pytest.mark.parametrize("case", ["gemma3", "gemma4"])
+@pytest.mark.parametrize("case", ["gemma3", "gemma4", "gemma4_ple_kv_shared"])
 def test_peft_adapter_on_gemma3_and_gemma4(tmp_path, case):
     """all-linear LoRA on Gemma 3 (q/k norms, two RoPEs) and Gemma 4 (full layers with another head shape and no
-    v_proj): the PEFT adapter loads in peft on the transformers model and gives our logits."""
+    v_proj; per-layer input gates and projections, layers without k/v projections): the PEFT adapter loads in
+    peft on the transformers model and gives our logits."""
     from tests.models.test_families import _make_hf_model
 
     _make_hf_model(case).save_pretrained(tmp_path / "base")

@@ -318,3 +318,35 @@ def test_llama31_8b_qlora_step_at_4096_tokens_fits_a_24gb_gpu(tmp_path):
     # the dense bf16 base alone (16 GB) leaves no room: NF4 is what makes it fit
     assert _item(dense, "frozen weights") == 2 * (quantized + 2 * v * d + (2 * layers + 1) * d)
     assert not dense.fits
+
+
+GEMMA4_PLE_TINY = {
+    "architectures": ["Gemma4ForCausalLM"], "model_type": "gemma4_text", "vocab_size": 96, "hidden_size": 32,
+    "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "head_dim": 8, "global_head_dim": 16, "num_global_key_value_heads": 1, "sliding_window": 8,
+    "layer_types": ["sliding_attention", "full_attention"] * 2, "hidden_size_per_layer_input": 4,
+    "vocab_size_per_layer_input": 80, "num_kv_shared_layers": 2, "use_double_wide_mlp": True,
+    "tie_word_embeddings": True, "max_position_embeddings": 64,
+}
+
+
+def test_gemma4_per_layer_inputs_and_shared_kv_parameter_count(tmp_path):
+    """Gemma 4 E2B/E4B shapes by hand: the per-layer embedding table (80 x 4 layers x 4), its projection and norm;
+    per layer a gate, a projection and a norm; the shared layers 2 and 3 have no k/v projections or k norm and
+    a double-wide MLP."""
+    (tmp_path / "config.json").write_text(json.dumps(GEMMA4_PLE_TINY))
+    cfg = load_config(TINY, ["model.init=null", f"model.path={tmp_path}", "train.mesh.data=1", "train.mesh.fsdp=1",
+                             "train.mesh.tensor=1"])
+    result = plan(cfg, devices=1, device_kind="cpu")
+    d, f, v, layers, p = 32, 64, 96, 4, 4
+    ple = 80 * layers * p + d * layers * p + p + layers * (d * p + p * d + d)
+    norms = 4 * d + 1  # input, post-attention, pre- and post-feedforward norms, the layer scalar
+
+    def attention(q_dim, kv_dim, head_dim, shared):
+        return 2 * d * q_dim + head_dim + (0 if shared else 2 * d * kv_dim + head_dim)
+
+    # full layers: head_dim 16 with the model's 2 kv heads (num_global_key_value_heads applies with k_eq_v only)
+    layer = [attention(32, 16, 8, False) + 3 * d * f, attention(64, 32, 16, False) + 3 * d * f,
+             attention(32, 16, 8, True) + 3 * d * 2 * f, attention(64, 16, 16, True) + 3 * d * 2 * f]
+    total = v * d + d + ple + sum(layer) + layers * norms
+    assert result.params_base == total == 58_864

@@ -73,6 +73,10 @@ class ModelConfig:
     norm_plus_one: bool = False  # RMSNorm multiplies by (1 + w) (Gemma)
     embedding_scale: float | None = None  # embeddings multiplied by this (Gemma: sqrt(hidden_size))
     layer_scalar: bool = False  # each layer's output times a stored, frozen scalar (Gemma 4)
+    per_layer_input_size: int = 0  # per-layer embeddings of this width added into every layer (Gemma 4 E2B/E4B)
+    per_layer_vocab_size: int | None = None  # their vocabulary (None = vocab_size)
+    kv_shared_layers: int = 0  # the last N layers reuse the keys/values of the last earlier layer of their kind
+    double_wide_shared_mlp: bool = False  # those layers' MLP is twice intermediate_size wide (Gemma 4)
     tie_word_embeddings: bool = False
     final_logit_softcap: float | None = None
     # mixture of experts: None = every layer has the dense MLP; else the MoE block of the layers is_moe_layer says
@@ -120,9 +124,40 @@ class ModelConfig:
         if self.sliding_window is None and any(v is not None for v in per_type.values()):
             name = next(k for k, v in per_type.items() if v is not None)
             raise ValueError(f"{name} sets full and sliding layers apart, so it needs sliding_window (and layer_types)")
+        if not 0 <= self.kv_shared_layers < self.num_layers:
+            raise ValueError(f"kv_shared_layers {self.kv_shared_layers} must leave at least one of the "
+                             f"{self.num_layers} layers computing its own keys and values")
+        if self.kv_shared_layers:
+            first_shared = self.num_layers - self.kv_shared_layers
+            kinds = {self.layer_type(j) for j in range(first_shared)}
+            missing = sorted({self.layer_type(i) for i in range(first_shared, self.num_layers)} - kinds)
+            if missing:
+                raise ValueError(f"kv_shared_layers {self.kv_shared_layers}: no earlier {missing[0]} layer gives "
+                                 "the shared layers of that kind their keys and values")
+        if self.per_layer_input_size < 0:
+            raise ValueError(f"per_layer_input_size {self.per_layer_input_size} must be >= 0")
         if self.global_num_kv_heads is not None and self.num_heads % self.global_num_kv_heads:
             raise ValueError(f"global_num_kv_heads {self.global_num_kv_heads} does not divide num_heads "
                              f"{self.num_heads}")
+
+    def kv_source(self, layer_index: int) -> int | None:
+        """The layer whose keys/values layer ``layer_index`` reuses (the last layer of its kind before the shared
+        ones), or None for a layer that computes its own."""
+        first_shared = self.num_layers - self.kv_shared_layers
+        if layer_index < first_shared:
+            return None
+        kind = self.layer_type(layer_index)
+        return max(j for j in range(first_shared) if self.layer_type(j) == kind)
+
+    @property
+    def kv_producers(self) -> frozenset[int]:
+        """The layers whose keys/values later layers reuse."""
+        return frozenset(self.kv_source(i) for i in range(self.num_layers - self.kv_shared_layers, self.num_layers))
+
+    def mlp_width(self, layer_index: int) -> int:
+        """The dense MLP's intermediate size in layer ``layer_index``."""
+        wide = self.double_wide_shared_mlp and self.kv_source(layer_index) is not None
+        return self.intermediate_size * (2 if wide else 1)
 
     def layer_type(self, layer_index: int) -> str:
         """FULL_ATTENTION or SLIDING_ATTENTION: the attention kind of one layer."""

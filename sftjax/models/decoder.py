@@ -10,6 +10,12 @@ field, so a change retraces; None picks the best for the backend); the logits go
 ``pallas_kernels.cross_entropy.project_logits`` so training can fuse the head with the loss instead. There is no
 dropout in the base model (SFT does not use it); LoRA adapters bring their own.
 
+Gemma 4's small models add two switches. Per-layer inputs (``per_layer_input_size``): a second token embedding,
+one slice per layer, mixed with a projection of the main embedding (:class:`PerLayerEmbedding`), gates each
+layer's residual stream on its way out (:class:`PerLayerInput`). Key/value sharing (``kv_shared_layers``): the last
+layers have no k/v projections and attend over the keys/values of the last earlier layer of their kind, in the
+training forward (passed along the layer loop) and in decode mode (that layer's cache).
+
 Generation uses the same layers in decode mode: ``Decoder.decode(tokens_BT, positions_BT, cache)`` runs the
 tokens at the given positions, writes their keys/values into the cache (``init_cache``: per layer [B, S, Hkv, D])
 and attends over it (``pallas_kernels.attention.cached``). The block code (norms, residuals, MLP) is shared with
@@ -77,6 +83,8 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.sliding_window = config.sliding_window_for_layer(layer_index)
         self.v_norm_eps = c.rms_norm_eps if c.v_norm else None
+        self.kv_source = config.kv_source(layer_index)  # a layer reusing another's keys/values has no k/v weights
+        shared = self.kv_source is not None
         k_eq_v = c.attention_k_eq_v and self.layer_type == FULL_ATTENTION
         self.softcap = c.attn_logit_softcap
         self.scale = c.attention_scale
@@ -84,9 +92,9 @@ class Attention(nnx.Module):
         q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         self.q_proj = Linear(c.hidden_size, q_dim, use_bias=c.attention_bias, logical_axes=("embed", "heads"),
                              param_dtype=pd, rngs=rngs)
-        self.k_proj = Linear(c.hidden_size, kv_dim, use_bias=c.attention_bias, logical_axes=("embed", "kv_heads"),
-                             param_dtype=pd, rngs=rngs)
-        self.v_proj = None if k_eq_v else Linear(c.hidden_size, kv_dim, use_bias=c.attention_bias,
+        self.k_proj = None if shared else Linear(c.hidden_size, kv_dim, use_bias=c.attention_bias,
+                                                 logical_axes=("embed", "kv_heads"), param_dtype=pd, rngs=rngs)
+        self.v_proj = None if k_eq_v or shared else Linear(c.hidden_size, kv_dim, use_bias=c.attention_bias,
                                                  logical_axes=("embed", "kv_heads"), param_dtype=pd, rngs=rngs)
         self.o_proj = Linear(q_dim, c.hidden_size, use_bias=c.attention_out_bias, logical_axes=("heads", "embed"),
                              param_dtype=pd, rngs=rngs)
@@ -95,17 +103,21 @@ class Attention(nnx.Module):
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, plus_one=c.norm_plus_one, logical_axis="head_dim",
                                   param_dtype=pd)
-            self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, plus_one=c.norm_plus_one, logical_axis="head_dim",
-                                  param_dtype=pd)
+            self.k_norm = None if shared else RMSNorm(c.head_dim, eps=c.rms_norm_eps, plus_one=c.norm_plus_one,
+                                                      logical_axis="head_dim", param_dtype=pd)
         else:
             self.q_norm = None
             self.k_norm = None
 
-    def _qkv(self, x_BLD, cos_BLR, sin_BLR, deterministic):
+    def _qkv(self, x_BLD, cos_BLR, sin_BLR, deterministic, shared_kv=None):
+        """(q, k, v), q and k rotated; ``shared_kv``: the (k, v) of the layer this one reuses them from."""
         batch, length, _ = x_BLD.shape
         if isinstance(cos_BLR, dict):  # one RoPE table per layer type (Gemma 3/4)
             cos_BLR, sin_BLR = cos_BLR[self.layer_type], sin_BLR[self.layer_type]
         q = self.q_proj(x_BLD, deterministic=deterministic).reshape(batch, length, self.num_heads, self.head_dim)
+        if self.kv_source is not None:
+            q = q if self.q_norm is None else self.q_norm(q)
+            return (apply_rope(q, cos_BLR, sin_BLR), *shared_kv)
         k = self.k_proj(x_BLD, deterministic=deterministic).reshape(batch, length, self.num_kv_heads, self.head_dim)
         v = k if self.v_proj is None else self.v_proj(x_BLD, deterministic=deterministic).reshape(
             batch, length, self.num_kv_heads, self.head_dim)
@@ -123,14 +135,25 @@ class Attention(nnx.Module):
         return self.o_proj(out_BLHD.reshape(batch, length, -1), deterministic=deterministic)
 
     def __call__(self, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, *, deterministic: bool = True):
-        q, k, v = self._qkv(x_BLD, cos_BLR, sin_BLR, deterministic)
+        return self.attend(x_BLD, cos_BLR, sin_BLR, segment_ids_BL, deterministic=deterministic)[0]
+
+    def attend(self, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, *, deterministic: bool = True, shared_kv=None):
+        """(output, (k, v)): the keys/values this layer attended over, for the layers that reuse them."""
+        q, k, v = self._qkv(x_BLD, cos_BLR, sin_BLR, deterministic, shared_kv)
         out = attention(q, k, v, segment_ids_BL, causal=True, sliding_window=self.sliding_window,
                         logit_softcap=self.softcap, scale=self.scale, sinks=self._sinks(),
                         implementation=self.implementation)
-        return self._out(out, deterministic)
+        return self._out(out, deterministic), (k, v)
 
-    def decode(self, x_BTD, cos_BTR, sin_BTR, positions_BT, cache):
-        """Decode mode: write this chunk's keys/values at ``positions_BT`` and attend over the cache."""
+    def decode(self, x_BTD, cos_BTR, sin_BTR, positions_BT, cache, shared_cache=None):
+        """Decode mode: write this chunk's keys/values at ``positions_BT`` and attend over the cache (a layer that
+        reuses another's keys/values attends over that layer's cache, ``shared_cache``, and keeps its own)."""
+        if self.kv_source is not None:
+            q = self._qkv(x_BTD, cos_BTR, sin_BTR, True, (None, None))[0]
+            k_cache, v_cache = shared_cache
+            out = attention_over_cache(q, k_cache, v_cache, positions_BT, sliding_window=self.sliding_window,
+                                       logit_softcap=self.softcap, scale=self.scale, sinks=self._sinks())
+            return self._out(out, True), cache
         q, k, v = self._qkv(x_BTD, cos_BTR, sin_BTR, True)
         k_cache, v_cache = cache
         start_B = positions_BT[:, 0]
@@ -143,8 +166,8 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """Gated MLP: down(act(gate(x)) * up(x)) (SwiGLU / GeGLU)."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        c = config
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, width: int | None = None):
+        c = config.replace(intermediate_size=width) if width else config
         pd = jnp.dtype(c.param_dtype)
         self.activation = c.activation
         self.gate_proj = Linear(c.hidden_size, c.intermediate_size, use_bias=c.mlp_bias, logical_axes=("embed", "mlp"),
@@ -173,10 +196,13 @@ class DecoderLayer(nnx.Module):
         self.attn_out_norm = norm() if c.sandwich_norms else None
         self.mlp_norm = norm()
         # the MoE block where the config says so (mlp_only_layers, decoder_sparse_step), else the dense MLP
-        self.mlp = MoE(c.moe, param_dtype=pd, rngs=rngs) if c.is_moe_layer(layer_index) else MLP(c, rngs=rngs)
+        self.mlp = (MoE(c.moe, param_dtype=pd, rngs=rngs) if c.is_moe_layer(layer_index)
+                    else MLP(c, rngs=rngs, width=c.mlp_width(layer_index)))
         self.mlp_out_norm = norm() if c.sandwich_norms else None
         self.num_experts = c.moe.num_experts if c.moe is not None else 0  # of the model (0: a dense model)
         self.layer_scalar = Constant(jnp.ones((1,), pd), logical_axes=(None,)) if c.layer_scalar else None
+        # Gemma 4's per-layer input: gated by the residual stream, projected back
+        self.per_layer = PerLayerInput(c, rngs=rngs) if c.per_layer_input_size else None
 
     def _feed_forward(self, x_BLD, segment_ids_BL, deterministic):
         """(output, MoEAux): the router statistics of an MoE layer, zeros for a dense layer of an MoE model, None
@@ -186,7 +212,7 @@ class DecoderLayer(nnx.Module):
         aux = MoEAux.zeros(self.num_experts) if self.num_experts else None
         return self.mlp(x_BLD, deterministic=deterministic), aux
 
-    def _block(self, x_BLD, attend, deterministic, segment_ids_BL=None):
+    def _block(self, x_BLD, attend, deterministic, segment_ids_BL=None, per_layer_BLP=None):
         """The residual block around ``attend`` (normed input -> (output, extra)); returns (x, extra, MoEAux)."""
         h, extra = attend(self.attn_norm(x_BLD))
         if self.attn_out_norm is not None:
@@ -195,21 +221,79 @@ class DecoderLayer(nnx.Module):
         h, aux = self._feed_forward(self.mlp_norm(x_BLD), segment_ids_BL, deterministic)
         if self.mlp_out_norm is not None:
             h = self.mlp_out_norm(h)
+        x_BLD = x_BLD + h
+        if self.per_layer is not None:
+            x_BLD = x_BLD + self.per_layer(x_BLD, per_layer_BLP, deterministic=deterministic)
         if self.layer_scalar is not None:
-            return (x_BLD + h) * self.layer_scalar[...].astype(x_BLD.dtype), extra, aux
-        return x_BLD + h, extra, aux
+            x_BLD = x_BLD * self.layer_scalar[...].astype(x_BLD.dtype)
+        return x_BLD, extra, aux
 
     def __call__(self, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, deterministic: bool = True):
         """(x, MoEAux of this layer or None in a dense model)."""
-        def attend(h):
-            return self.attn(h, cos_BLR, sin_BLR, segment_ids_BL, deterministic=deterministic), None
-
-        x_BLD, _, aux = self._block(x_BLD, attend, deterministic, segment_ids_BL)
+        x_BLD, aux, _ = self.forward(x_BLD, cos_BLR, sin_BLR, segment_ids_BL, deterministic)
         return x_BLD, aux
 
-    def decode(self, x_BTD, cos_BTR, sin_BTR, positions_BT, cache):
-        x, cache, _ = self._block(x_BTD, lambda h: self.attn.decode(h, cos_BTR, sin_BTR, positions_BT, cache), True)
+    def forward(self, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, deterministic: bool = True, per_layer_BLP=None,
+                shared_kv=None):
+        """(x, MoEAux or None, (k, v) the attention used): with the layer's per-layer input (Gemma 4) and the
+        keys/values of the layer it reuses them from."""
+        def attend(h):
+            return self.attn.attend(h, cos_BLR, sin_BLR, segment_ids_BL, deterministic=deterministic,
+                                    shared_kv=shared_kv)
+
+        x_BLD, kv, aux = self._block(x_BLD, attend, deterministic, segment_ids_BL, per_layer_BLP)
+        return x_BLD, aux, kv
+
+    def decode(self, x_BTD, cos_BTR, sin_BTR, positions_BT, cache, per_layer_BTP=None, shared_cache=None):
+        def attend(h):
+            return self.attn.decode(h, cos_BTR, sin_BTR, positions_BT, cache, shared_cache)
+
+        x, cache, _ = self._block(x_BTD, attend, True, per_layer_BLP=per_layer_BTP)
         return x, cache
+
+
+class PerLayerInput(nnx.Module):
+    """Gemma 4's per-layer input of one layer: ``norm(projection(act(gate(x)) * per_layer_input))``, added to the
+    residual stream (the per-layer inputs themselves are computed once per forward: :class:`PerLayerEmbedding`)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        pd = jnp.dtype(c.param_dtype)
+        self.activation = c.activation
+        self.gate = Linear(c.hidden_size, c.per_layer_input_size, logical_axes=("embed", None), param_dtype=pd,
+                           rngs=rngs)
+        self.projection = Linear(c.per_layer_input_size, c.hidden_size, logical_axes=(None, "embed"),
+                                 param_dtype=pd, rngs=rngs)
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, plus_one=c.norm_plus_one, param_dtype=pd)
+
+    def __call__(self, x_BLD, per_layer_BLP, *, deterministic: bool = True):
+        h = _ACTIVATIONS[self.activation](self.gate(x_BLD, deterministic=deterministic)) * per_layer_BLP
+        return self.norm(self.projection(h, deterministic=deterministic))
+
+
+class PerLayerEmbedding(nnx.Module):
+    """The per-layer inputs of every layer [B, L, layers, P] (Gemma 4): a token embedding of width layers * P
+    (scaled by sqrt(P)) plus a projection of the main embedding (scaled by hidden_size ** -0.5, RMS-normed per
+    layer), the sum scaled by 2 ** -0.5."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        pd = jnp.dtype(c.param_dtype)
+        self.num_layers, self.size = c.num_layers, c.per_layer_input_size
+        self.embed_scale = float(c.per_layer_input_size) ** 0.5
+        self.projection_scale = float(c.hidden_size) ** -0.5
+        self.embedding = Embed(c.per_layer_vocab_size or c.vocab_size, c.num_layers * c.per_layer_input_size,
+                               param_dtype=pd, rngs=rngs)
+        self.projection = Linear(c.hidden_size, c.num_layers * c.per_layer_input_size, logical_axes=("embed", None),
+                                 param_dtype=pd, rngs=rngs)
+        self.norm = RMSNorm(c.per_layer_input_size, eps=c.rms_norm_eps, plus_one=c.norm_plus_one, param_dtype=pd)
+
+    def __call__(self, tokens_BL, x_BLD, *, deterministic: bool = True):
+        shape = (*tokens_BL.shape, self.num_layers, self.size)
+        from_tokens = self.embedding(tokens_BL, dtype=x_BLD.dtype, scale=self.embed_scale).reshape(shape)
+        projected = self.projection(x_BLD, deterministic=deterministic) * jnp.asarray(self.projection_scale,
+                                                                                       x_BLD.dtype)
+        return (self.norm(projected.reshape(shape)) + from_tokens) * jnp.asarray(2.0 ** -0.5, x_BLD.dtype)
 
 
 def rope_tables(config: ModelConfig, positions_BL, segment_ids_BL=None):
@@ -221,8 +305,9 @@ def rope_tables(config: ModelConfig, positions_BL, segment_ids_BL=None):
     return {k: t[0] for k, t in tables.items()}, {k: t[1] for k, t in tables.items()}
 
 
-def _run_layer(layer: DecoderLayer, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, deterministic):
-    return layer(x_BLD, cos_BLR, sin_BLR, segment_ids_BL, deterministic)
+def _run_layer(layer: DecoderLayer, x_BLD, cos_BLR, sin_BLR, segment_ids_BL, deterministic, per_layer_BLP=None,
+               shared_kv=None):
+    return layer.forward(x_BLD, cos_BLR, sin_BLR, segment_ids_BL, deterministic, per_layer_BLP, shared_kv)
 
 
 def _add_aux(total, aux):
@@ -243,6 +328,7 @@ class Decoder(nnx.Module):
         self.remat = remat or c.remat
         self.attention_implementation = attention_implementation
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, param_dtype=pd, rngs=rngs)
+        self.per_layer_embedding = PerLayerEmbedding(c, rngs=rngs) if c.per_layer_input_size else None
         self.layers = nnx.List([DecoderLayer(c, i, rngs=rngs, attention_implementation=attention_implementation)
                                 for i in range(c.num_layers)])
         self.scan_plan = None
@@ -302,9 +388,15 @@ class Decoder(nnx.Module):
             run = _run_layer
             if self.remat != "none":
                 run = nnx.remat(_run_layer, policy=policy, static_argnums=(5,))
-            aux = None
-            for layer in self.layers:
-                x, layer_aux = run(layer, x, cos, sin, segment_ids_BL, deterministic)
+            per_layer = None
+            if self.per_layer_embedding is not None:
+                per_layer = self.per_layer_embedding(tokens_BL, x, deterministic=deterministic)
+            aux, stored = None, {}
+            for i, layer in enumerate(self.layers):
+                extra = (None if per_layer is None else per_layer[:, :, i], stored.get(layer.attn.kv_source))
+                x, layer_aux, kv = run(layer, x, cos, sin, segment_ids_BL, deterministic, *extra)
+                if i in self.config.kv_producers:
+                    stored[i] = kv
                 aux = _add_aux(aux, layer_aux)
         return (self.norm(x), aux) if return_aux else self.norm(x)
 
@@ -329,7 +421,9 @@ class Decoder(nnx.Module):
         cache = []
         for i in range(c.num_layers):
             layer = c.for_layer_type(c.layer_type(i))
-            shape = (batch, length, layer.num_kv_heads, layer.head_dim)
+            # a layer that reuses another's keys/values reads that layer's cache and keeps none of its own
+            rows = 0 if c.kv_source(i) is not None else length
+            shape = (batch, rows, layer.num_kv_heads, layer.head_dim)
             cache.append((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)))
         return tuple(cache)
 
@@ -340,8 +434,12 @@ class Decoder(nnx.Module):
             raise ValueError("Decoder.decode runs one module per layer: use sftjax.models.scan.unstacked(model)")
         x = self.embed_tokens(tokens_BT, dtype=jnp.dtype(self.config.dtype), scale=self.config.embedding_scale)
         cos, sin = rope_tables(self.config, positions_BT)
+        per_layer = None if self.per_layer_embedding is None else self.per_layer_embedding(tokens_BT, x)
         new_cache = []
-        for layer, layer_cache in zip(self.layers, cache):
-            x, layer_cache = layer.decode(x, cos, sin, positions_BT, layer_cache)
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache)):
+            source = layer.attn.kv_source
+            x, layer_cache = layer.decode(x, cos, sin, positions_BT, layer_cache,
+                                          None if per_layer is None else per_layer[:, :, i],
+                                          None if source is None else new_cache[source])
             new_cache.append(layer_cache)
         return self.norm(x), tuple(new_cache)

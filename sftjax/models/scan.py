@@ -35,6 +35,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from sftjax.errors import ConfigError
+
 from sftjax.models.moe import MoEAux
 
 LAYERS_AXIS = "layers"
@@ -127,6 +129,11 @@ def stack_layers(model, plan: tuple[ScanBlock, ...] | None = None):
     """
     if is_scanned(model):
         return model
+    config = model.config
+    if config.per_layer_input_size or config.kv_shared_layers:
+        what = "per-layer inputs" if config.per_layer_input_size else "key/value sharing across layers"
+        raise ConfigError(f"model.scan_layers: {config.architecture} with {what} (Gemma 4 E2B/E4B) runs one module "
+                          "per layer; set model.scan_layers: false")
     layers = list(model.layers)
     plan = plan or plan_scan(layers)
     blocks = []

@@ -36,6 +36,14 @@ VARIANTS = {
                                sliding_rope_theta=100.0, rope_type="proportional", partial_rotary_factor=0.5,
                                global_head_dim=16, global_num_kv_heads=1, attention_k_eq_v=True,
                                query_pre_attn_scalar=1.0, final_logit_softcap=3.0),
+    # Gemma 4 E2B/E4B: per-layer inputs, and the last two layers attend over layers 0's and 1's caches
+    "gemma4_ple_kv_shared": ModelConfig(**dict(TINY, num_layers=4), family="gemma4_text",
+                                        architecture="Gemma4ForCausalLM", activation="gelu_tanh", sandwich_norms=True,
+                                        qk_norm=True, v_norm=True, layer_scalar=True, embedding_scale=32 ** 0.5,
+                                        sliding_window=4, layer_types=(SLIDING_ATTENTION, FULL_ATTENTION) * 2,
+                                        sliding_rope_theta=100.0, global_head_dim=16, global_num_kv_heads=1,
+                                        query_pre_attn_scalar=1.0, per_layer_input_size=4, kv_shared_layers=2,
+                                        double_wide_shared_mlp=True),
     "qwen3_like": ModelConfig(**TINY, family="qwen3", architecture="Qwen3ForCausalLM", qk_norm=True,
                               attention_bias=True),
     # gpt-oss's attention: sink logits, YaRN RoPE, alternating sliding/full layers, biases on q/k/v/o

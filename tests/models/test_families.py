@@ -72,6 +72,16 @@ CASES = {
                                                     layer_types=["sliding_attention"] * 2 + ["full_attention"] * 2,
                                                     global_head_dim=24, hidden_size_per_layer_input=0,
                                                     rope_parameters=_gemma4_rope("default"))),
+    # Gemma 4 E2B/E4B style: per-layer inputs (8 wide) into every layer; the last two layers reuse the keys and
+    # values of layers 2 (sliding) and 3 (full) and have double-wide MLPs
+    "gemma4_ple_kv_shared": ("Gemma4TextConfig", dict(COMMON, num_hidden_layers=6, tie_word_embeddings=True,
+                                                      sliding_window=8, layer_types=["sliding_attention",
+                                                                                     "full_attention"] * 3,
+                                                      global_head_dim=32, num_global_key_value_heads=1,
+                                                      hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
+                                                      num_kv_shared_layers=2, use_double_wide_mlp=True,
+                                                      final_logit_softcapping=5.0,
+                                                      rope_parameters=_gemma4_rope("proportional"))),
     # partial rotary (8 of 16 dims), a window on every layer, longrope with LENGTH beyond the original 16
     "phi3": ("Phi3Config", dict(COMMON, tie_word_embeddings=False, sliding_window=8, partial_rotary_factor=0.5,
                                 original_max_position_embeddings=16,
@@ -103,6 +113,16 @@ def _grad_pairs(case: str):
     if case == "gemma4_bias_untied":
         pairs += [("model.layers.3.self_attn.v_proj.bias", "layers.3.attn.v_proj.bias", None),
                   ("lm_head.weight", "lm_head.kernel", None)]
+    if case == "gemma4_ple_kv_shared":  # the per-layer inputs; a shared layer's query and its double-wide MLP
+        pairs += [("model.embed_tokens_per_layer.weight", "per_layer_embedding.embedding.embedding", None),
+                  ("model.per_layer_model_projection.weight", "per_layer_embedding.projection.kernel", None),
+                  ("model.per_layer_projection_norm.weight", "per_layer_embedding.norm.weight", None),
+                  ("model.layers.1.per_layer_input_gate.weight", "layers.1.per_layer.gate.kernel", None),
+                  ("model.layers.4.per_layer_projection.weight", "layers.4.per_layer.projection.kernel", None),
+                  ("model.layers.5.post_per_layer_input_norm.weight", "layers.5.per_layer.norm.weight", None),
+                  ("model.layers.5.self_attn.q_proj.weight", "layers.5.attn.q_proj.kernel", None),
+                  ("model.layers.4.mlp.up_proj.weight", "layers.4.mlp.up_proj.kernel", None),
+                  ("model.layers.2.self_attn.v_proj.weight", "layers.2.attn.v_proj.kernel", None)]
     if case == "qwen2_bias_window":
         pairs.append(("model.layers.1.self_attn.k_proj.bias", "layers.1.attn.k_proj.bias", None))
     return pairs
@@ -278,7 +298,27 @@ def test_round_trip_through_transformers(family_case, tmp_path):
 
 
 
-@pytest.mark.parametrize("case", ["gemma4", "gemma4_bias_untied"])
+def test_gemma4_per_layer_inputs_and_shared_kv_generate_like_transformers(tmp_path):
+    """Greedy decoding through the KV cache (shared layers attend over their source layer's cache) gives
+    transformers' generate tokens; a scanned layout is refused in one line."""
+    from sftjax.errors import ConfigError
+    from sftjax.infer.generate import generate_ids
+    from sftjax.models.scan import stack_layers
+
+    hf_model = _make_hf_model("gemma4_ple_kv_shared")
+    hf_model.save_pretrained(tmp_path)
+    model, _ = load_model(tmp_path)
+    prompt = [5, 17, 33, 9, 60, 2 + 40]
+    ours = generate_ids(model, prompt, max_new_tokens=20)
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)
+    assert ours == out[0, len(prompt):].tolist()
+    with pytest.raises(ConfigError, match=r"^model.scan_layers: .*per-layer inputs.*scan_layers: false$"):
+        stack_layers(model)
+
+
+@pytest.mark.parametrize("case", ["gemma4", "gemma4_bias_untied", "gemma4_ple_kv_shared"])
 def test_gemma4_layer_scalar_is_frozen_and_lora_finds_the_full_layers_projections(case, tmp_path):
     """The stored per-layer scalar (a buffer in transformers) loads from the checkpoint and never trains, under
     full fine-tuning or LoRA; full layers whose values come from k_proj have no v_proj to adapt."""
@@ -299,7 +339,11 @@ def test_gemma4_layer_scalar_is_frozen_and_lora_finds_the_full_layers_projection
                          rngs=nnx.Rngs(0))
     full = {i for i in range(config.num_layers) if config.layer_type(i) == "full_attention"}
     assert {t for t in targets if t.endswith("v_proj")} == {
-        f"layers.{i}.attn.v_proj" for i in range(config.num_layers) if not (config.attention_k_eq_v and i in full)}
+        f"layers.{i}.attn.v_proj" for i in range(config.num_layers)
+        if not (config.attention_k_eq_v and i in full) and config.kv_source(i) is None}
+    if config.per_layer_input_size:  # the per-layer gates and projections are linear layers too
+        assert {f"layers.{i}.per_layer.{name}" for i in range(config.num_layers)
+                for name in ("gate", "projection")} <= set(targets)
     _, trainable, _ = split_model(model, LoraSection(enabled=True))
     assert not any("layer_scalar" in p for p in paths(trainable)) and paths(trainable)
 

@@ -151,8 +151,8 @@ def test_gemma4_switches_from_transformers_defaults():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("hidden_size_per_layer_input", 256, "hidden_size_per_layer_input=256 (per-layer input embeddings)"),
-    ("num_kv_shared_layers", 2, "num_kv_shared_layers=2 (key/value sharing across layers)"),
+    ("num_kv_shared_layers", 1, "num_kv_shared_layers=1: no layer before the shared ones is a full_attention"),
+    ("num_kv_shared_layers", 99, "num_kv_shared_layers=99 must leave at least one of the"),
     ("enable_moe_block", True, "enable_moe_block=true"),
     ("use_bidirectional_attention", "all", "use_bidirectional_attention='all'"),
 ])

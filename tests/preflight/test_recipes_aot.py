@@ -50,6 +50,16 @@ def test_recipe_compiles_for_its_tpu_with_the_right_verdict(libtpu, config, targ
     assert memory["generated_code_bytes"] > 0 and result["roofline_step_s"] > 0
 
 
+def test_qwen3_30b_a3b_qlora_compiles_for_v5p8_with_nf4_experts(libtpu):
+    """The same recipe over an NF4 base (double-quantized scales), experts included: the 4-bit expert codes split
+    over fsdp, dequantized inside the grouped matmul; it fits a v5p chip with less argument memory than bf16."""
+    result = compiled(QWEN3_MOE_LORA, "v5p-8", ["model.quantize=nf4", "model.double_quant=true"])
+    assert result["verdict"] == "FITS", result
+    memory = result["memory"]
+    assert memory["generated_code_bytes"] > 0 and 0 < memory["peak_estimate_bytes"] < result["hbm_bytes"]
+    assert memory["argument_bytes"] < 8 * 2 ** 30  # bf16: 15.4 GiB per chip
+
+
 def test_qwen3_30b_a3b_lora_recipe_compiles_for_v5p8_with_experts_split(libtpu):
     """128 experts split 4 ways over fsdp (tokens exchanged by all-to-all, megablox grouped matmuls), LoRA on
     attention and on every expert: XLA's TPU compiler accepts it and it fits a v5p chip."""

@@ -5,11 +5,13 @@ their own RoPE (``proportional`` by default: only a share of each head's frequen
 shape (``global_head_dim``, ``num_global_key_value_heads``, or ``per_layer_config``), keys reused as values on full
 layers (``attention_k_eq_v``), a frozen per-layer output scalar and final logit soft-capping.
 
-The options the text decoder cannot run are refused with a one-line error naming the key: per-layer input
-embeddings (``hidden_size_per_layer_input`` > 0), key/value sharing across layers (``num_kv_shared_layers`` > 0),
-the mixture-of-experts block (``enable_moe_block``) and bidirectional attention (``use_bidirectional_attention:
-all``). A ``Gemma4ForConditionalGeneration`` checkpoint is read as its text decoder (the ``text_config`` and
-the ``language_model`` tensors; vision and audio towers skipped) and saved back as ``Gemma4ForCausalLM``.
+The small models' options run too: per-layer input embeddings (``hidden_size_per_layer_input`` > 0, with
+``vocab_size_per_layer_input``) and key/value sharing across the last ``num_kv_shared_layers`` layers (with
+``use_double_wide_mlp`` widening their MLP). The options the text decoder cannot run are refused with a one-line
+error naming the key: the mixture-of-experts block (``enable_moe_block``) and bidirectional attention
+(``use_bidirectional_attention: all``). A ``Gemma4ForConditionalGeneration`` checkpoint is read as its text
+decoder (the ``text_config`` and the ``language_model`` tensors; vision and audio towers skipped) and saved back
+as ``Gemma4ForCausalLM``.
 """
 
 from __future__ import annotations
@@ -30,16 +32,19 @@ from sftjax.models.families.gemma3 import full_rope, layer_types_list, per_layer
 MODEL_TYPE = "gemma4_text"
 ARCHITECTURES = ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration")  # the second read as its text decoder
 FAMILY_KEYS = ("global_head_dim", "num_global_key_value_heads", "per_layer_config", "attention_k_eq_v",
-               "hidden_size_per_layer_input", "num_kv_shared_layers", "enable_moe_block", "use_bidirectional_attention")
+               "hidden_size_per_layer_input", "vocab_size_per_layer_input", "num_kv_shared_layers",
+               "use_double_wide_mlp", "enable_moe_block", "use_bidirectional_attention")
 
 
 def _refuse_unsupported(cfg, source: str) -> None:
-    if cfg.hidden_size_per_layer_input:
-        raise CheckpointError(f"{source}: hidden_size_per_layer_input={cfg.hidden_size_per_layer_input} (per-layer "
-                              "input embeddings) is not supported; only 0 is")
-    if cfg.num_kv_shared_layers:
-        raise CheckpointError(f"{source}: num_kv_shared_layers={cfg.num_kv_shared_layers} (key/value sharing across "
-                              "layers) is not supported; only 0 is")
+    if not 0 <= cfg.num_kv_shared_layers < cfg.num_hidden_layers:
+        raise CheckpointError(f"{source}: num_kv_shared_layers={cfg.num_kv_shared_layers} must leave at least one of "
+                              f"the {cfg.num_hidden_layers} layers computing its own keys and values")
+    first_shared = cfg.num_hidden_layers - cfg.num_kv_shared_layers
+    missing = sorted(set(cfg.layer_types[first_shared:]) - set(cfg.layer_types[:first_shared]))
+    if missing:
+        raise CheckpointError(f"{source}: num_kv_shared_layers={cfg.num_kv_shared_layers}: no layer before the "
+                              f"shared ones is a {missing[0]} layer to give them keys and values")
     if cfg.enable_moe_block:
         raise CheckpointError(f"{source}: enable_moe_block=true (the Gemma 4 mixture-of-experts block) is not "
                               "supported")
@@ -91,7 +96,11 @@ def _config_from_hf(hf: dict, source: str) -> ModelConfig:
         attention_bias=bias, attention_out_bias=bias, sliding_window=cfg.sliding_window, layer_types=layer_types,
         sliding_rope_theta=sliding_rope_theta(cfg, source), query_pre_attn_scalar=1.0,
         global_head_dim=global_head_dim, global_num_kv_heads=global_kv_heads,
-        attention_k_eq_v=bool(cfg.attention_k_eq_v), final_logit_softcap=cfg.final_logit_softcapping, **overrides)
+        attention_k_eq_v=bool(cfg.attention_k_eq_v), final_logit_softcap=cfg.final_logit_softcapping,
+        per_layer_input_size=int(cfg.hidden_size_per_layer_input or 0),
+        per_layer_vocab_size=int(cfg.vocab_size_per_layer_input) if cfg.hidden_size_per_layer_input else None,
+        kv_shared_layers=int(cfg.num_kv_shared_layers or 0),
+        double_wide_shared_mlp=bool(cfg.use_double_wide_mlp and cfg.num_kv_shared_layers), **overrides)
 
 
 checkpoint_tensor_name = text_decoder_tensor_name  # a multimodal checkpoint's text decoder tensors, else None
@@ -111,9 +120,12 @@ def config_to_hf(config: ModelConfig) -> dict:
                   "num_key_value_heads": config.global_num_kv_heads or config.num_kv_heads}
     hf.update(attention_bias=config.attention_bias, sliding_window=config.sliding_window, layer_types=layer_types,
               rope_parameters=rope, final_logit_softcapping=config.final_logit_softcap,
-              attention_k_eq_v=config.attention_k_eq_v, hidden_size_per_layer_input=0, num_kv_shared_layers=0,
+              attention_k_eq_v=config.attention_k_eq_v, hidden_size_per_layer_input=config.per_layer_input_size,
+              num_kv_shared_layers=config.kv_shared_layers, use_double_wide_mlp=config.double_wide_shared_mlp,
               enable_moe_block=False,
               per_layer_config={str(i): dict(full_shape) for i, t in enumerate(layer_types) if t == FULL_ATTENTION})
+    if config.per_layer_input_size:
+        hf["vocab_size_per_layer_input"] = config.per_layer_vocab_size or config.vocab_size
     return hf
 
 
@@ -121,10 +133,27 @@ def weight_specs(config: ModelConfig):
     specs = []
     for spec in llama_like_specs(config, sandwich_norm_names=True):
         parts = spec.hf_name.split(".")
-        if (config.attention_k_eq_v and parts[-2] == "v_proj"
-                and config.layer_type(int(parts[2])) == FULL_ATTENTION):
-            continue  # full layers take their values from k_proj
+        if parts[1] == "layers" and parts[3] == "self_attn" and parts[4] in ("k_proj", "v_proj", "k_norm"):
+            layer = int(parts[2])
+            if config.kv_source(layer) is not None:
+                continue  # the layer reuses an earlier layer's keys and values
+            if config.attention_k_eq_v and parts[4] == "v_proj" and config.layer_type(layer) == FULL_ATTENTION:
+                continue  # full layers take their values from k_proj
         specs.append(spec)
     for i in range(config.num_layers):
         specs.append(TensorSpec(f"model.layers.{i}.layer_scalar", ((f"layers.{i}.layer_scalar", None, None),), False))
+    if config.per_layer_input_size:
+        specs += [TensorSpec("model.embed_tokens_per_layer.weight", (("per_layer_embedding.embedding.embedding",
+                                                                      None, None),), False),
+                  TensorSpec("model.per_layer_model_projection.weight", (("per_layer_embedding.projection.kernel",
+                                                                          None, None),), True),
+                  TensorSpec("model.per_layer_projection_norm.weight", (("per_layer_embedding.norm.weight",
+                                                                         None, None),), False)]
+        for i in range(config.num_layers):
+            hf, ours = f"model.layers.{i}", f"layers.{i}.per_layer"
+            specs += [TensorSpec(f"{hf}.per_layer_input_gate.weight", ((f"{ours}.gate.kernel", None, None),), True),
+                      TensorSpec(f"{hf}.per_layer_projection.weight", ((f"{ours}.projection.kernel", None, None),),
+                                 True),
+                      TensorSpec(f"{hf}.post_per_layer_input_norm.weight", ((f"{ours}.norm.weight", None, None),),
+                                 False)]
     return specs
