@@ -27,6 +27,7 @@ from sftjax.data.chat import encode_conversation, encode_example
 from sftjax.errors import DataError
 from tests.conftest import _missing, require
 from tests.data.test_chat import _runs
+from tests.data.test_chat_families import TOOL_TURN, TOOLS
 
 warnings.filterwarnings("ignore")
 
@@ -38,10 +39,6 @@ O200K_PATTERN = "|".join([
     r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
     r"""\p{N}{1,3}""", r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""", r"""\s*[\r\n]+""", r"""\s+(?!\S)""", r"""\s+""",
 ])
-TOOLS = [{"type": "function", "function": {
-    "name": "add", "description": "Add two numbers",
-    "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
-                   "required": ["a", "b"]}}}]
 
 
 def _cached(relative: str) -> pathlib.Path:
@@ -199,13 +196,7 @@ def test_a_tool_call_and_its_result(harmony, tok, template, policy):
     right after ``<|start|>assistant`` (the recipient is the model's choice). The tool's answer (the template
     writes it as a JSON string) never trains. The call's reasoning is dropped by both renderers once a final
     answer follows."""
-    messages = [
-        {"role": "user", "content": "What is 2+2?"},
-        {"role": "assistant", "content": "", "reasoning_content": "use the tool",
-         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "4"},
-        {"role": "assistant", "content": "It is 4."},
-    ]
+    messages = TOOL_TURN
     oracle = (_Harmony(harmony, tools=TOOLS).user("What is 2+2?").assistant("use the tool", "analysis")
               .assistant('{"a": 2, "b": 2}', "commentary", call="add").tool("add", '"4"').assistant("It is 4."))
     ids, runs = _trained(tok, template, messages, tools=TOOLS, train_reasoning=policy)
