@@ -190,9 +190,9 @@ def _check_tool_calls_rendered(messages: list[dict], spans: dict, text: str, whe
     calls at all is a template without tools; that is the user's choice of template.)"""
     for i, (start, end) in spans.items():
         names = [((call.get("function") or call).get("name") or "") for call in messages[i].get("tool_calls") or []]
-        if len(names) < 2 or not names[0] or names[0] not in text[start:end]:
-            continue
         turn = text[start:end]
+        if len(names) < 2 or not names[0] or names[0] not in turn:
+            continue
         shown = sum(min(turn.count(name), names.count(name)) for name in set(names) if name)
         if shown < len(names):
             raise _error(f"{where}: the chat template renders {shown} of the {len(names)} tool calls of assistant "

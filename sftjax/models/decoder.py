@@ -115,9 +115,9 @@ class Attention(nnx.Module):
         if isinstance(cos_BLR, dict):  # one RoPE table per layer type (Gemma 3/4)
             cos_BLR, sin_BLR = cos_BLR[self.layer_type], sin_BLR[self.layer_type]
         q = self.q_proj(x_BLD, deterministic=deterministic).reshape(batch, length, self.num_heads, self.head_dim)
-        if self.kv_source is not None:
+        if self.kv_source is not None:  # keys and values come normed and rotated from their own layer
             q = q if self.q_norm is None else self.q_norm(q)
-            return (apply_rope(q, cos_BLR, sin_BLR), *shared_kv)
+            return (apply_rope(q, cos_BLR, sin_BLR), *(shared_kv or (None, None)))
         k = self.k_proj(x_BLD, deterministic=deterministic).reshape(batch, length, self.num_kv_heads, self.head_dim)
         v = k if self.v_proj is None else self.v_proj(x_BLD, deterministic=deterministic).reshape(
             batch, length, self.num_kv_heads, self.head_dim)
@@ -149,7 +149,7 @@ class Attention(nnx.Module):
         """Decode mode: write this chunk's keys/values at ``positions_BT`` and attend over the cache (a layer that
         reuses another's keys/values attends over that layer's cache, ``shared_cache``, and keeps its own)."""
         if self.kv_source is not None:
-            q = self._qkv(x_BTD, cos_BTR, sin_BTR, True, (None, None))[0]
+            q = self._qkv(x_BTD, cos_BTR, sin_BTR, True)[0]
             k_cache, v_cache = shared_cache
             out = attention_over_cache(q, k_cache, v_cache, positions_BT, sliding_window=self.sliding_window,
                                        logit_softcap=self.softcap, scale=self.scale, sinks=self._sinks())
@@ -391,11 +391,11 @@ class Decoder(nnx.Module):
             per_layer = None
             if self.per_layer_embedding is not None:
                 per_layer = self.per_layer_embedding(tokens_BL, x, deterministic=deterministic)
-            aux, stored = None, {}
+            aux, stored, producers = None, {}, self.config.kv_producers
             for i, layer in enumerate(self.layers):
                 extra = (None if per_layer is None else per_layer[:, :, i], stored.get(layer.attn.kv_source))
                 x, layer_aux, kv = run(layer, x, cos, sin, segment_ids_BL, deterministic, *extra)
-                if i in self.config.kv_producers:
+                if i in producers:
                     stored[i] = kv
                 aux = _add_aux(aux, layer_aux)
         return (self.norm(x), aux) if return_aux else self.norm(x)
