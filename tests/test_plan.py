@@ -287,6 +287,35 @@ def test_moe_total_active_parameters_and_expert_memory_per_device(tmp_path):
     assert json.loads(json.dumps(result.to_dict()))["params"]["active"] == 32608
 
 
+GEMMA4_MOE_TINY = {
+    "architectures": ["Gemma4ForCausalLM"], "model_type": "gemma4_text", "vocab_size": 96, "hidden_size": 32,
+    "intermediate_size": 40, "moe_intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 8, "global_head_dim": 8, "attention_k_eq_v": False, "sliding_window": 8,
+    "layer_types": ["sliding_attention", "full_attention"], "hidden_size_per_layer_input": 0,
+    "enable_moe_block": True, "num_experts": 8, "top_k_experts": 2, "tie_word_embeddings": True,
+    "max_position_embeddings": 64,
+}
+
+
+def test_gemma4_moe_total_active_parameters_and_expert_memory_per_device(tmp_path):
+    """Gemma 4 26B-A4B shapes by hand: per layer the attention, the dense MLP (always active), the router with its
+    input scale and per-expert scale, 8 experts of which 2 are active, seven norms and the layer scalar."""
+    (tmp_path / "config.json").write_text(json.dumps(GEMMA4_MOE_TINY))
+    cfg = load_config(TINY, ["model.init=null", f"model.path={tmp_path}", "train.mesh.data=2", "train.mesh.fsdp=4",
+                             "train.mesh.tensor=1"])
+    result = plan(cfg, devices=8, device_kind="cpu")
+    d, v, f, f_expert, experts, k, layers = 32, 96, 40, 16, 8, 2, 2
+    attention = d * 32 + 2 * d * 16 + 32 * d + 2 * 8  # q, k, v, o, q/k norms
+    expert = 3 * d * f_expert
+    router = d * experts + d + experts  # proj, scale, per-expert scale
+    norms = 7 * d + 1  # input, post-attention, the two branches' in/out norms, post-feedforward; the layer scalar
+    total = v * d + d + layers * (attention + 3 * d * f + router + experts * expert + norms)
+    assert result.params_base == result.params_total == total == 42_578
+    assert result.params_active == total - layers * (experts - k) * expert == 24_146
+    assert result.experts_per_device == experts // 4
+    assert result.expert_bytes == layers * (experts // 4) * expert * 4  # float32, 2 whole experts per layer
+
+
 def test_llama31_8b_qlora_step_at_4096_tokens_fits_a_24gb_gpu(tmp_path):
     """model.quantize=nf4 on Llama-3.1-8B (the 1-GPU recipe: bf16, remat full, LoRA r=16 all-linear), one row of
     4096 tokens per step: the plan's main lines equal the hand arithmetic below, and the total fits a 24 GB A10

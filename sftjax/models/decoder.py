@@ -2,7 +2,8 @@
 
 Block layout (pre-norm residual):  h += [attn_out_norm](attn(attn_norm(h)));  h += [mlp_out_norm](mlp(mlp_norm(h)))
 where the bracketed "sandwich" norms exist only for Gemma2-style configs (Gemma 4 then multiplies the layer's
-output by a stored scalar). Gemma 3/4 give full and sliding layers their own RoPE (and Gemma 4 its own head shape,
+output by a stored scalar; its MoE layers run the dense MLP as the MoE block's shared expert, see
+:mod:`sftjax.models.moe`). Gemma 3/4 give full and sliding layers their own RoPE (and Gemma 4 its own head shape,
 values from k_proj and value norms): each layer takes its kind's cos/sin from per-type tables. Attention is causal
 and block-diagonal over ``segment_ids`` (packed examples never see each other), through
 ``pallas_kernels.attention`` with the implementation the Decoder holds (``attention_implementation``: a static
@@ -194,9 +195,11 @@ class DecoderLayer(nnx.Module):
         self.attn_norm = norm()
         self.attn = Attention(c, layer_index, rngs=rngs, implementation=attention_implementation)
         self.attn_out_norm = norm() if c.sandwich_norms else None
-        self.mlp_norm = norm()
+        moe_layer = c.is_moe_layer(layer_index)
+        # Gemma 4's MoE block norms its own inputs (branch_norms): it takes the residual stream itself
+        self.mlp_norm = None if moe_layer and c.moe.branch_norms else norm()
         # the MoE block where the config says so (mlp_only_layers, decoder_sparse_step), else the dense MLP
-        self.mlp = (MoE(c.moe, param_dtype=pd, rngs=rngs) if c.is_moe_layer(layer_index)
+        self.mlp = (MoE(c.moe, param_dtype=pd, rngs=rngs) if moe_layer
                     else MLP(c, rngs=rngs, width=c.mlp_width(layer_index)))
         self.mlp_out_norm = norm() if c.sandwich_norms else None
         self.num_experts = c.moe.num_experts if c.moe is not None else 0  # of the model (0: a dense model)
@@ -218,7 +221,8 @@ class DecoderLayer(nnx.Module):
         if self.attn_out_norm is not None:
             h = self.attn_out_norm(h)
         x_BLD = x_BLD + h
-        h, aux = self._feed_forward(self.mlp_norm(x_BLD), segment_ids_BL, deterministic)
+        h = x_BLD if self.mlp_norm is None else self.mlp_norm(x_BLD)
+        h, aux = self._feed_forward(h, segment_ids_BL, deterministic)
         if self.mlp_out_norm is not None:
             h = self.mlp_out_norm(h)
         x_BLD = x_BLD + h

@@ -1,4 +1,4 @@
-"""Writing GGUF files llama.cpp can run, for every family sftjax loads: HF names -> GGUF names (gguf-py's tables),
+"""Writing GGUF files llama.cpp can run, for the families llama.cpp runs: HF names -> GGUF names (gguf-py's tables),
 the q/k permutation re-applied for the llama architecture, Gemma's norms stored as 1 + w, the metadata keys
 llama.cpp reads for each architecture, and the tokenizer (:mod:`sftjax.models.gguf_tokenizer`).
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import pathlib
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -31,7 +32,11 @@ _FAMILIES = {
     "gemma": ("GEMMA", "GemmaForCausalLM", "gelu_pytorch_tanh", ("default", "linear")),
     "gemma2": ("GEMMA2", "Gemma2ForCausalLM", "gelu_pytorch_tanh", ("default", "linear")),
     "phi3": ("PHI3", "Phi3ForCausalLM", "silu", ("default", "linear", "longrope")),
+    # mixtures of experts: Mixtral is llama.cpp's "llama" with experts, Qwen3-MoE its "qwen3moe"
+    "mixtral": ("LLAMA", "MixtralForCausalLM", "silu", ("default", "linear", "llama3")),
+    "qwen3_moe": ("QWEN3MOE", "Qwen3MoeForCausalLM", "silu", ("default", "linear")),
 }
+_MOE = ("mixtral", "qwen3_moe")
 _TANH_GELU = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 
 
@@ -75,9 +80,16 @@ def check_exportable(hf_config: dict, where="write_gguf") -> str:
         refuse("attention biases")
     max_positions = int(hf_config.get("max_position_embeddings", 2048))
     window = hf_config.get("sliding_window")
-    if model_type in ("qwen2", "qwen3") and hf_config.get("use_sliding_window") and window \
+    if model_type in ("qwen2", "qwen3", "qwen3_moe") and hf_config.get("use_sliding_window") and window \
             and int(window) < max_positions:
         refuse(f"a sliding window ({window}) on some layers")
+    if model_type == "mixtral" and window and int(window) < max_positions:
+        refuse(f"a sliding window ({window}) (llama.cpp's llama architecture runs full attention)")
+    if model_type == "qwen3_moe":  # llama.cpp's qwen3moe: every layer routed, the top-k weights renormalized
+        if hf_config.get("norm_topk_prob") is False:
+            refuse("norm_topk_prob=false (llama.cpp's qwen3moe always renormalizes the top-k weights)")
+        if hf_config.get("mlp_only_layers") or int(hf_config.get("decoder_sparse_step") or 1) != 1:
+            refuse("dense layers among the MoE layers (mlp_only_layers, decoder_sparse_step)")
     if model_type in ("gemma", "gemma2") and hf_config.get("tie_word_embeddings") is False:
         refuse("an lm_head untied from the embeddings (llama.cpp's Gemma always ties them)")
     if model_type == "gemma2":
@@ -119,10 +131,15 @@ def _add_metadata(writer, hf_config: dict, arch: str, dtype: str) -> dict:
     writer.add_embedding_length(hidden)
     writer.add_block_count(int(hf_config["num_hidden_layers"]))
     writer.add_feed_forward_length(int(hf_config["intermediate_size"]))
+    if model_type in _MOE:
+        writer.add_expert_count(int(hf_config.get("num_local_experts") or hf_config["num_experts"]))
+        writer.add_expert_used_count(int(hf_config["num_experts_per_tok"]))
+        if model_type == "qwen3_moe":
+            writer.add_expert_feed_forward_length(int(hf_config["moe_intermediate_size"]))
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_rope_dimension_count(int(head_dim * partial))
-    if head_dim != hidden // heads or model_type in ("gemma", "gemma2", "qwen3"):
+    if head_dim != hidden // heads or model_type in ("gemma", "gemma2", "qwen3", "qwen3_moe"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_rope_freq_base(float(rope["rope_theta"]))
@@ -195,12 +212,38 @@ def _encode_tensor(array: np.ndarray, dtype: str):
     return np.ascontiguousarray(array, dtype=np.float16), None  # f16, and q8_0 rows not a multiple of 32
 
 
+_EXPERT_TENSOR = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+\.weight)$")
+
+
+def _stacked_experts(tensors: Iterable[tuple[str, np.ndarray]], hf_config: dict, out_path):
+    """The tensors with each projection's per-expert tensors (``...experts.{e}.w1.weight``) stacked into one
+    ``[experts, out, in]`` tensor (``...experts.w1.weight``), as llama.cpp's ``ffn_*_exps`` hold them; a
+    projection's experts arrive one after another, so one projection is buffered at a time."""
+    experts = int(hf_config.get("num_local_experts") or hf_config.get("num_experts") or 0)
+    pending: dict[str, dict[int, np.ndarray]] = {}
+    for name, array in tensors:
+        match = _EXPERT_TENSOR.match(name)
+        if match is None:
+            yield name, array
+            continue
+        stacked = f"{match.group(1)}.{match.group(3)}"
+        parts = pending.setdefault(stacked, {})
+        parts[int(match.group(2))] = np.asarray(array, dtype=np.float32)
+        if len(parts) == experts:
+            yield stacked, np.stack([parts[e] for e in range(experts)])
+            del pending[stacked]
+    if pending:
+        name, parts = next(iter(pending.items()))
+        raise CheckpointError(f"{out_path}: write_gguf: {name} has {len(parts)} of the {experts} experts' tensors")
+
+
 def write_gguf_from_hf(hf_config: dict, tensors: Iterable[tuple[str, np.ndarray]], tokenizer, out_path, *,
                        dtype: str = "f16", tokenizer_pre: str | None = None, name: str | None = None) -> pathlib.Path:
     """Write a llama.cpp-compatible GGUF from a ``config.json`` dict and HF-named [out, in] tensors.
 
-    Families: Llama, Mistral (llama.cpp's "llama" architecture), Qwen2, Qwen3, Gemma, Gemma 2 and Phi-3, with the
-    architecture, tensor names and metadata keys of llama.cpp's converter (gguf-py's tables).
+    Families: Llama, Mistral and Mixtral (llama.cpp's "llama" architecture), Qwen2, Qwen3, Qwen3-MoE, Gemma,
+    Gemma 2 and Phi-3, with the architecture, tensor names and metadata keys of llama.cpp's converter (gguf-py's
+    tables; each projection of all experts stacked in one ``ffn_*_exps`` tensor).
     """
     import gguf
 
@@ -231,7 +274,7 @@ def write_gguf_from_hf(hf_config: dict, tensors: Iterable[tuple[str, np.ndarray]
         writer.add_tensor(tensor_name, data)
     tied = bool(hf_config.get("tie_word_embeddings")) or model_type in ("gemma", "gemma2")
     seen = set()
-    for hf_name, array in tensors:
+    for hf_name, array in _stacked_experts(tensors, hf_config, out_path):
         if hf_name == "lm_head.weight" and tied:
             continue
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))

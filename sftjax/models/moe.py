@@ -15,6 +15,10 @@ Design, in plain words:
   lengths as group sizes (or megablox's ``gmm`` on TPU); the results are un-sorted, weighted and summed per
   token. No token is ever dropped and no capacity factor exists. ``implementation="dense"`` instead runs every
   token through every expert with an einsum and weights unchosen experts by zero: the oracle of the tests.
+* **Gemma 4's block** (``branch_norms``, ``router_input_scale``, ``per_expert_scale``): the layer's dense MLP is
+  the shared expert, and the block takes the un-normed residual r: ``experts_out_norm(experts(experts_norm(r)))
+  + shared_expert_out_norm(shared(shared_expert_norm(r)))``, routed by ``rms_norm(r) * scale * D**-0.5`` (no
+  norm weight), the renormalized top-k weights multiplied by a learned scale per expert.
 * **Padding is not routed.** Tokens with ``segment_ids == 0`` go to no expert (their routed output is 0; a shared
   expert still sees them) and are left out of every router statistic, as transformers' ``attention_mask`` does
   in ``load_balancing_loss_func``.
@@ -49,7 +53,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sftjax.errors import ConfigError
-from sftjax.models.layers import Linear, param
+from sftjax.models.layers import Linear, RMSNorm, param, rms_normalize
 from sftjax.models.moe_ops import (  # noqa: F401  (re-exported: the block's public names)
     _GLU_ACTIVATIONS,
     EXPERT_ACTIVATIONS,
@@ -80,16 +84,34 @@ from sftjax.sharding import gather_for_compute
 
 
 class Router(nnx.Module):
-    """Router logits in float32: x @ kernel [embed, expert] (+ bias [expert])."""
+    """Router logits in float32: x @ kernel [embed, expert] (+ bias [expert]). Gemma 4's router
+    (``input_scale``) first RMS-normalizes x without a weight and multiplies it by a learned ``scale`` [embed] and
+    by hidden_size ** -0.5, and keeps a learned ``per_expert_scale`` [expert] for the chosen weights."""
 
-    def __init__(self, hidden_size: int, num_experts: int, *, use_bias: bool, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, hidden_size: int, num_experts: int, *, use_bias: bool, param_dtype, rngs: nnx.Rngs,
+                 input_scale: bool = False, per_expert_scale: bool = False, eps: float = 1e-6):
         init = jax.nn.initializers.normal(stddev=0.02)
         self.kernel = param(init(rngs.params(), (hidden_size, num_experts), param_dtype), ("embed", "expert"))
         self.bias = param(jnp.zeros((num_experts,), param_dtype), ("expert",)) if use_bias else None
+        self.scale = param(jnp.ones((hidden_size,), param_dtype), ("norm",)) if input_scale else None
+        self.per_expert_scale = (param(jnp.ones((num_experts,), param_dtype), ("expert",)) if per_expert_scale
+                                 else None)
+        self.eps = eps
+        self.root_size = float(hidden_size) ** -0.5
+
+    def expert_scale(self):
+        """[expert] scales of the chosen weights, or None."""
+        if self.per_expert_scale is None:
+            return None
+        return gather_for_compute(self.per_expert_scale[...], ("expert",))
 
     def __call__(self, x_TD):
         kernel = gather_for_compute(self.kernel[...], ("embed", "expert")).astype(jnp.float32)
-        logits = jnp.dot(x_TD.astype(jnp.float32), kernel)
+        x_TD = x_TD.astype(jnp.float32)
+        if self.scale is not None:
+            scale = gather_for_compute(self.scale[...], ("norm",)).astype(jnp.float32)
+            x_TD = rms_normalize(x_TD, self.eps) * scale * self.root_size
+        logits = jnp.dot(x_TD, kernel)
         if self.bias is not None:
             logits = logits + gather_for_compute(self.bias[...], ("expert",)).astype(jnp.float32)
         return logits
@@ -231,12 +253,16 @@ class MoE(nnx.Module):
         c = config
         self.config = c
         pd = jnp.dtype(param_dtype)
-        self.router = Router(c.hidden_size, c.num_experts, use_bias=c.router_bias, param_dtype=pd, rngs=rngs)
+        self.router = Router(c.hidden_size, c.num_experts, use_bias=c.router_bias, param_dtype=pd, rngs=rngs,
+                             input_scale=c.router_input_scale, per_expert_scale=c.per_expert_scale, eps=c.norm_eps)
         self.experts = Experts(c, param_dtype=pd, rngs=rngs)
         self.shared_expert = (SharedExpert(c, param_dtype=pd, rngs=rngs) if c.shared_expert_intermediate_size
                               else None)
         self.shared_expert_gate = (Linear(c.hidden_size, 1, logical_axes=("embed", None), param_dtype=pd,
                                           rngs=rngs) if c.shared_expert_gate else None)
+        # Gemma 4: the input and output norms of the two branches (the block then takes the un-normed residual)
+        for name in ("shared_expert_norm", "shared_expert_out_norm", "experts_norm", "experts_out_norm"):
+            setattr(self, name, RMSNorm(c.hidden_size, eps=c.norm_eps, param_dtype=pd) if c.branch_norms else None)
 
     def expert_weights(self) -> dict:
         """The stacked expert arrays (and LoRA factors and scales) that the grouped matmuls take."""
@@ -246,7 +272,7 @@ class MoE(nnx.Module):
         return out
 
     def route(self, x_TD) -> Routing:
-        return route(self.router(x_TD), self.config, x_TD.dtype)
+        return route(self.router(x_TD), self.config, x_TD.dtype, self.router.expert_scale())
 
     def __call__(self, x_BLD, segment_ids_BL=None, *, deterministic: bool = True):
         batch, length, dim = x_BLD.shape
@@ -257,6 +283,9 @@ class MoE(nnx.Module):
             valid_T = segment_ids_BL.reshape(-1) != 0
         routing = self.route(x_TD)
         aux = router_statistics(routing, valid_T)
+        x_shared_TD = x_TD
+        if self.config.branch_norms:
+            x_shared_TD, x_TD = self.shared_expert_norm(x_TD), self.experts_norm(x_TD)
         implementation = resolve_implementation(self.config.implementation)
         weights = self.expert_weights()
         if implementation == "dense":
@@ -265,10 +294,14 @@ class MoE(nnx.Module):
             y_TD = routed_dense(x_TD, routing, valid_T, weights, self.config)
         else:
             y_TD = routed_experts(x_TD, routing, valid_T, weights, self.config, implementation)
+        if self.config.branch_norms:
+            y_TD = self.experts_out_norm(y_TD.astype(x_BLD.dtype))
         if self.shared_expert is not None:
-            shared = self.shared_expert(x_TD, deterministic=deterministic)
+            shared = self.shared_expert(x_shared_TD, deterministic=deterministic)
             if self.shared_expert_gate is not None:
-                gate = self.shared_expert_gate(x_TD, deterministic=deterministic)
+                gate = self.shared_expert_gate(x_shared_TD, deterministic=deterministic)
                 shared = jax.nn.sigmoid(gate) * shared
+            if self.config.branch_norms:
+                shared = self.shared_expert_out_norm(shared)
             y_TD = y_TD + shared.astype(y_TD.dtype)
         return y_TD.reshape(batch, length, dim).astype(x_BLD.dtype), aux

@@ -32,6 +32,13 @@ class MoEConfig:
     swiglu_limit: float = 7.0
     shared_expert_intermediate_size: int = 0  # 0 = no shared expert
     shared_expert_gate: bool = False  # sigmoid(x @ w_gate) scales the shared expert (Qwen2-MoE)
+    # Gemma 4: the router reads rms_norm(x) * scale[D] * D**-0.5 (a weightless norm, a learned scale) ...
+    router_input_scale: bool = False
+    per_expert_scale: bool = False  # ... and each chosen weight is multiplied by a learned scale of its expert
+    # Gemma 4: the block takes the un-normed residual; the shared expert (the layer's dense MLP) and the routed
+    # experts each have an input and an output RMSNorm (plain weight), the router reads the residual itself
+    branch_norms: bool = False
+    norm_eps: float = 1e-6  # of the router's and the branches' RMSNorms
     router_aux_loss_coef: float = 0.0  # coefficient of the load-balancing loss in the training objective
     router_z_loss_coef: float = 0.0  # coefficient of the router z-loss
     implementation: str = "auto"  # ragged_dot | dense (oracle) | megablox (TPU) | megablox_interpret (CPU) | auto
@@ -57,6 +64,9 @@ class MoEConfig:
         if self.shared_expert_gate and not self.shared_expert_intermediate_size:
             raise ConfigError("model.moe.shared_expert_gate=True needs a shared expert "
                               "(model.moe.shared_expert_intermediate_size > 0)")
+        if self.branch_norms and (not self.shared_expert_intermediate_size or self.shared_expert_gate):
+            raise ConfigError("model.moe.branch_norms=True needs a shared expert without a gate "
+                              "(model.moe.shared_expert_intermediate_size > 0, shared_expert_gate=False)")
         if self.shared_expert_intermediate_size and self.activation == "clamped_swiglu":
             raise ConfigError("model.moe.activation=clamped_swiglu with a shared expert is not supported "
                               "(no family combines them)")

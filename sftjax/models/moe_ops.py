@@ -88,8 +88,9 @@ class Routing(NamedTuple):
     experts_TK: jax.Array  # int32 chosen experts, distinct per token
 
 
-def route(logits_TE, config: MoEConfig, dtype) -> Routing:
-    """Top-k routing of float32 logits in the configured order."""
+def route(logits_TE, config: MoEConfig, dtype, expert_scale_E=None) -> Routing:
+    """Top-k routing of float32 logits in the configured order; ``expert_scale_E`` (Gemma 4's per-expert scale)
+    multiplies each chosen weight by its expert's scale."""
     k = config.num_experts_per_tok
     if config.router_order == "softmax_topk":
         probs = jax.nn.softmax(logits_TE, axis=-1)
@@ -99,6 +100,8 @@ def route(logits_TE, config: MoEConfig, dtype) -> Routing:
     else:
         top_logits, experts = jax.lax.top_k(logits_TE, k)
         top = jax.nn.softmax(top_logits, axis=-1)
+    if expert_scale_E is not None:
+        top = top * jnp.take(expert_scale_E.astype(jnp.float32), experts)
     return Routing(logits_TE, top.astype(dtype), experts.astype(jnp.int32))
 
 

@@ -80,6 +80,8 @@ def moe_weight_specs(config: MoEConfig, style: str) -> list[ExpertTensorSpec]:
         ]
     if c.expert_bias or c.router_bias:
         raise CheckpointError(f"{style} MoE weights have no expert or router biases")
+    if c.router_input_scale or c.per_expert_scale or c.branch_norms:
+        raise CheckpointError(f"{style} MoE weights have no router scales or branch norms (Gemma 4's block)")
     if style == "mixtral" and c.shared_expert_intermediate_size:
         raise CheckpointError("mixtral MoE weights have no shared expert")
     specs = [ExpertTensorSpec("gate.weight", (e, d), ("router.kernel",), None, "linear")]
@@ -148,6 +150,10 @@ def moe_param_shapes(config: MoEConfig) -> dict[str, tuple[int, ...]]:
     shapes = {"router.kernel": (d, e)}
     if c.router_bias:
         shapes["router.bias"] = (e,)
+    if c.router_input_scale:
+        shapes["router.scale"] = (d,)
+    if c.per_expert_scale:
+        shapes["router.per_expert_scale"] = (e,)
     for proj, (i, o) in (("gate_proj", (d, f)), ("up_proj", (d, f)), ("down_proj", (f, d))):
         shapes[f"experts.{proj}.kernel"] = (e, i, o)
         if c.expert_bias:
@@ -158,6 +164,9 @@ def moe_param_shapes(config: MoEConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"shared_expert.{proj}.kernel"] = shape
     if c.shared_expert_gate:
         shapes["shared_expert_gate.kernel"] = (d, 1)
+    if c.branch_norms:
+        for norm in ("shared_expert_norm", "shared_expert_out_norm", "experts_norm", "experts_out_norm"):
+            shapes[f"{norm}.weight"] = (d,)
     return shapes
 
 

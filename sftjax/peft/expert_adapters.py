@@ -1,7 +1,8 @@
 """Per-expert LoRA adapters in PEFT's form: ``target_parameters`` on transformers' fused expert tensors.
 
 transformers 5 holds the experts of Mixtral and Qwen2/3-MoE as ``mlp.experts.gate_up_proj`` [E, 2F, D] (gate rows
-first) and ``mlp.experts.down_proj`` [E, D, F], and peft adapts such a 3-D parameter with one ``lora_A`` [E*R, in]
+first) and ``mlp.experts.down_proj`` [E, D, F] (Gemma 4: ``experts.gate_up_proj`` / ``experts.down_proj``, the
+same layout on the layer itself), and peft adapts such a 3-D parameter with one ``lora_A`` [E*R, in]
 and one ``lora_B`` [out, R*E] (``ParamWrapper``: expert e's factors are rows ``e*R .. e*R+R`` of A and the columns
 ``j*E + e`` of B; the update of expert e is ``B_e @ A_e`` in the parameter's [out, in] layout). Ours are three
 stacked projections with ``lora_a`` [E, in, r], ``lora_b`` [E, r, out]; written to peft:
@@ -31,9 +32,9 @@ import numpy as np
 from sftjax.errors import CheckpointError
 from sftjax.sharding import to_host
 
-FUSED_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss")  # transformers' gate_up_proj / down_proj
+FUSED_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "gemma4_text")  # gate_up_proj / down_proj
 INTERLEAVED_FAMILIES = ("gpt_oss",)  # gate and up columns alternate in gate_up_proj
-GATE_UP, DOWN = "mlp.experts.gate_up_proj", "mlp.experts.down_proj"
+EXPERTS_MODULE = {"gemma4_text": "experts"}  # the experts' module in a layer, where it is not mlp.experts
 
 
 @dataclasses.dataclass
@@ -82,13 +83,15 @@ def expert_peft_tensors(model, model_config) -> ExpertAdapters | None:
 
     ranks = {max(rank(p, "gate") + rank(p, "up"), rank(p, "down")) for p in adapted.values()}
     total = max(ranks)
-    targets = ([GATE_UP] if has_gate or has_up else []) + ([DOWN] if has_down else [])
+    module = EXPERTS_MODULE.get(model_config.family, "mlp.experts")
+    gate_up_name, down_name = f"{module}.gate_up_proj", f"{module}.down_proj"
+    targets = ([gate_up_name] if has_gate or has_up else []) + ([down_name] if has_down else [])
     tensors = {}
     moe = model_config.moe
     experts, dim, width = moe.num_experts, moe.hidden_size, moe.expert_intermediate_size
     for index, parts in adapted.items():
-        prefix = f"model.layers.{index}.mlp.experts"
-        names = {GATE_UP: f"{prefix}.base_layer" if len(targets) == 2 else prefix, DOWN: prefix}
+        prefix = f"model.layers.{index}.{module}"
+        names = {gate_up_name: f"{prefix}.base_layer" if len(targets) == 2 else prefix, down_name: prefix}
         if has_gate or has_up:
             a = np.zeros((experts, total, dim), np.float32)
             b = np.zeros((experts, 2 * width, total), np.float32)
@@ -105,14 +108,14 @@ def expert_peft_tensors(model, model_config) -> ExpertAdapters | None:
                 a[:, offset:offset + r] = a_part
                 b[:, rows, offset:offset + r] = b_part
                 offset += r
-            tensors.update(_peft_pair(names[GATE_UP], a, b))
+            tensors.update(_peft_pair(names[gate_up_name], a, b))
         if has_down:
             a_part, b_part = parts["down"]
             r = a_part.shape[1]
             a = np.zeros((experts, total, width), np.float32)
             b = np.zeros((experts, dim, total), np.float32)
             a[:, :r], b[:, :, :r] = a_part, b_part
-            tensors.update(_peft_pair(names[DOWN], a, b))
+            tensors.update(_peft_pair(names[down_name], a, b))
     return ExpertAdapters(tensors=tensors, target_parameters=targets, rank=int(total), scale=scales.pop())
 
 

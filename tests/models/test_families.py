@@ -82,6 +82,13 @@ CASES = {
                                                       num_kv_shared_layers=2, use_double_wide_mlp=True,
                                                       final_logit_softcapping=5.0,
                                                       rope_parameters=_gemma4_rope("proportional"))),
+    # Gemma 26B-A4B style: on every layer the dense MLP and 4 routed experts (top 2) side by side
+    "gemma4_moe": ("Gemma4TextConfig", dict(COMMON, num_hidden_layers=4, tie_word_embeddings=True, sliding_window=8,
+                                            layer_types=["sliding_attention", "full_attention"] * 2,
+                                            global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+                                            hidden_size_per_layer_input=0, final_logit_softcapping=5.0,
+                                            rope_parameters=_gemma4_rope("proportional"), enable_moe_block=True,
+                                            num_experts=4, top_k_experts=2, moe_intermediate_size=16)),
     # partial rotary (8 of 16 dims), a window on every layer, longrope with LENGTH beyond the original 16
     "phi3": ("Phi3Config", dict(COMMON, tie_word_embeddings=False, sliding_window=8, partial_rotary_factor=0.5,
                                 original_max_position_embeddings=16,
@@ -98,6 +105,11 @@ def _grad_pairs(case: str):
     if case.startswith("phi3"):
         pairs = [("model.layers.0.self_attn.qkv_proj.weight", "layers.0.attn.q_proj.kernel", (0, 64)),
                  ("model.layers.1.mlp.gate_up_proj.weight", "layers.1.mlp.up_proj.kernel", (96, 192))]
+    elif case == "gemma4_moe":  # the dense MLP is the MoE block's shared expert (tests/models/test_gemma4_moe.py
+        # compares every gradient, the experts' and the router's included)
+        pairs = [("model.layers.0.self_attn.q_proj.weight", "layers.0.attn.q_proj.kernel", None),
+                 ("model.layers.1.mlp.down_proj.weight", "layers.1.mlp.shared_expert.down_proj.kernel", None),
+                 ("model.layers.2.router.proj.weight", "layers.2.mlp.router.kernel", None)]
     else:
         pairs = [("model.layers.0.self_attn.q_proj.weight", "layers.0.attn.q_proj.kernel", None),
                  ("model.layers.1.mlp.down_proj.weight", "layers.1.mlp.down_proj.kernel", None)]
@@ -318,7 +330,7 @@ def test_gemma4_per_layer_inputs_and_shared_kv_generate_like_transformers(tmp_pa
         stack_layers(model)
 
 
-@pytest.mark.parametrize("case", ["gemma4", "gemma4_bias_untied", "gemma4_ple_kv_shared"])
+@pytest.mark.parametrize("case", ["gemma4", "gemma4_bias_untied", "gemma4_ple_kv_shared", "gemma4_moe"])
 def test_gemma4_layer_scalar_is_frozen_and_lora_finds_the_full_layers_projections(case, tmp_path):
     """The stored per-layer scalar (a buffer in transformers) loads from the checkpoint and never trains, under
     full fine-tuning or LoRA; full layers whose values come from k_proj have no v_proj to adapt."""
@@ -374,7 +386,7 @@ def _multimodal_hf_model(case: str):
     return model
 
 
-@pytest.mark.parametrize("case", ["gemma3", "gemma4"])
+@pytest.mark.parametrize("case", ["gemma3", "gemma4", "gemma4_moe"])
 def test_multimodal_checkpoint_loads_as_its_text_decoder(case, tmp_path):
     """A ...ForConditionalGeneration checkpoint: the text decoder's logits on text equal transformers' (vision tower
     skipped); it saves as the ...ForCausalLM that transformers reloads with the same logits."""
@@ -391,7 +403,7 @@ def test_multimodal_checkpoint_loads_as_its_text_decoder(case, tmp_path):
     assert_close(_hf_logits(reloaded, tokens), reference, 1e-5, what="reloaded logits")
 
 
-@pytest.mark.parametrize("case", ["gemma3", "gemma4"])
+@pytest.mark.parametrize("case", ["gemma3", "gemma4", "gemma4_moe"])
 def test_gemma_sharded_load_matches_one_device(case, tmp_path):
     """Loaded straight into a data x fsdp x tensor mesh of 8 devices (Gemma 4's full layers have one kv head, which
     the tensor axis cannot split): the same logits as on one device."""

@@ -143,3 +143,58 @@ def test_moe_gguf_without_the_expert_width_is_a_one_line_error(tmp_path):
     with pytest.raises(CheckpointError, match="'qwen3moe.expert_feed_forward_length' is missing") as error:
         gguf_read.read_gguf_checkpoint(writer_path)
     assert str(writer_path) in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["qwen3moe", "mixtral"])
+def test_moe_model_exports_to_the_gguf_llama_cpps_converter_writes(tmp_path, kind):
+    """sftjax's ``write_gguf`` of a loaded MoE model stores every tensor as the converter-style file of ``_write``
+    does (names, stacked experts, llama's q/k permutation) with llama.cpp's expert keys; transformers' GGUF
+    reader (Qwen3-MoE) and sftjax's reader give the source model's logits."""
+    from sftjax.models.gguf_write import write_gguf
+    from sftjax.models.loading import load_model
+
+    source = _model(kind)
+    source.save_pretrained(tmp_path / "hf")
+    reference = _write(tmp_path / "reference.gguf", kind, source)
+    model, config = load_model(tmp_path / "hf")
+    ours = write_gguf(model, config, None, tmp_path / "ours" / "m.gguf", dtype="f32")
+
+    want = {t.name: gguf_read._dequantize(t, reference) for t in gguf.GGUFReader(str(reference)).tensors}
+    got = {t.name: gguf_read._dequantize(t, ours) for t in gguf.GGUFReader(str(ours)).tensors}
+    assert set(got) == set(want) and "blk.1.ffn_gate_exps.weight" in got
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+    meta, ref_meta = gguf_read.read_gguf_metadata(ours), gguf_read.read_gguf_metadata(reference)
+    arch = "qwen3moe" if kind == "qwen3moe" else "llama"
+    assert meta["general.architecture"] == arch
+    keys = [f"{arch}.{key}" for key in ("expert_count", "expert_used_count", "block_count", "feed_forward_length",
+                                        "attention.head_count", "attention.head_count_kv")]
+    if kind == "qwen3moe":
+        keys += ["qwen3moe.expert_feed_forward_length", "qwen3moe.attention.key_length"]
+    assert {k: meta[k] for k in keys} == {k: ref_meta[k] for k in keys}
+
+    with torch.no_grad():
+        expected = source(torch.from_numpy(TOKENS), use_cache=False).logits.numpy()
+    back, back_config = sftjax.load_model(ours)
+    assert back_config.moe.num_experts == EXPERTS
+    assert_close(np.asarray(back(TOKENS)), expected, 1e-5, what=f"{kind} logits read back from our GGUF")
+    if kind == "qwen3moe":
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(ours.parent, gguf_file=ours.name).eval()
+        with torch.no_grad():
+            logits = theirs(torch.from_numpy(TOKENS), use_cache=False).logits.numpy()
+        assert_close(logits, expected, 1e-5, what="transformers' reading of our GGUF")
+
+
+@pytest.mark.parametrize("kind, changes, message", [
+    ("qwen3moe", dict(norm_topk_prob=False), "norm_topk_prob=false (llama.cpp's qwen3moe always renormalizes"),
+    ("qwen3moe", dict(mlp_only_layers=[0]), "dense layers among the MoE layers"),
+    ("mixtral", dict(sliding_window=4), "a sliding window (4)"),
+])
+def test_moe_configs_llama_cpp_cannot_run_are_refused_before_writing(tmp_path, kind, changes, message):
+    from sftjax.models.gguf_write import check_exportable
+
+    hf = _model(kind).config.to_dict()
+    hf.update(changes)
+    with pytest.raises(CheckpointError) as error:
+        check_exportable(hf, where=str(tmp_path / "m.gguf"))
+    assert message in str(error.value) and "\n" not in str(error.value)

@@ -150,13 +150,17 @@ def test_gemma4_switches_from_transformers_defaults():
     assert gemma4.sliding_window == 512 and gemma4.attention_k_eq_v
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("num_kv_shared_layers", 1, "num_kv_shared_layers=1: no layer before the shared ones is a full_attention"),
-    ("num_kv_shared_layers", 99, "num_kv_shared_layers=99 must leave at least one of the"),
-    ("enable_moe_block", True, "enable_moe_block=true"),
-    ("use_bidirectional_attention", "all", "use_bidirectional_attention='all'"),
+@pytest.mark.parametrize("changes, message", [
+    (dict(num_kv_shared_layers=1), "num_kv_shared_layers=1: no layer before the shared ones is a full_attention"),
+    (dict(num_kv_shared_layers=99), "num_kv_shared_layers=99 must leave at least one of the"),
+    (dict(use_bidirectional_attention="all"), "use_bidirectional_attention='all'"),
+    (dict(enable_moe_block=True, top_k_experts=5), "top_k_experts=5 is larger than num_experts=4"),
+    (dict(enable_moe_block=True, num_experts=None), "enable_moe_block=true needs num_experts to be a positive"),
+    (dict(enable_moe_block=True, moe_intermediate_size=0), "needs moe_intermediate_size to be a positive integer"),
+    (dict(enable_moe_block=True, num_kv_shared_layers=1, layer_types=["full_attention"] * 4,
+          use_double_wide_mlp=True), "enable_moe_block=true with use_double_wide_mlp=true and num_kv_shared"),
 ])
-def test_gemma4_options_the_decoder_cannot_run_are_one_line_errors(tmp_path, key, value, message):
+def test_gemma4_options_the_decoder_cannot_run_are_one_line_errors(tmp_path, changes, message):
     """Refused when load_model reads the checkpoint's config.json, before any weight is read."""
     import json
 
@@ -164,7 +168,7 @@ def test_gemma4_options_the_decoder_cannot_run_are_one_line_errors(tmp_path, key
 
     hf = dict(SMALL, architectures=["Gemma4ForCausalLM"], head_dim=8, hidden_size_per_layer_input=0,
               num_experts=4, top_k_experts=2, moe_intermediate_size=16)
-    hf[key] = value
+    hf.update(changes)
     (tmp_path / "config.json").write_text(json.dumps(hf))
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError) as error:

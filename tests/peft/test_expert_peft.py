@@ -1,6 +1,7 @@
 """Per-expert LoRA adapters exported as a PEFT adapter (peft ``target_parameters`` on the fused expert
 parameters of transformers) load in ``peft.PeftModel.from_pretrained`` onto the original checkpoint and give our
-logits: Mixtral and gpt-oss (interleaved gate/up) with every expert projection adapted, Qwen3-MoE with only some
+logits: Mixtral, gpt-oss (interleaved gate/up) and Gemma 4 (experts on the layer) with every expert projection
+adapted, Qwen3-MoE with only some
 of them (one wrapped parameter, no nesting; gate without up)."""
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ CASES = {
     # the router trained in full beside the adapters (lora.modules_to_save), exported whole as peft does
     "qwen3_moe_router_saved": ("Qwen3MoeConfig", dict(COMMON, intermediate_size=40, moe_intermediate_size=16,
                                                       num_experts=4), "all-linear"),
+    # the dense MLP (our shared expert) adapted as peft's mlp.*_proj, the experts as experts.gate_up_proj/down_proj
+    "gemma4_moe_all": ("Gemma4TextConfig", dict(COMMON, intermediate_size=24, num_experts=4, top_k_experts=2,
+                                                moe_intermediate_size=16, enable_moe_block=True, sliding_window=4,
+                                                layer_types=["sliding_attention", "full_attention"],
+                                                hidden_size_per_layer_input=0),
+                       ["q_proj", "gate_proj", "up_proj", "down_proj"]),
     "qwen3_moe_gate_only": ("Qwen3MoeConfig", dict(COMMON, intermediate_size=40, moe_intermediate_size=16,
                                                    num_experts=4), ["v_proj", "gate_proj"]),
 }

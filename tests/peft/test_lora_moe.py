@@ -1,7 +1,7 @@
-"""LoRA on the experts of a tiny Qwen3-MoE through the ordinary LoRA filter: per-expert adapters train (nonzero
-gradients on every expert that received tokens), the frozen expert weights stay bit-identical, the merged export
-loads in transformers and in sftjax with the LoRA model's logits, and so does the PEFT adapter in peft; bad targets
-and adapter dropout on experts are one-line errors."""
+"""LoRA on the experts of a tiny Qwen3-MoE and a tiny Gemma 4 MoE through the ordinary LoRA filter: per-expert
+adapters train (nonzero gradients on every expert that received tokens), the frozen expert weights stay
+bit-identical, the merged export loads in transformers and in sftjax with the LoRA model's logits, and so does the
+PEFT adapter in peft; bad targets and adapter dropout on experts are one-line errors."""
 
 from __future__ import annotations
 
@@ -36,15 +36,27 @@ TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = LoraSection(enabled=True, r=4, alpha=8.0, target_modules=TARGETS)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+# Gemma 4 (26B-A4B style): the dense MLP beside the experts on every layer, the experts on the layer itself
+GEMMA4 = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, moe_intermediate_size=16, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=EXPERTS, top_k_experts=2,
+              enable_moe_block=True, hidden_size_per_layer_input=0, sliding_window=8,
+              layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=False,
+              max_position_embeddings=64)
+FAMILIES = {"qwen3_moe": (transformers.Qwen3MoeConfig, HF, "mlp.gate.weight", "mlp.experts"),
+            "gemma4": (transformers.Gemma4TextConfig, GEMMA4, "router.proj.weight", "experts")}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def checkpoint(request, tmp_path_factory):
+    config_class, kwargs, router, _ = FAMILIES[request.param]
     torch.manual_seed(0)
-    model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**HF)).float().eval()
+    model = transformers.AutoModelForCausalLM.from_config(config_class(**kwargs)).float().eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            parameter.add_((0.5 if name.endswith("mlp.gate.weight") else 0.05) * torch.randn_like(parameter))
-    directory = tmp_path_factory.mktemp("qwen3_moe")
+            parameter.add_((0.5 if name.endswith(router) else 0.05) * torch.randn_like(parameter))
+    directory = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(directory)
+    directory.joinpath("family").write_text(request.param)
     return directory
 
 
@@ -124,7 +136,8 @@ def test_expert_adapters_train_and_the_frozen_experts_stay_bit_identical(checkpo
     write_peft_adapter(model, config, tmp_path / "adapter", lora={"r": LORA.r, "alpha": LORA.alpha, "rslora": False},
                        base_model_name_or_path=str(checkpoint))
     adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert adapter_config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    experts = FAMILIES[checkpoint.joinpath("family").read_text()][3]
+    assert adapter_config["target_parameters"] == [f"{experts}.gate_up_proj", f"{experts}.down_proj"]
     base = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
     peft_model = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     with torch.no_grad():

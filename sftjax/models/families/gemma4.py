@@ -7,18 +7,29 @@ layers (``attention_k_eq_v``), a frozen per-layer output scalar and final logit 
 
 The small models' options run too: per-layer input embeddings (``hidden_size_per_layer_input`` > 0, with
 ``vocab_size_per_layer_input``) and key/value sharing across the last ``num_kv_shared_layers`` layers (with
-``use_double_wide_mlp`` widening their MLP). The options the text decoder cannot run are refused with a one-line
-error naming the key: the mixture-of-experts block (``enable_moe_block``) and bidirectional attention
-(``use_bidirectional_attention: all``). A ``Gemma4ForConditionalGeneration`` checkpoint is read as its text
-decoder (the ``text_config`` and the ``language_model`` tensors; vision and audio towers skipped) and saved back
-as ``Gemma4ForCausalLM``.
+``use_double_wide_mlp`` widening their MLP). So does the mixture-of-experts block of the 26B-A4B model
+(``enable_moe_block``: ``num_experts``, ``top_k_experts``, ``moe_intermediate_size``): every layer runs its dense
+MLP and ``num_experts`` routed experts side by side, each branch between its own norms, which is
+:class:`sftjax.models.moe.MoE` with the dense MLP as its shared expert and ``branch_norms``, the router's input
+scale and its per-expert scale (HF ``router.proj``, ``router.scale``, ``router.per_expert_scale``; the experts
+``experts.gate_up_proj`` [E, 2F, D] with the gate rows first and ``experts.down_proj`` [E, D, F], split and
+transposed into our stacked projections by :func:`tensors_from_hf` and joined again by :func:`entries_to_hf`).
+Bidirectional attention (``use_bidirectional_attention: all``) is refused with a one-line error. A
+``Gemma4ForConditionalGeneration`` checkpoint is read as its text decoder (the ``text_config`` and the
+``language_model`` tensors; vision and audio towers skipped) and saved back as ``Gemma4ForCausalLM``.
 """
 
 from __future__ import annotations
 
+from typing import Iterable, Iterator
+
+import numpy as np
+
 from sftjax.errors import CheckpointError
 from sftjax.models.config import FULL_ATTENTION, ModelConfig
+from sftjax.models.moe_config import MoEConfig
 from sftjax.models.families.common import (
+    HF_ACTIVATIONS,
     TensorSpec,
     base_config,
     base_config_to_hf,
@@ -33,7 +44,8 @@ MODEL_TYPE = "gemma4_text"
 ARCHITECTURES = ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration")  # the second read as its text decoder
 FAMILY_KEYS = ("global_head_dim", "num_global_key_value_heads", "per_layer_config", "attention_k_eq_v",
                "hidden_size_per_layer_input", "vocab_size_per_layer_input", "num_kv_shared_layers",
-               "use_double_wide_mlp", "enable_moe_block", "use_bidirectional_attention")
+               "use_double_wide_mlp", "enable_moe_block", "use_bidirectional_attention", "num_experts",
+               "top_k_experts", "moe_intermediate_size")
 
 
 def _refuse_unsupported(cfg, source: str) -> None:
@@ -46,8 +58,18 @@ def _refuse_unsupported(cfg, source: str) -> None:
         raise CheckpointError(f"{source}: num_kv_shared_layers={cfg.num_kv_shared_layers}: no layer before the "
                               f"shared ones is a {missing[0]} layer to give them keys and values")
     if cfg.enable_moe_block:
-        raise CheckpointError(f"{source}: enable_moe_block=true (the Gemma 4 mixture-of-experts block) is not "
-                              "supported")
+        for key in ("num_experts", "top_k_experts", "moe_intermediate_size"):
+            value = getattr(cfg, key, None)
+            if not isinstance(value, int) or value < 1:
+                raise CheckpointError(f"{source}: enable_moe_block=true needs {key} to be a positive integer, "
+                                      f"got {value!r}")
+        if cfg.top_k_experts > cfg.num_experts:
+            raise CheckpointError(f"{source}: top_k_experts={cfg.top_k_experts} is larger than "
+                                  f"num_experts={cfg.num_experts}")
+        if cfg.use_double_wide_mlp and cfg.num_kv_shared_layers:
+            raise CheckpointError(f"{source}: enable_moe_block=true with use_double_wide_mlp=true and "
+                                  "num_kv_shared_layers > 0 is not supported (the MoE layers' dense MLP has one "
+                                  "width)")
     if cfg.use_bidirectional_attention == "all":
         raise CheckpointError(f"{source}: use_bidirectional_attention='all' is not supported (causal LM only)")
 
@@ -100,7 +122,17 @@ def _config_from_hf(hf: dict, source: str) -> ModelConfig:
         per_layer_input_size=int(cfg.hidden_size_per_layer_input or 0),
         per_layer_vocab_size=int(cfg.vocab_size_per_layer_input) if cfg.hidden_size_per_layer_input else None,
         kv_shared_layers=int(cfg.num_kv_shared_layers or 0),
-        double_wide_shared_mlp=bool(cfg.use_double_wide_mlp and cfg.num_kv_shared_layers), **overrides)
+        double_wide_shared_mlp=bool(cfg.use_double_wide_mlp and cfg.num_kv_shared_layers),
+        moe=_moe_config(cfg) if cfg.enable_moe_block else None, **overrides)
+
+
+def _moe_config(cfg) -> MoEConfig:
+    """The MoE block of every layer: the dense MLP is its shared expert; see the module docstring."""
+    return MoEConfig(hidden_size=cfg.hidden_size, expert_intermediate_size=cfg.moe_intermediate_size,
+                     num_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k_experts, norm_topk_prob=True,
+                     activation=HF_ACTIVATIONS[cfg.hidden_activation],
+                     shared_expert_intermediate_size=cfg.intermediate_size, router_input_scale=True,
+                     per_expert_scale=True, branch_norms=True, norm_eps=float(cfg.rms_norm_eps))
 
 
 checkpoint_tensor_name = text_decoder_tensor_name  # a multimodal checkpoint's text decoder tensors, else None
@@ -122,17 +154,40 @@ def config_to_hf(config: ModelConfig) -> dict:
               rope_parameters=rope, final_logit_softcapping=config.final_logit_softcap,
               attention_k_eq_v=config.attention_k_eq_v, hidden_size_per_layer_input=config.per_layer_input_size,
               num_kv_shared_layers=config.kv_shared_layers, use_double_wide_mlp=config.double_wide_shared_mlp,
-              enable_moe_block=False,
+              enable_moe_block=config.moe is not None,
               per_layer_config={str(i): dict(full_shape) for i, t in enumerate(layer_types) if t == FULL_ATTENTION})
     if config.per_layer_input_size:
         hf["vocab_size_per_layer_input"] = config.per_layer_vocab_size or config.vocab_size
+    if config.moe is not None:
+        hf.update(num_experts=config.moe.num_experts, top_k_experts=config.moe.num_experts_per_tok,
+                  moe_intermediate_size=config.moe.expert_intermediate_size)
     return hf
+
+
+def _moe_specs(config: ModelConfig, layer: int) -> list[TensorSpec]:
+    """An MoE layer's feed-forward tensors: the dense MLP (our shared expert) and its norms, the router, and the
+    experts in the split names of :func:`tensors_from_hf` (our [E, in, out] layout)."""
+    hf, ours = f"model.layers.{layer}", f"layers.{layer}.mlp"
+    specs = [TensorSpec(f"{hf}.mlp.{proj}.weight", ((f"{ours}.shared_expert.{proj}.kernel", None, None),), True)
+             for proj in ("gate_proj", "up_proj", "down_proj")]
+    specs += [TensorSpec(f"{hf}.{name}.weight", ((f"{ours}.{norm}.weight", None, None),), False)
+              for name, norm in (("post_feedforward_layernorm_1", "shared_expert_out_norm"),
+                                 ("pre_feedforward_layernorm_2", "experts_norm"),
+                                 ("post_feedforward_layernorm_2", "experts_out_norm"))]
+    specs += [TensorSpec(f"{hf}.router.proj.weight", ((f"{ours}.router.kernel", None, None),), True),
+              TensorSpec(f"{hf}.router.scale", ((f"{ours}.router.scale", None, None),), False),
+              TensorSpec(f"{hf}.router.per_expert_scale", ((f"{ours}.router.per_expert_scale", None, None),), False)]
+    specs += [TensorSpec(f"{hf}.experts.{proj}", ((f"{ours}.experts.{proj}.kernel", None, None),), False)
+              for proj in ("gate_proj", "up_proj", "down_proj")]
+    return specs
 
 
 def weight_specs(config: ModelConfig):
     specs = []
-    for spec in llama_like_specs(config, sandwich_norm_names=True):
+    for spec in llama_like_specs(config, sandwich_norm_names=True, moe_specs=lambda i: _moe_specs(config, i)):
         parts = spec.hf_name.split(".")
+        if parts[1] == "layers" and parts[3] == "pre_feedforward_layernorm" and config.is_moe_layer(int(parts[2])):
+            spec = TensorSpec(spec.hf_name, ((f"layers.{parts[2]}.mlp.shared_expert_norm.weight", None, None),), False)
         if parts[1] == "layers" and parts[3] == "self_attn" and parts[4] in ("k_proj", "v_proj", "k_norm"):
             layer = int(parts[2])
             if config.kv_source(layer) is not None:
@@ -157,3 +212,54 @@ def weight_specs(config: ModelConfig):
                       TensorSpec(f"{hf}.post_per_layer_input_norm.weight", ((f"{ours}.norm.weight", None, None),),
                                  False)]
     return specs
+
+
+_EXPERTS = ".experts."
+
+
+def tensors_from_hf(tensors: Iterable[tuple[str, np.ndarray]], config: ModelConfig, *,
+                    source: str = "checkpoint") -> Iterator[tuple[str, np.ndarray]]:
+    """The checkpoint stream in the names of :func:`weight_specs`: each layer's ``experts.gate_up_proj``
+    [E, 2F, D] split into ``experts.gate_proj`` / ``experts.up_proj`` [E, D, F], ``experts.down_proj`` [E, D, F]
+    transposed to [E, F, D]."""
+    moe = config.moe
+    for name, array in tensors:
+        prefix, _, rest = name.rpartition(_EXPERTS)
+        if moe is None or rest not in ("gate_up_proj", "down_proj") or not prefix:
+            yield name, array
+            continue
+        e, d, f = moe.num_experts, moe.hidden_size, moe.expert_intermediate_size
+        want = (e, 2 * f, d) if rest == "gate_up_proj" else (e, d, f)
+        if tuple(array.shape) != want:
+            raise CheckpointError(f"{source}: tensor {name} has shape {list(array.shape)} but config.json implies "
+                                  f"{list(want)}")
+        array = np.asarray(array)
+        if rest == "down_proj":
+            yield f"{prefix}{_EXPERTS}down_proj", np.ascontiguousarray(array.transpose(0, 2, 1))
+        else:
+            yield f"{prefix}{_EXPERTS}gate_proj", np.ascontiguousarray(array[:, :f].transpose(0, 2, 1))
+            yield f"{prefix}{_EXPERTS}up_proj", np.ascontiguousarray(array[:, f:].transpose(0, 2, 1))
+
+
+def entries_to_hf(entries: list, config: ModelConfig) -> list:
+    """Exporter entries (name, nbytes, produce) in the checkpoint's names: gate and up joined into
+    ``experts.gate_up_proj``, ``experts.down_proj`` transposed back."""
+    if config.moe is None:
+        return entries
+    by_name = {name: (nbytes, produce) for name, nbytes, produce in entries}
+    out = []
+    for name, nbytes, produce in entries:
+        prefix, _, rest = name.rpartition(_EXPERTS)
+        if not prefix or rest not in ("gate_proj", "up_proj", "down_proj"):
+            out.append((name, nbytes, produce))
+        elif rest == "down_proj":
+            out.append((name, nbytes, lambda produce=produce: np.ascontiguousarray(produce().transpose(0, 2, 1))))
+        elif rest == "gate_proj":
+            up_bytes, up = by_name[f"{prefix}{_EXPERTS}up_proj"]
+
+            def gate_up(gate=produce, up=up):
+                return np.ascontiguousarray(np.concatenate([gate().transpose(0, 2, 1), up().transpose(0, 2, 1)],
+                                                           axis=1))
+
+            out.append((f"{prefix}{_EXPERTS}gate_up_proj", nbytes + up_bytes, gate_up))
+    return out
