@@ -379,3 +379,19 @@ def test_gemma4_per_layer_inputs_and_shared_kv_parameter_count(tmp_path):
              attention(32, 16, 8, True) + 3 * d * 2 * f, attention(64, 16, 16, True) + 3 * d * 2 * f]
     total = v * d + d + ple + sum(layer) + layers * norms
     assert result.params_base == total == 58_864
+
+
+@pytest.mark.parametrize("backend, given, expected", [("tpu", None, "megablox"), ("gpu", None, "ragged_dot"),
+                                                      ("tpu", "ragged_dot", "ragged_dot")])
+def test_compile_target_resolves_the_experts_grouped_matmul_by_the_targets_rule(tmp_path, backend, given, expected):
+    """``plan --compile --target`` picks the grouped matmul by the target's rule (megablox on a TPU), not by this
+    CPU machine's; an explicit choice stays."""
+    from sftjax.plan.compile import _for_backend
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_MOE_TINY))
+    overrides = ["model.init=null", f"model.path={tmp_path}"] + (
+        [f"model.moe.implementation={given}"] if given else [])
+    cfg = load_config(TINY, overrides)
+    resolved, kernels = _for_backend(cfg, backend, 256, 10_000, moe=True)
+    assert kernels["moe"] == resolved.model.moe["implementation"] == expected
+    assert "moe" not in _for_backend(cfg, backend, 256, 10_000)[1]  # a dense model has no grouped matmul

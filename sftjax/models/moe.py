@@ -9,7 +9,9 @@ Design, in plain words:
   differ in the weights.
 * **Experts stored stacked.** Each projection is one ``[expert, in, out]`` parameter (logical axes
   ``("expert", "embed", "mlp")`` / ``("expert", "mlp", "embed")``), with optional ``[expert, out]`` biases and
-  optional per-expert LoRA factors ``lora_a [expert, in, r]``, ``lora_b [expert, r, out]``.
+  optional per-expert LoRA factors ``lora_a [expert, r, in]``, ``lora_b [expert, r, out]`` (r is never the
+  minor axis: a TPU pads its minor axis to 128 lanes, 8x the memory of an r=16 adapter, its gradient and its
+  optimizer state).
 * **Dropless grouped matmul.** The T*k (token, slot) pairs are sorted by expert, gathered into one [T*k, D]
   matrix whose rows come in runs of one expert each, and pushed through ``jax.lax.ragged_dot`` with the run
   lengths as group sizes (or megablox's ``gmm`` on TPU); the results are un-sorted, weighted and summed per
@@ -119,7 +121,7 @@ class Router(nnx.Module):
 
 class ExpertLinear(nnx.Module):
     """One projection of every expert: kernel [expert, in, out] (+ bias [expert, out]) (+ per-expert LoRA
-    ``lora_a [expert, in, r]``, ``lora_b [expert, r, out]``, scale alpha/r or alpha/sqrt(r)). The matmul itself is
+    ``lora_a [expert, r, in]``, ``lora_b [expert, r, out]``, scale alpha/r or alpha/sqrt(r)). The matmul itself is
     done by :func:`grouped_ffn` on the stacked arrays (``MoE.expert_weights``). After ``quantize`` the kernel is a
     frozen :class:`~sftjax.models.quant.QuantizedExpertWeight` (QLoRA on experts), dequantized inside the grouped
     matmul."""
@@ -173,9 +175,9 @@ class ExpertLinear(nnx.Module):
         dtype = dtype or self.kernel_dtype
         experts = self.num_experts
         bound = 1.0 / math.sqrt(self.in_features)
-        a = jax.random.uniform(rngs.params(), (experts, self.in_features, rank), jnp.float32, -bound, bound)
+        a = jax.random.uniform(rngs.params(), (experts, rank, self.in_features), jnp.float32, -bound, bound)
         expert_axis, in_axis, out_axis = self.logical_axes
-        self.lora_a = nnx.LoRAParam(a.astype(dtype), logical_axes=(expert_axis, in_axis, None))
+        self.lora_a = nnx.LoRAParam(a.astype(dtype), logical_axes=(expert_axis, None, in_axis))
         self.lora_b = nnx.LoRAParam(jnp.zeros((experts, rank, self.out_features), dtype),
                                     logical_axes=(expert_axis, None, out_axis))
         self.lora_scale = float(alpha / math.sqrt(rank) if rslora else alpha / rank)
@@ -186,7 +188,7 @@ class ExpertLinear(nnx.Module):
         kernel = self.base_kernel()
         if self.lora_a is None:
             return kernel
-        delta = jnp.einsum("eir,ero->eio", self.lora_a[...].astype(jnp.float32),
+        delta = jnp.einsum("eri,ero->eio", self.lora_a[...].astype(jnp.float32),
                            self.lora_b[...].astype(jnp.float32)) * self.lora_scale
         return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
 

@@ -5,6 +5,7 @@ expert-parallel dispatch over a mesh is in :mod:`sftjax.models.moe_sharding`; bo
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -132,15 +133,17 @@ def expert_activation(gate, up, config: MoEConfig):
 
 
 def ragged_matmul(implementation: str) -> Callable:
-    """``(x [P, in], w [G, in, out], group_sizes [G], valid_P) -> [P, out]``: rows in runs of one group each.
+    """``(x [P, in], w [G, in, out], group_sizes [G], valid_P) -> [P, out]``: rows in runs of one group each;
+    with ``transpose_rhs=True`` w is stored [G, out, in] (the experts' LoRA A).
 
     Rows past ``sum(group_sizes)`` are not part of any group; their output is 0. For megablox those rows are
     also zeroed on the way in and out, because its kernel leaves them unwritten and its backward would return
     unwritten input-gradient rows there (a ``where`` stops both, a multiply would not stop a NaN).
     """
     if implementation == "ragged_dot":
-        def matmul(x, w, group_sizes, valid):
+        def matmul(x, w, group_sizes, valid, transpose_rhs=False):
             del valid
+            w = jnp.swapaxes(w, 1, 2) if transpose_rhs else w
             return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
         return matmul
     if implementation in ("megablox", "megablox_interpret"):
@@ -148,22 +151,61 @@ def ragged_matmul(implementation: str) -> Callable:
 
         run_interpreted = implementation == "megablox_interpret"
 
-        def matmul(x, w, group_sizes, valid):
+        def matmul(x, w, group_sizes, valid, transpose_rhs=False):
             rows, k = x.shape
-            n = w.shape[-1]
-            tm = 128 if rows >= 128 else -(-rows // 16) * 16  # bf16 packs 16 rows a tile
+            n = w.shape[1] if transpose_rhs else w.shape[-1]
+            tm = _megablox_tiling(rows, k, n)[0]  # bf16 packs 16 rows a tile
             padded = -(-rows // tm) * tm
-            tiling = (tm, _lane_tile(k), _lane_tile(n))
             xv = jnp.where(valid[:, None], x, 0).astype(x.dtype)
             mask = valid
             if padded != rows:
                 xv = jnp.pad(xv, ((0, padded - rows), (0, 0)))
                 mask = jnp.pad(valid, (0, padded - rows))
-            out = megablox.gmm(xv, w.astype(x.dtype), group_sizes.astype(jnp.int32), x.dtype, tiling, None, None,
-                               False, run_interpreted)
+            if transpose_rhs:
+                out = _gmm_rhs_transposed(xv, w.astype(x.dtype), group_sizes.astype(jnp.int32), run_interpreted)
+            else:
+                out = megablox.gmm(xv, w.astype(x.dtype), group_sizes.astype(jnp.int32), x.dtype, _megablox_tiling,
+                                   None, None, False, run_interpreted)
             return jnp.where(mask[:, None], out, 0)[:rows]
         return matmul
     raise ValueError(f"no grouped matmul {implementation!r}")
+
+
+def _megablox_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
+    """megablox's tiles for an (m, k, n) problem; passed as its lookup function, so that the backward pass's
+    matmuls, whose k and n are the forward's n and k, get tiles of their own dimensions (a rank-16 tile on a
+    2048-wide axis does not lower on a TPU)."""
+    return (128 if m >= 128 else -(-m // 16) * 16), _lane_tile(k), _lane_tile(n)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gmm_rhs_transposed(x_PK, w_GNK, group_sizes_G, interpret: bool):
+    """``x @ w[g].T`` per group through megablox, for a ``w`` stored [G, N, K] with a small N (the experts' LoRA
+    A, N = the rank). megablox's own VJP computes the weight gradient as [G, K, N] and transposes it, and on a
+    TPU that leaves N on the 128-lane axis (8x the memory of an r=16 gradient, kept for every scanned layer);
+    this VJP asks ``tgmm`` for [G, N, K] directly. Rows are already padded to the row tile."""
+    from jax.experimental.pallas.ops.tpu.megablox.ops import backend
+
+    return backend.gmm(x_PK, w_GNK, group_sizes_G, x_PK.dtype, _megablox_tiling, transpose_rhs=True,
+                       interpret=interpret)
+
+
+def _gmm_rhs_transposed_fwd(x_PK, w_GNK, group_sizes_G, interpret):
+    return _gmm_rhs_transposed(x_PK, w_GNK, group_sizes_G, interpret), (x_PK, w_GNK, group_sizes_G)
+
+
+def _gmm_rhs_transposed_bwd(interpret, residuals, g_PN):
+    from jax.experimental.pallas.ops.tpu.megablox.ops import backend
+
+    x_PK, w_GNK, group_sizes_G = residuals
+    g_PN = g_PN.astype(x_PK.dtype)
+    dx = backend.gmm(g_PN, w_GNK, group_sizes_G, x_PK.dtype, _megablox_tiling, interpret=interpret)
+    dw = backend.tgmm(g_PN.swapaxes(0, 1), x_PK, group_sizes_G, jnp.float32, _megablox_tiling,
+                      num_actual_groups=w_GNK.shape[0], interpret=interpret)
+    return dx, dw.astype(w_GNK.dtype), None
+
+
+_gmm_rhs_transposed.defvjp(_gmm_rhs_transposed_fwd, _gmm_rhs_transposed_bwd)
 
 
 def _lane_tile(dim: int) -> int:
@@ -180,7 +222,7 @@ def grouped_ffn(x_PD, ids_P, group_sizes_G, weights: dict, config: MoEConfig, ma
 
     ``weights`` holds ``{gate,up,down}_kernel`` [G, in, out] (or their quantized arrays, see
     :func:`quantized_grouped_matmul`), optional ``{gate,up,down}_bias`` [G, out] and
-    ``{gate,up,down}_lora_a/_lora_b`` with ``{...}_lora_scale`` (a float). ``reduce`` sums the down projection
+    ``{gate,up,down}_lora_a`` [G, r, in] / ``_lora_b`` [G, r, out] with ``{...}_lora_scale`` (a float). ``reduce`` sums the down projection
     over a split intermediate dimension (a tensor-axis psum under expert parallelism; identity otherwise).
     """
     num_groups = expert_count(weights)
@@ -198,7 +240,7 @@ def grouped_ffn(x_PD, ids_P, group_sizes_G, weights: dict, config: MoEConfig, ma
         if reduced:
             y = reduce(y)
         if lora_a is not None:
-            low = matmul(h, lora_a, group_sizes_G, valid)
+            low = matmul(h, lora_a, group_sizes_G, valid, transpose_rhs=True)  # A stored [G, r, in]
             if reduced:
                 low = reduce(low)
             delta = matmul(low, weights[f"{name}_lora_b"], group_sizes_G, valid)
@@ -257,7 +299,7 @@ def routed_dense(x_TD, routing: Routing, valid_T, weights: dict, config: MoEConf
         else:
             w = jnp.swapaxes(layout.dequantize_stacked(quant_arrays(weights, name)), 1, 2).astype(x_TD.dtype)
         if weights.get(f"{name}_lora_a") is not None:
-            delta = jnp.einsum("eir,ero->eio", weights[f"{name}_lora_a"].astype(jnp.float32),
+            delta = jnp.einsum("eri,ero->eio", weights[f"{name}_lora_a"].astype(jnp.float32),
                                weights[f"{name}_lora_b"].astype(jnp.float32))
             w = (w.astype(jnp.float32) + delta * weights[f"{name}_lora_scale"]).astype(x_TD.dtype)
         return w
@@ -284,7 +326,7 @@ def weight_logical_axes(name: str, ndim: int = 3) -> tuple[str | None, ...]:
         return ("expert",) + (None,) * (ndim - 1)
     in_axis, out_axis = ("mlp", "embed") if proj == "down" else ("embed", "mlp")
     return {"kernel": ("expert", in_axis, out_axis), "bias": ("expert", out_axis),
-            "lora_a": ("expert", in_axis, None), "lora_b": ("expert", None, out_axis)}[kind]
+            "lora_a": ("expert", None, in_axis), "lora_b": ("expert", None, out_axis)}[kind]
 
 
 def expert_count(weights: dict) -> int:
@@ -305,7 +347,8 @@ def quantized_grouped_matmul(x_PI, arrays: dict, group_sizes_G, valid_P, *, layo
     ``[out, in]`` weight is dequantized from ``arrays`` (``layout``: a ``QuantLayout``) right before the grouped
     matmul, in float32 and then cast to the compute dtype.
 
-    As for a quantized ``Linear`` (``QuantizedWeight.matmul``), the VJP is our own: the backward dequantizes again
+    ``matmul`` takes the weights as stored (``transpose_rhs``), never transposed. As for a quantized ``Linear``
+    (``QuantizedWeight.matmul``), the VJP is our own: the backward dequantizes again
     from the stored arrays (its input gradient is the grouped matmul of the output cotangent with the ``[out, in]``
     weights, no transpose needed) instead of autodiff keeping each layer's dense experts from the forward, and
     optimization barriers tie each dequantization to its own matmul, so one layer's dense experts live only while
@@ -317,7 +360,9 @@ def quantized_grouped_matmul(x_PI, arrays: dict, group_sizes_G, valid_P, *, layo
     @jax.custom_vjp
     def dot(x, arrays, group_sizes, valid):
         x, arrays = jax.lax.optimization_barrier((x, arrays))
-        return matmul(x, jnp.swapaxes(dense(arrays, x.dtype), 1, 2), group_sizes, valid)
+        # [G, out, in] as the rhs of a transposed matmul: a swapaxes here becomes, on a TPU, a relayout of every
+        # layer's stored codes at program entry (XLA moves the transpose onto the loop-invariant codes)
+        return matmul(x, dense(arrays, x.dtype), group_sizes, valid, transpose_rhs=True)
 
     def forward(x, arrays, group_sizes, valid):
         return dot(x, arrays, group_sizes, valid), (arrays, group_sizes, valid)

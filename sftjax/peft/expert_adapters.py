@@ -5,7 +5,7 @@ first) and ``mlp.experts.down_proj`` [E, D, F] (Gemma 4: ``experts.gate_up_proj`
 same layout on the layer itself), and peft adapts such a 3-D parameter with one ``lora_A`` [E*R, in]
 and one ``lora_B`` [out, R*E] (``ParamWrapper``: expert e's factors are rows ``e*R .. e*R+R`` of A and the columns
 ``j*E + e`` of B; the update of expert e is ``B_e @ A_e`` in the parameter's [out, in] layout). Ours are three
-stacked projections with ``lora_a`` [E, in, r], ``lora_b`` [E, r, out]; written to peft:
+stacked projections with ``lora_a`` [E, r, in], ``lora_b`` [E, r, out]; written to peft:
 
 * gate_up_proj gets rank ``r_gate + r_up``: A_e stacks the gate and up A's, B_e is block-diagonal (gate rows of the
   fused output take the gate's B, up rows the up's), so ``B_e @ A_e`` is exactly the two updates one above the
@@ -49,7 +49,7 @@ def _factors(module):
     """(A [E, r, in], B [E, out, r]) of an ExpertLinear in peft's orientation, or None without adapter."""
     if module.lora_a is None:
         return None
-    a = to_host(module.lora_a[...]).transpose(0, 2, 1)
+    a = to_host(module.lora_a[...])  # stored [E, r, in] already
     b = to_host(module.lora_b[...]).transpose(0, 2, 1)
     return a, b
 

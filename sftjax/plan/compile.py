@@ -34,6 +34,7 @@ from pallas_kernels.lowering import triton_kernels
 from sftjax import accelerators
 from sftjax.config import Config
 from sftjax.errors import ConfigError
+from sftjax.models.moe_ops import resolve_implementation
 from sftjax.plan.estimate import _duration, _max_length, _size, _vocab_size_from_tokenizer
 from sftjax.sharding import MESH_AXES, make_mesh
 from sftjax.train.flops import model_flops_per_token
@@ -92,13 +93,21 @@ def compile_memory(config: Config, *, seq_len: int | None = None) -> dict:
     return {"backend": jax.default_backend(), "devices": jax.device_count(), "mesh": mesh_sizes, **_memory(analysis)}
 
 
-def _for_backend(cfg: Config, backend: str, length: int, num_logits: int) -> tuple[Config, dict]:
-    """The config with automatic kernel choices resolved by ``backend``'s rule (not this machine's)."""
+def _for_backend(cfg: Config, backend: str, length: int, num_logits: int, *,
+                 moe: bool = False) -> tuple[Config, dict]:
+    """The config with automatic kernel choices resolved by ``backend``'s rule (not this machine's): attention,
+    cross-entropy and, for an MoE model, the grouped matmul (``model.moe.implementation: auto`` is megablox on a
+    TPU)."""
     attention = cfg.model.attention or attention_api.automatic_implementation(backend, length)[0]
     cross_entropy = cfg.model.cross_entropy or cross_entropy_api.automatic_implementation(backend, num_logits)[0]
     model = dataclasses.replace(cfg.model, attention_implementation=attention,
                                 cross_entropy_implementation=cross_entropy)
-    return cfg.replace(model=model), {"attention": attention, "cross_entropy": cross_entropy}
+    kernels = {"attention": attention, "cross_entropy": cross_entropy}
+    if moe:
+        grouped = resolve_implementation(cfg.model.moe.get("implementation", "auto"), backend)
+        model = dataclasses.replace(model, moe={**cfg.model.moe, "implementation": grouped})
+        kernels["moe"] = grouped
+    return cfg.replace(model=model), kernels
 
 
 def _target_mesh_sizes(cfg: Config, target, chips: int) -> dict:
@@ -125,8 +134,9 @@ def compile_for_target(config: Config, target_name: str, *, seq_len: int | None 
                             abstract_device=accelerators.gpu_abstract_device(target.name))
         backend = "gpu"
     rows = cfg.train.micro_rows
-    vocab = model_config_for(cfg, vocab_size=_vocab_size_from_tokenizer(cfg)).vocab_size
-    cfg, kernels = _for_backend(cfg, backend, length, rows * length * vocab)
+    model_config = model_config_for(cfg, vocab_size=_vocab_size_from_tokenizer(cfg))
+    cfg, kernels = _for_backend(cfg, backend, length, rows * length * model_config.vocab_size,
+                                moe=model_config.moe is not None)
     out = {"target": target.name, "chip": target.chip.name, "devices": math.prod(mesh_sizes.values()),
            "mesh": mesh_sizes, "max_length": length, "kernels": kernels}
     if backend == "gpu":
@@ -180,7 +190,9 @@ def format_target(result: dict) -> list[str]:
     mesh = " ".join(f"{k}={v}" for k, v in result["mesh"].items())
     lines = [f"compiled for {result['target']} ({result['devices']} x {result['chip']}, mesh {mesh}, "
              f"L={result['max_length']}; attention {result['kernels']['attention']}, loss "
-             f"{result['kernels']['cross_entropy']}): {result['checked']}"]
+             f"{result['kernels']['cross_entropy']}"
+             + (f", experts {result['kernels']['moe']}" if "moe" in result["kernels"] else "")
+             + f"): {result['checked']}"]
     if "memory" in result:
         for key, value in result["memory"].items():
             lines.append(f"  {key:<40}{_size(value):>12}")

@@ -417,8 +417,10 @@ def _lora_linears(model, mesh_sizes) -> list[tuple[int, int, int]]:
         # [in, out], or [layers, in, out] when stacked for scanning (from the adapter: the kernel may be quantized);
         # an expert projection has an [expert] axis in front of (in, out): a token runs k of its experts
         a_shape, b_shape = module.lora_a.get_value().shape, module.lora_b.get_value().shape
-        shape = (*a_shape[:-1], b_shape[-1])
         axes = tuple(module.logical_axes)
+        if axes[0] == "expert":  # an expert's A is stored [r, in]
+            a_shape = (*a_shape[:-2], a_shape[-1], a_shape[-2])
+        shape = (*a_shape[:-1], b_shape[-1])
         per_token = 1
         if axes[0] == "expert":
             axes, shape = axes[1:], shape[:-3] + shape[-2:]

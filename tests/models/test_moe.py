@@ -326,7 +326,7 @@ def test_lora_experts_equal_merged_weights():
     x = jnp.asarray(np.random.default_rng(7).standard_normal((2, 5, D)), jnp.float32)
     assert_close(with_lora(x)[0], merged(x)[0], RTOL, what="LoRA experts vs merged kernels")
     assert_close(module_params(with_lora)["experts.up_proj.kernel"] - module_params(with_lora, merge_lora=False)[
-        "experts.up_proj.kernel"], np.einsum("eir,ero->eio", with_lora.experts.up_proj.lora_a[...],
+        "experts.up_proj.kernel"], np.einsum("eri,ero->eio", with_lora.experts.up_proj.lora_a[...],
                                              with_lora.experts.up_proj.lora_b[...]) * 2.0, 1e-6,
         what="merged delta = scale * A_e @ B_e")
 
