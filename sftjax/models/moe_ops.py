@@ -222,8 +222,9 @@ def grouped_ffn(x_PD, ids_P, group_sizes_G, weights: dict, config: MoEConfig, ma
 
     ``weights`` holds ``{gate,up,down}_kernel`` [G, in, out] (or their quantized arrays, see
     :func:`quantized_grouped_matmul`), optional ``{gate,up,down}_bias`` [G, out] and
-    ``{gate,up,down}_lora_a`` [G, r, in] / ``_lora_b`` [G, r, out] with ``{...}_lora_scale`` (a float). ``reduce`` sums the down projection
-    over a split intermediate dimension (a tensor-axis psum under expert parallelism; identity otherwise).
+    ``{gate,up,down}_lora_a`` [G, r, in] / ``_lora_b`` [G, r, out] with ``{...}_lora_scale`` (a float).
+    ``reduce`` sums the down projection over a split intermediate dimension (a tensor-axis psum under expert
+    parallelism; identity otherwise).
     """
     num_groups = expert_count(weights)
     valid = ids_P < num_groups
