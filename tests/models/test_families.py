@@ -16,6 +16,7 @@ from flax import nnx  # noqa: E402
 
 from pallas_kernels.cross_entropy.api import fused_linear_cross_entropy  # noqa: E402
 from sftjax.models.loading import load_model, save_model  # noqa: E402
+from tests.models.hf_reference import masked_cross_entropy  # noqa: E402
 from tests.oracle import assert_close  # noqa: E402
 
 VOCAB = 128
@@ -217,11 +218,8 @@ def test_loss_and_gradients_match_transformers(family_case):
                   for path, v in nnx.to_flat_state(grads)}
 
     hf_model.zero_grad()
-    logits = hf_model(torch.tensor(tokens, dtype=torch.long), use_cache=False).logits
-    token_losses = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), torch.tensor(targets).long().reshape(-1),
-                                                     reduction="none")
-    mask_t = torch.tensor(mask, dtype=torch.float32).reshape(-1)
-    ref_loss = (token_losses * mask_t).sum() / mask_t.sum()
+    ref_loss = masked_cross_entropy(hf_model(torch.tensor(tokens, dtype=torch.long), use_cache=False).logits,
+                                    targets, mask)
     ref_loss.backward()
     ref_loss_value = float(ref_loss.detach())
     assert_close(float(loss), ref_loss_value, 1e-5, what="loss")

@@ -21,7 +21,8 @@ from flax import nnx  # noqa: E402
 from pallas_kernels.cross_entropy.api import fused_linear_cross_entropy  # noqa: E402
 from sftjax.models.loading import load_model  # noqa: E402
 from sftjax.models.scan import stack_layers  # noqa: E402
-from tests.models.test_families import LENGTH, VOCAB, _batch, _make_hf_model  # noqa: E402
+from tests.models.hf_reference import flat, gradients_in_our_layout, masked_cross_entropy  # noqa: E402
+from tests.models.test_families import LENGTH, _batch, _make_hf_model  # noqa: E402
 from tests.oracle import assert_close  # noqa: E402
 
 CASE = "gemma4_moe"
@@ -33,10 +34,6 @@ def checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp(CASE)
     hf_model.save_pretrained(directory)
     return hf_model, directory
-
-
-def _flat(state) -> dict[str, np.ndarray]:
-    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
 
 
 def test_config_reads_the_moe_block(checkpoint):
@@ -64,22 +61,12 @@ def test_every_gradient_matches_transformers(checkpoint, tmp_path):
 
     loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
     hf_model.zero_grad()
-    logits = hf_model(torch.tensor(tokens, dtype=torch.long), use_cache=False).logits
-    losses = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), torch.tensor(targets).long().reshape(-1),
-                                               reduction="none")
-    mask_t = torch.tensor(mask, dtype=torch.float32).reshape(-1)
-    ref_loss = (losses * mask_t).sum() / mask_t.sum()
+    ref_loss = masked_cross_entropy(hf_model(torch.tensor(tokens, dtype=torch.long), use_cache=False).logits,
+                                    targets, mask)
     ref_loss.backward()
     assert_close(float(loss), float(ref_loss.detach()), 1e-5, what="loss")
-    # the reference gradients travel the checkpoint path (as if they were weights) into our layout
-    grad_model = _make_hf_model(CASE)
-    with torch.no_grad():
-        for (name, parameter), (_, source) in zip(grad_model.named_parameters(), hf_model.named_parameters()):
-            assert source.grad is not None, name
-            parameter.copy_(source.grad)
-    grad_model.save_pretrained(tmp_path / "grads")
-    ref_grads, _ = load_model(tmp_path / "grads", dtype=jnp.float32)
-    ref, ours = _flat(nnx.state(ref_grads, nnx.Param)), _flat(grads)
+    ref = gradients_in_our_layout(hf_model, lambda: _make_hf_model(CASE), tmp_path / "grads")
+    ours = flat(grads)
     assert set(ours) == set(ref)
     for part in ("experts.gate_proj.kernel", "experts.down_proj.kernel", "router.scale", "router.per_expert_scale",
                  "experts_out_norm.weight", "shared_expert_norm.weight", "shared_expert.up_proj.kernel"):

@@ -20,6 +20,7 @@ from flax import nnx  # noqa: E402
 from pallas_kernels.cross_entropy.api import fused_linear_cross_entropy  # noqa: E402
 from sftjax.errors import CheckpointError  # noqa: E402
 from sftjax.models.loading import load_model, save_model  # noqa: E402
+from tests.models.hf_reference import flat, gradients_in_our_layout, masked_cross_entropy  # noqa: E402
 from tests.oracle import assert_close  # noqa: E402
 
 VOCAB, LENGTH = 96, 20
@@ -107,21 +108,11 @@ def test_loss_and_every_gradient_match_transformers(gpt_oss, tmp_path):
         model, jnp.asarray(tokens), jnp.asarray(targets), jnp.asarray(mask), coef)
     hf_model.zero_grad()
     out = hf_model(torch.tensor(tokens, dtype=torch.long), use_cache=False)
-    token_losses = torch.nn.functional.cross_entropy(out.logits.reshape(-1, VOCAB),
-                                                     torch.tensor(targets).long().reshape(-1), reduction="none")
-    mask_t = torch.tensor(mask, dtype=torch.float32).reshape(-1)
-    ref_loss = (token_losses * mask_t).sum() / mask_t.sum() + hf_model.router_aux_loss_coef * out.aux_loss
+    ref_loss = masked_cross_entropy(out.logits, targets, mask) + hf_model.router_aux_loss_coef * out.aux_loss
     ref_loss.backward()
     assert_close(loss, ref_loss, 1e-5, what="loss with the aux loss")
-    grad_model = _hf_model()  # the reference gradients, through the checkpoint path into our layout
-    with torch.no_grad():
-        for (name, parameter), (_, source) in zip(grad_model.named_parameters(), hf_model.named_parameters()):
-            assert source.grad is not None, name
-            parameter.copy_(source.grad)
-    grad_model.save_pretrained(tmp_path / "grads")
-    ref_grads, _ = load_model(tmp_path / "grads", dtype=jnp.float32)
-    ref = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(ref_grads))}
-    ours = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
+    ref = gradients_in_our_layout(hf_model, _hf_model, tmp_path / "grads")
+    ours = flat(grads)
     assert set(ours) == set(ref)
     assert {"layers.0.attn.sinks", "layers.1.mlp.experts.gate_proj.bias", "layers.0.mlp.router.bias"} <= set(ours)
     for path, want in ref.items():

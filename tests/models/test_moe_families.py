@@ -19,6 +19,7 @@ from flax import nnx  # noqa: E402
 from pallas_kernels.cross_entropy.api import fused_linear_cross_entropy  # noqa: E402
 from sftjax.models.loading import load_model, save_model  # noqa: E402
 from sftjax.models.scan import stack_layers  # noqa: E402
+from tests.models.hf_reference import flat, gradients_in_our_layout, masked_cross_entropy  # noqa: E402
 from tests.oracle import assert_close  # noqa: E402
 
 VOCAB, LENGTH = 96, 16
@@ -116,25 +117,14 @@ def test_loss_with_aux_and_every_gradient_match_transformers(moe_case, tmp_path)
 
     hf_model.zero_grad()
     out = hf_model(torch.tensor(tokens, dtype=torch.long), use_cache=False)
-    token_losses = torch.nn.functional.cross_entropy(out.logits.reshape(-1, VOCAB),
-                                                     torch.tensor(targets).long().reshape(-1), reduction="none")
-    mask_t = torch.tensor(mask, dtype=torch.float32).reshape(-1)
-    ref_ce = (token_losses * mask_t).sum() / mask_t.sum()
+    ref_ce = masked_cross_entropy(out.logits, targets, mask)
     ref_loss = ref_ce + hf_model.router_aux_loss_coef * out.aux_loss  # as the model's own loss adds it
     ref_loss.backward()
     assert_close(ce, ref_ce, 1e-5, what="cross-entropy")
     assert_close(lb, out.aux_loss, 1e-5, what="aux loss")
     assert_close(loss, ref_loss, 1e-5, what="loss with the aux loss")
-    # the reference gradients go through the checkpoint path (as if they were weights) into our layout
-    grad_model = _hf_model(case)
-    with torch.no_grad():
-        for (name, parameter), (_, source) in zip(grad_model.named_parameters(), hf_model.named_parameters()):
-            assert source.grad is not None, name
-            parameter.copy_(source.grad)
-    grad_model.save_pretrained(tmp_path / "grads")
-    ref_grads, _ = load_model(tmp_path / "grads", dtype=jnp.float32)
-    ref = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(ref_grads))}
-    ours = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
+    ref = gradients_in_our_layout(hf_model, lambda: _hf_model(case), tmp_path / "grads")
+    ours = flat(grads)
     assert set(ours) == set(ref)
     assert any("experts.down_proj.kernel" in path for path in ours) and any("router.kernel" in path for path in ours)
     for path, want in ref.items():
