@@ -1,8 +1,9 @@
 """The MoE block's forward and backward compiled by XLA's TPU compiler through megablox (Mosaic kernels), on
 libtpu's compile-only v5p devices, on one chip and with the experts split over 4: with per-expert LoRA (rank 16,
-narrower than a TPU lane: the backward matmuls need tiles of their own shapes) and with NF4-quantized experts
-under those adapters (QLoRA on experts). The experts' LoRA A gradient comes out in its stored ``[E, r, in]``
-layout, never with r on the 128-lane axis (which XLA chose when megablox's own VJP transposed it)."""
+narrower than a TPU lane: the backward matmuls need tiles of their own shapes), with NF4-quantized experts under
+those adapters (QLoRA on experts), and as Gemma 4's block. The experts' LoRA A gradient comes out in its stored
+``[E, r, in]`` layout, never with r on the 128-lane axis (which XLA chose when megablox's own VJP transposed
+it)."""
 
 from __future__ import annotations
 
@@ -56,11 +57,20 @@ def _compiled(config: MoEConfig, mesh_shape, quantize: str | None):
     return jax.jit(jax.grad(loss, argnums=(0, 2))).lower(lora, rest, x, seg).compile()
 
 
-@pytest.mark.parametrize("quantize", [None, "nf4"], ids=["bf16_experts", "nf4_experts"])
+VARIANTS = {
+    "plain": {},
+    # Gemma 4's block: the dense MLP as shared expert, both branches between their own norms, router scales
+    "gemma4": dict(activation="gelu_tanh", shared_expert_intermediate_size=2 * F, branch_norms=True,
+                   router_input_scale=True, per_expert_scale=True),
+}
+
+
+@pytest.mark.parametrize("quantize, variant", [(None, "plain"), ("nf4", "plain"), (None, "gemma4")],
+                         ids=["bf16_experts", "nf4_experts", "gemma4_block"])
 @pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (1, 4, 1)], ids=["one_chip", "experts_over_4"])
-def test_expert_lora_compiles_through_megablox_for_tpu(libtpu, mesh_shape, quantize):
+def test_expert_lora_compiles_through_megablox_for_tpu(libtpu, mesh_shape, quantize, variant):
     config = MoEConfig(hidden_size=D, expert_intermediate_size=F, num_experts=E, num_experts_per_tok=K,
-                       implementation="megablox")
+                       implementation="megablox", **VARIANTS[variant])
     compiled = _compiled(config, mesh_shape, quantize)
     text = compiled.as_text()
     assert text.count("tpu_custom_call") >= 6, "the grouped matmuls are not megablox kernels"
