@@ -10,8 +10,8 @@ Design, in plain words:
 * **Experts stored stacked.** Each projection is one ``[expert, in, out]`` parameter (logical axes
   ``("expert", "embed", "mlp")`` / ``("expert", "mlp", "embed")``), with optional ``[expert, out]`` biases and
   optional per-expert LoRA factors ``lora_a [expert, r, in]``, ``lora_b [expert, r, out]`` (r is never the
-  minor axis: a TPU pads its minor axis to 128 lanes, 8x the memory of an r=16 adapter, its gradient and its
-  optimizer state).
+  minor axis, and A's gradient is built in that layout too: a TPU pads the minor axis to 128 lanes, which made
+  every scanned layer's r=16 A gradient 8x its size).
 * **Dropless grouped matmul.** The T*k (token, slot) pairs are sorted by expert, gathered into one [T*k, D]
   matrix whose rows come in runs of one expert each, and pushed through ``jax.lax.ragged_dot`` with the run
   lengths as group sizes (or megablox's ``gmm`` on TPU); the results are un-sorted, weighted and summed per
